@@ -1,0 +1,65 @@
+"""`python broker.py`: configure, start and stop the broker."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import zmq
+
+from .config import parse_config
+from .core import BrokerCore
+from .directory import SqliteDirectory
+from .shell import BrokerServer
+
+log = logging.getLogger("mangogram.broker")
+
+WANTED_OPEN_FILES = 65536
+
+
+def raise_open_file_limit() -> None:
+    """Lift the soft open-file limit toward the hard one so thousands of clients fit."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = WANTED_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, WANTED_OPEN_FILES)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+        return
+    log.debug("open-file limit raised from %d to %d", soft, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    raise_open_file_limit()
+    directory = SqliteDirectory(config.data_dir / "users.sqlite3")
+    core = BrokerCore(config.limits, directory=directory)
+    try:
+        server = BrokerServer(core, config.bind)
+    except zmq.ZMQError as exc:
+        log.error("cannot listen on %s: %s", config.bind, exc)
+        return 2
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("received signal %d, stopping", signum)
+        server.stop()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    log.info("MangoGram broker listening on %s (data in %s)", server.endpoint, config.data_dir)
+    server.serve_forever()
+    directory.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,93 @@
+"""Broker settings from flags and MANGOGRAM_* environment variables (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mangogram_proto import constants
+from mangogram_proto.messages import Limits
+
+# (flag, Limits field, default, help)
+_LIMIT_OPTIONS = (
+    ("--max-name-chars", "max_name_chars", constants.MAX_NAME_CHARS, "longest user name"),
+    ("--max-text-chars", "max_text_chars", constants.MAX_TEXT_CHARS, "longest text, characters"),
+    ("--max-text-bytes", "max_text_bytes", constants.MAX_TEXT_BYTES, "longest text, UTF-8 bytes"),
+    ("--max-body-bytes", "max_body_bytes", constants.MAX_BODY_BYTES, "largest JSON body"),
+    (
+        "--max-frame-bytes",
+        "max_frame_bytes",
+        constants.MAX_FRAME_BYTES,
+        "largest frame; a peer sending more is disconnected (ZMQ_MAXMSGSIZE)",
+    ),
+    (
+        "--heartbeat-interval-ms",
+        "heartbeat_interval_ms",
+        constants.HEARTBEAT_INTERVAL_MS,
+        "how often clients should ping when idle",
+    ),
+    (
+        "--heartbeat-timeout-ms",
+        "heartbeat_timeout_ms",
+        constants.HEARTBEAT_TIMEOUT_MS,
+        "silence after which a session ends",
+    ),
+    ("--rate-per-second", "rate_per_second", constants.RATE_PER_SECOND, "messages/s per user"),
+    ("--rate-burst", "rate_burst", constants.RATE_BURST, "burst of messages per user"),
+)
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    bind: str
+    data_dir: Path
+    log_level: str
+    limits: Limits
+
+
+def _env_name(flag: str) -> str:
+    return "MANGOGRAM_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="broker.py",
+        description=(
+            "MangoGram broker: routes private messages between MangoGram clients and bots "
+            "over ZeroMQ. Every option can also be set with the environment variable shown."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def add(flag: str, default: object, kind: type, text: str) -> None:
+        env = _env_name(flag)
+        parser.add_argument(
+            flag, type=kind, default=kind(os.environ.get(env, default)), help=f"{text} [{env}]"
+        )
+
+    add("--bind", constants.DEFAULT_ENDPOINT, str, "ZeroMQ endpoint to listen on ('*' port = any)")
+    add("--data", "data", str, "data directory (created if missing)")
+    add("--log-level", "INFO", str, "DEBUG, INFO, WARNING or ERROR")
+    for flag, _field, default, text in _LIMIT_OPTIONS:
+        add(flag, default, int, text)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> BrokerConfig:
+    """Read flags and environment. Exits with a usage message on bad values."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = {field: getattr(args, field) for _flag, field, _d, _t in _LIMIT_OPTIONS}
+    for field, value in values.items():
+        if value <= 0:
+            parser.error(f"{field.replace('_', '-')} must be positive")
+    if values["heartbeat_timeout_ms"] <= values["heartbeat_interval_ms"]:
+        parser.error("heartbeat-timeout-ms must exceed heartbeat-interval-ms")
+    level = args.log_level.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        parser.error(f"unknown log level {args.log_level!r}")
+    return BrokerConfig(
+        bind=args.bind, data_dir=Path(args.data), log_level=level, limits=Limits(**values)
+    )

@@ -1,0 +1,39 @@
+"""Token buckets, for per-user message rates and per-peer error replies."""
+
+from __future__ import annotations
+
+
+class TokenBucket:
+    """`rate` tokens per second refill up to `burst`; each action takes one token.
+
+    Time is passed in (milliseconds) so the bucket is deterministic under test.
+    """
+
+    __slots__ = ("rate", "burst", "_tokens", "_updated_ms")
+
+    def __init__(self, rate: float, burst: int, now_ms: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._updated_ms = now_ms
+
+    def take(self, now_ms: int) -> int:
+        """Take one token. Returns 0 on success, else the milliseconds until one is free."""
+        elapsed = max(0, now_ms - self._updated_ms)
+        self._updated_ms = max(self._updated_ms, now_ms)
+        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate / 1000.0)
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0
+        if self.rate <= 0:
+            return 60_000
+        return max(1, int((1.0 - self._tokens) * 1000.0 / self.rate + 0.999))
+
+    @property
+    def updated_ms(self) -> int:
+        return self._updated_ms
+
+    @property
+    def idle_full(self) -> bool:
+        """True when the bucket holds its whole burst (safe to forget)."""
+        return self._tokens >= self.burst

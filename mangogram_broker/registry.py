@@ -1,0 +1,71 @@
+"""Who is online: routing identity <-> user, resume tokens, and liveness.
+
+Sessions are kept in least-recently-seen order so expiring silent peers costs only the
+stale entries, not a scan of everyone.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .ratelimit import TokenBucket
+
+
+@dataclass
+class Session:
+    """One logged-in connection."""
+
+    peer: bytes
+    key: str
+    name: str
+    resume_token: str
+    last_seen_ms: int
+    bucket: TokenBucket
+
+
+class Registry:
+    """Maps peers (ROUTER routing ids) and name keys to sessions; at most one each."""
+
+    def __init__(self) -> None:
+        self._by_peer: OrderedDict[bytes, Session] = OrderedDict()
+        self._by_key: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_peer)
+
+    def register(self, session: Session) -> None:
+        """Add a session. The caller has checked that neither its peer nor key is taken."""
+        self._by_peer[session.peer] = session
+        self._by_key[session.key] = session
+
+    def deregister(self, peer: bytes) -> Session | None:
+        """Remove and return the session of `peer`, if any."""
+        session = self._by_peer.pop(peer, None)
+        if session is not None and self._by_key.get(session.key) is session:
+            del self._by_key[session.key]
+        return session
+
+    def by_peer(self, peer: bytes) -> Session | None:
+        return self._by_peer.get(peer)
+
+    def by_key(self, key: str) -> Session | None:
+        return self._by_key.get(key)
+
+    def touch(self, session: Session, now_ms: int) -> None:
+        """Record that the session's peer just spoke."""
+        session.last_seen_ms = now_ms
+        self._by_peer.move_to_end(session.peer)
+
+    def stale(self, deadline_ms: int) -> list[Session]:
+        """Sessions not heard from since before `deadline_ms`, oldest first."""
+        found = []
+        for session in self._by_peer.values():
+            if session.last_seen_ms >= deadline_ms:
+                break
+            found.append(session)
+        return found
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._by_peer.values()))

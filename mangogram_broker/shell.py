@@ -1,0 +1,162 @@
+"""The broker's socket shell: one ROUTER socket, one thread, one poll loop.
+
+It owns all I/O and calls the pure `BrokerCore`; nothing here decides routing.
+A socket monitor reports closed TCP connections, so a client that dies (even kill -9)
+goes offline at once instead of after the heartbeat timeout; the connection's file
+descriptor (ZMQ_SRCFD of its messages) ties a closed connection to its routing id.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from mangogram_proto import codec
+from mangogram_proto.constants import FRAME_COUNT
+
+from .core import BrokerCore, Outgoing
+
+log = logging.getLogger(__name__)
+
+# Messages handled per loop turn before housekeeping gets a look in.
+BATCH = 512
+TICK_MS = 100
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class BrokerServer:
+    """Binds the ROUTER socket and runs the loop until `stop()` is called."""
+
+    def __init__(
+        self,
+        core: BrokerCore,
+        bind: str,
+        *,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        clock: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.core = core
+        self._clock = clock
+        self._context = context or zmq.Context.instance()
+        self._stopping = False
+        self._router = self._context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.MAXMSGSIZE, core.limits.max_frame_bytes)
+        self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._router.bind(bind)
+        self.endpoint: str = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._peer_by_fd: dict[int, bytes] = {}
+        self._fd_by_peer: dict[bytes, int] = {}
+
+    def stop(self) -> None:
+        """Ask the loop to finish; safe to call from a signal handler."""
+        self._stopping = True
+
+    def serve_forever(self) -> None:
+        """Run until `stop()`; then close the sockets."""
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        next_expiry = self._clock() + TICK_MS
+        try:
+            while not self._stopping:
+                ready = dict(poller.poll(TICK_MS))
+                if self._monitor in ready:
+                    self._drain_monitor()
+                if self._router in ready:
+                    self._drain_router()
+                now = self._clock()
+                if now >= next_expiry:
+                    self._send_all(self.core.expire(now), now)
+                    next_expiry = now + TICK_MS
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._router.disable_monitor()
+        self._monitor.close(linger=0)
+        self._router.close(linger=0)
+
+    def _drain_router(self) -> None:
+        for _ in range(BATCH):
+            try:
+                first = self._router.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            frames, extra = self._recv_rest()
+            peer = first.bytes
+            self._note_connection(peer, first)
+            now = self._clock()
+            if extra:
+                log.info("dropped %d surplus frames from %s", extra, peer.hex())
+            self._send_all(self.core.handle_frames(peer, frames, now), now)
+
+    def _recv_rest(self) -> tuple[list[bytes], int]:
+        # A hostile peer can send a million empty frames; keep only what could be valid.
+        frames: list[bytes] = []
+        extra = 0
+        while self._router.getsockopt(zmq.RCVMORE):
+            frame = self._router.recv()
+            if len(frames) <= FRAME_COUNT:
+                frames.append(frame)
+            else:
+                extra += 1
+        return frames, extra
+
+    def _note_connection(self, peer: bytes, frame: zmq.Frame) -> None:
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except zmq.ZMQError:
+            return
+        if self._fd_by_peer.get(peer) == fd:
+            return
+        old_peer = self._peer_by_fd.get(fd)
+        if old_peer is not None and old_peer != peer:
+            # The descriptor was reused, so the old connection is closed.
+            self._fd_by_peer.pop(old_peer, None)
+            self._send_all(self.core.disconnected(old_peer, self._clock()), self._clock())
+        self._peer_by_fd[fd] = peer
+        self._fd_by_peer[peer] = fd
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                fd = int(event["value"])
+                peer = self._peer_by_fd.pop(fd, None)
+                if peer is not None:
+                    self._fd_by_peer.pop(peer, None)
+                    now = self._clock()
+                    self._send_all(self.core.disconnected(peer, now), now)
+
+    def _send_all(self, outgoing: list[Outgoing], now: int, retry: bool = True) -> None:
+        for out in outgoing:
+            try:
+                self._router.send_multipart(
+                    [out.peer, *codec.encode(out.message)], flags=zmq.NOBLOCK
+                )
+            except zmq.ZMQError as exc:
+                unreachable = exc.errno == errno.EHOSTUNREACH
+                if not unreachable and exc.errno != errno.EAGAIN:
+                    raise
+                log.warning(
+                    "could not send %s to %s: %s",
+                    out.message.COMMAND,
+                    out.peer.hex(),
+                    "peer gone" if unreachable else "peer's queue is full",
+                )
+                follow_up = self.core.send_failed(out, unreachable, now)
+                if retry:
+                    self._send_all(follow_up, now, retry=False)

@@ -1,0 +1,24 @@
+"""Protocol constants shared by the broker, the SDK and the console client."""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+# Frame 0 of every message: "MGP" plus a two-digit version, in the spirit of Majordomo's MDPC01.
+SIGNATURE_PREFIX = b"MGP"
+SIGNATURE = SIGNATURE_PREFIX + b"%02d" % PROTOCOL_VERSION
+FRAME_COUNT = 3
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+
+# Defaults the broker announces in WELCOME; a broker may be configured differently,
+# so clients must read the announced values rather than these.
+MAX_NAME_CHARS = 32
+MAX_TEXT_CHARS = 4096
+MAX_TEXT_BYTES = 16384
+MAX_BODY_BYTES = 32768
+MAX_FRAME_BYTES = 65536
+MAX_ID_CHARS = 64
+HEARTBEAT_INTERVAL_MS = 2000
+HEARTBEAT_TIMEOUT_MS = 6000
+RATE_PER_SECOND = 50
+RATE_BURST = 200

@@ -1,0 +1,203 @@
+"""Protocol messages: one frozen dataclass per command.
+
+Classes are grouped by direction. The wire command name is the class's `COMMAND`;
+the JSON body holds the dataclass fields by name. Times are integer milliseconds since
+the Unix epoch (UTC); ids are strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from .errors import ErrorCode
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits a broker enforces, announced in WELCOME so clients can stay inside them."""
+
+    max_name_chars: int
+    max_text_chars: int
+    max_text_bytes: int
+    max_body_bytes: int
+    max_frame_bytes: int
+    heartbeat_interval_ms: int
+    heartbeat_timeout_ms: int
+    rate_per_second: int
+    rate_burst: int
+
+
+# Client -> broker
+
+
+@dataclass(frozen=True)
+class Login:
+    """Claim a name. `resume_token` (from an earlier WELCOME) lets a reconnecting client
+    take over its own session even before the broker noticed the old connection died."""
+
+    COMMAND: ClassVar[str] = "LOGIN"
+    name: str
+    resume_token: str | None = None
+
+
+@dataclass(frozen=True)
+class Send:
+    """A private message. `id` is chosen by the client and unique per sender: resending
+    the same id is idempotent."""
+
+    COMMAND: ClassVar[str] = "SEND"
+    id: str
+    to: str
+    text: str
+    sent_at: int
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The recipient confirms it received the message the broker numbered `broker_id`."""
+
+    COMMAND: ClassVar[str] = "RECEIPT"
+    broker_id: str
+
+
+@dataclass(frozen=True)
+class Who:
+    """Ask for the list of online users."""
+
+    COMMAND: ClassVar[str] = "WHO"
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Heartbeat from the client; the broker answers PONG."""
+
+    COMMAND: ClassVar[str] = "PING"
+
+
+@dataclass(frozen=True)
+class Leave:
+    """End the session now; the broker answers GOODBYE and tells others the user left."""
+
+    COMMAND: ClassVar[str] = "LEAVE"
+
+
+# Broker -> client
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """Login succeeded. `name` is the display form the broker registered."""
+
+    COMMAND: ClassVar[str] = "WELCOME"
+    name: str
+    server_time: int
+    resume_token: str
+    limits: Limits
+    online: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """First level ("sent", one tick): the broker took responsibility for message `id`."""
+
+    COMMAND: ClassVar[str] = "ACCEPTED"
+    id: str
+    broker_id: str
+    accepted_at: int
+
+
+@dataclass(frozen=True)
+class Deliver:
+    """A private message for this client. Confirm it with RECEIPT(broker_id)."""
+
+    COMMAND: ClassVar[str] = "DELIVER"
+    id: str
+    broker_id: str
+    sender: str
+    text: str
+    sent_at: int
+    accepted_at: int
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """Second level ("delivered", two ticks): recipient `to` confirmed message `id`."""
+
+    COMMAND: ClassVar[str] = "DELIVERED"
+    id: str
+    broker_id: str
+    to: str
+    delivered_at: int
+
+
+@dataclass(frozen=True)
+class Online:
+    """Snapshot of who is online, in answer to WHO."""
+
+    COMMAND: ClassVar[str] = "ONLINE"
+    users: tuple[str, ...]
+    server_time: int
+
+
+@dataclass(frozen=True)
+class Presence:
+    """Pushed to online users when someone joins or leaves."""
+
+    COMMAND: ClassVar[str] = "PRESENCE"
+    name: str
+    event: Literal["joined", "left"]
+    at: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    """Answer to PING."""
+
+    COMMAND: ClassVar[str] = "PONG"
+    server_time: int
+
+
+@dataclass(frozen=True)
+class Goodbye:
+    """Answer to LEAVE: the session is over."""
+
+    COMMAND: ClassVar[str] = "GOODBYE"
+
+
+@dataclass(frozen=True)
+class Error:
+    """Something went wrong. `ref` names the client message id it concerns, if any;
+    `retry_after_ms` is set with `rate_limited`."""
+
+    COMMAND: ClassVar[str] = "ERROR"
+    code: str
+    message: str
+    ref: str | None = None
+    retry_after_ms: int | None = None
+
+    @property
+    def error_code(self) -> ErrorCode | None:
+        """The code as an `ErrorCode`, or None for a code this SDK does not know yet."""
+        try:
+            return ErrorCode(self.code)
+        except ValueError:
+            return None
+
+
+ClientMessage = Login | Send | Receipt | Who | Ping | Leave
+BrokerMessage = Welcome | Accepted | Deliver | Delivered | Online | Presence | Pong | Goodbye | Error
+Message = ClientMessage | BrokerMessage
+
+CLIENT_COMMANDS: tuple[type[ClientMessage], ...] = (Login, Send, Receipt, Who, Ping, Leave)
+BROKER_COMMANDS: tuple[type[BrokerMessage], ...] = (
+    Welcome,
+    Accepted,
+    Deliver,
+    Delivered,
+    Online,
+    Presence,
+    Pong,
+    Goodbye,
+    Error,
+)

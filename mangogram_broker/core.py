@@ -207,7 +207,9 @@ class BrokerCore:
 
     def _login(self, peer: bytes, login: Login, now: int) -> list[Outgoing]:
         if self.registry.by_peer(peer) is not None:
-            return self._error(peer, now, ErrorCode.ALREADY_LOGGED_IN, "this connection is logged in")
+            return self._error(
+                peer, now, ErrorCode.ALREADY_LOGGED_IN, "this connection is logged in"
+            )
         try:
             name = validate_name(login.name, self.limits.max_name_chars)
         except RemoteProtocolError as exc:
@@ -279,7 +281,11 @@ class BrokerCore:
             known = self._directory.lookup(recipient_key)
             if known is None:
                 return self._error(
-                    session.peer, now, ErrorCode.UNKNOWN_RECIPIENT, f"nobody is called {send.to}", send.id
+                    session.peer,
+                    now,
+                    ErrorCode.UNKNOWN_RECIPIENT,
+                    f"nobody is called {send.to}",
+                    send.id,
                 )
             return self._error(
                 session.peer, now, ErrorCode.RECIPIENT_OFFLINE, f"{known} is offline", send.id
@@ -307,7 +313,9 @@ class BrokerCore:
         if sender is None:
             return []
         return [
-            Outgoing(sender.peer, Delivered(pending.client_id, receipt.broker_id, session.name, now))
+            Outgoing(
+                sender.peer, Delivered(pending.client_id, receipt.broker_id, session.name, now)
+            )
         ]
 
     # Helpers

@@ -53,7 +53,7 @@ class BrokerServer:
         self._router.setsockopt(zmq.MAXMSGSIZE, core.limits.max_frame_bytes)
         self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._router.bind(bind)
-        self.endpoint: str = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._peer_by_fd: dict[int, bytes] = {}
         self._fd_by_peer: dict[bytes, int] = {}
 

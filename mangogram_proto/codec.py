@@ -11,7 +11,6 @@ import dataclasses
 import json
 import types
 import typing
-from functools import cache
 from typing import Any, Literal, TypeVar, Union
 
 from .constants import FRAME_COUNT, SIGNATURE, SIGNATURE_PREFIX
@@ -119,9 +118,14 @@ def _to_json_value(value: Any) -> Any:
     return value
 
 
-@cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def _from_json_object(cls: type[T], body: dict[str, Any]) -> T:

@@ -50,3 +50,25 @@ class RemoteProtocolError(ProtocolError):
 
 class LocalProtocolError(ProtocolError):
     """We were asked to send something invalid: a bug or bad input in the calling program."""
+
+
+class BrokerRefused(ProtocolError):
+    """The broker answered a request with an ERROR (login refused, message not accepted).
+
+    `code` says why; `retry_after_ms` is set for `rate_limited`.
+    """
+
+    def __init__(
+        self,
+        code: ErrorCode | str,
+        message: str,
+        ref: str | None = None,
+        retry_after_ms: int | None = None,
+    ) -> None:
+        try:
+            known = ErrorCode(code)
+        except ValueError:
+            known = ErrorCode.INTERNAL
+        super().__init__(known, f"{code}: {message}", ref)
+        self.wire_code = str(code.value if isinstance(code, ErrorCode) else code)
+        self.retry_after_ms = retry_after_ms

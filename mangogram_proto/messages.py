@@ -186,7 +186,9 @@ class Error:
 
 
 ClientMessage = Login | Send | Receipt | Who | Ping | Leave
-BrokerMessage = Welcome | Accepted | Deliver | Delivered | Online | Presence | Pong | Goodbye | Error
+BrokerMessage = (
+    Welcome | Accepted | Deliver | Delivered | Online | Presence | Pong | Goodbye | Error
+)
 Message = ClientMessage | BrokerMessage
 
 CLIENT_COMMANDS: tuple[type[ClientMessage], ...] = (Login, Send, Receipt, Who, Ping, Leave)

@@ -1,0 +1,44 @@
+# MangoGram broker image: `docker compose up` runs it with the mangogram-data volume at /data.
+#
+# The broker listens on tcp://0.0.0.0:5555 inside the container and keeps its user directory
+# in /data. Every broker flag also reads a MANGOGRAM_* variable (`python broker.py --help`),
+# so set them with `docker run -e` or compose's `environment:`.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+# A fixed numeric id, so `runAsNonRoot` checks and host bind mounts can rely on it.
+RUN groupadd --system --gid 10001 mangogram \
+    && useradd --system --uid 10001 --gid mangogram --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin mangogram \
+    && mkdir -p /data \
+    && chown mangogram:mangogram /data
+
+WORKDIR /app
+
+# .dockerignore lets in only the project's sources, so the context stays small and clean.
+COPY . .
+
+# The code stays owned by root: the broker may write to /data only.
+RUN pip install --no-cache-dir . \
+    && rm -rf build ./*.egg-info
+
+ENV MANGOGRAM_BIND=tcp://0.0.0.0:5555 \
+    MANGOGRAM_DATA=/data \
+    MANGOGRAM_LOG_LEVEL=INFO
+
+VOLUME ["/data"]
+EXPOSE 5555
+USER 10001:10001
+
+# Alive means answering: a PING from a client that has not logged in gets ERROR not_logged_in
+# back. Any reply within 3 s passes. The probe dials the port MANGOGRAM_BIND names.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os,sys,zmq; s=zmq.Context().socket(zmq.DEALER); s.linger=0; s.connect(os.environ['MANGOGRAM_BIND'].replace('0.0.0.0','127.0.0.1').replace('*','127.0.0.1')); s.send_multipart([b'MGP01',b'PING',b'{}']); r=s.poll(3000); s.close(); sys.exit(0 if r else 1)"]
+
+# Exec form: python is PID 1 and gets SIGTERM itself; the broker stops cleanly on it.
+CMD ["python", "broker.py"]

@@ -1,0 +1,279 @@
+"""A blocking client for scripts and simple bots.
+
+Example:
+    with Client("echo-bot", endpoint="tcp://127.0.0.1:5555") as client:
+        for message in client.messages():
+            client.send(message.sender, message.text)
+
+The client does its network work (heartbeats, reconnects, receipts) only while one of
+its methods runs, so a script that stays away for longer than the heartbeat timeout is
+logged out by the broker; the next call notices and logs in again by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import zmq
+
+from .backoff import Backoff
+from .constants import DEFAULT_ENDPOINT
+from .errors import BrokerRefused, ErrorCode, RemoteProtocolError
+from .events import (
+    ConnectionLost,
+    Event,
+    IncomingMessage,
+    LoggedIn,
+    LoginRefused,
+    MessageAccepted,
+    MessageFailed,
+    OnlineUsers,
+)
+from .session import ClientSession, State
+from .transport import configure_dealer, wall_clock_ms
+
+log = logging.getLogger(__name__)
+
+MAX_EVENTS_KEPT = 10_000
+
+
+class Client:
+    """One user's connection to a broker, driven by the calling thread.
+
+    Args:
+        name: the name to log in with.
+        endpoint: the broker's ZeroMQ endpoint.
+        context: a zmq.Context to use (default: the process-wide one).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        context: zmq.Context[Any] | None = None,
+        clock: Callable[[], int] = wall_clock_ms,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.session = ClientSession(name)
+        self._context = context or zmq.Context.instance()
+        self._clock = clock
+        self._backoff = backoff or Backoff()
+        self._socket: zmq.Socket[bytes] | None = None
+        self._reconnect_at: int | None = None
+        self._inbox: deque[IncomingMessage] = deque()
+        self._events: deque[Event] = deque(maxlen=MAX_EVENTS_KEPT)
+        self._results: dict[str, MessageAccepted | MessageFailed] = {}
+        self._waiting: set[str] = set()
+        self._online: tuple[str, ...] | None = None
+        self._refused: LoginRefused | None = None
+        self._logged_in: LoggedIn | None = None
+
+    # Lifecycle
+
+    def __enter__(self) -> Client:
+        if self.session.state is not State.ONLINE:
+            self.login()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def name(self) -> str:
+        """The name as the broker registered it (after login)."""
+        return self.session.name
+
+    @property
+    def is_online(self) -> bool:
+        return self.session.state is State.ONLINE
+
+    def login(self, timeout: float = 10.0) -> LoggedIn:
+        """Connect and log in.
+
+        Raises:
+            BrokerRefused: the broker refused the name (`name_taken`, `name_invalid`...).
+            TimeoutError: no broker answered within `timeout` seconds.
+        """
+        self._logged_in = None
+        if self._socket is None:
+            self._open(self._clock())
+        if not self._pump(timeout, lambda: self._logged_in is not None or self._refused):
+            raise TimeoutError(f"no answer from a broker at {self.endpoint} in {timeout} s")
+        if self._refused is not None:
+            refused, self._refused = self._refused, None
+            raise BrokerRefused(refused.code, refused.message)
+        assert self._logged_in is not None  # _pump returned on the condition above
+        return self._logged_in
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Leave politely (waiting up to `timeout` s for the broker) and close the socket."""
+        if self._socket is not None and self.session.state is State.ONLINE:
+            self.session.leave(self._clock())
+            self._pump(timeout, lambda: self.session.state is State.CLOSED)
+        self.session.state = State.CLOSED
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    # Messaging
+
+    def send(self, to: str, text: str, *, wait: bool = False, timeout: float = 10.0) -> str:
+        """Send `text` to the user `to`; returns the message id.
+
+        With `wait=True`, blocks until the broker accepted it.
+
+        Raises:
+            BrokerRefused: (with `wait`) the broker refused the message for good.
+            TimeoutError: (with `wait`) not accepted within `timeout`; it stays queued
+                and is resent after a reconnect.
+            LocalProtocolError: the text cannot be sent at all (e.g. invalid Unicode).
+        """
+        message_id = self.session.send_text(to, text, self._clock())
+        if not wait:
+            self._flush()
+            return message_id
+        self._waiting.add(message_id)
+        try:
+            if not self._pump(timeout, lambda: message_id in self._results):
+                raise TimeoutError(f"message {message_id} not accepted in {timeout} s")
+            result = self._results.pop(message_id)
+        finally:
+            self._waiting.discard(message_id)
+        if isinstance(result, MessageFailed):
+            raise BrokerRefused(result.code, result.message, ref=message_id)
+        return message_id
+
+    def receive(self, timeout: float | None = None) -> IncomingMessage | None:
+        """The next incoming message, or None after `timeout` seconds (None: wait forever)."""
+        self._pump(timeout, lambda: bool(self._inbox))
+        return self._inbox.popleft() if self._inbox else None
+
+    def messages(self, timeout: float | None = None) -> Iterator[IncomingMessage]:
+        """Yield incoming messages until none arrives for `timeout` seconds."""
+        while (message := self.receive(timeout)) is not None:
+            yield message
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event of any kind (acks, receipts, presence, errors, messages)."""
+        self._pump(timeout, lambda: bool(self._events))
+        return self._events.popleft() if self._events else None
+
+    def online_users(self, timeout: float = 5.0) -> tuple[str, ...]:
+        """Ask the broker who is online.
+
+        Raises:
+            TimeoutError: no answer within `timeout` seconds.
+        """
+        self._online = None
+        self.session.request_online(self._clock())
+        if not self._pump(timeout, lambda: self._online is not None):
+            raise TimeoutError("no answer to WHO")
+        assert self._online is not None
+        return self._online
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Do pending network work (heartbeats, receipts) for up to `timeout` seconds."""
+        self._pump(timeout, lambda: False)
+
+    # The engine
+
+    def _open(self, now: int) -> None:
+        self._socket = configure_dealer(self._context.socket(zmq.DEALER), self.endpoint)
+        self._reconnect_at = None
+        self.session.connect(now)
+
+    def _flush(self) -> None:
+        if self._socket is None:
+            return
+        for frames in self.session.data_to_send():
+            try:
+                self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                # The broker is not taking messages; texts stay in the session's outbox
+                # and go out again after the reconnect this will lead to.
+                log.debug("send queue full; dropped one %s frame set", frames[1])
+
+    def _pump(self, timeout: float | None, done: Callable[[], object]) -> bool:
+        """Do network work until `done()` or `timeout` seconds pass. Returns `done()`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            if self.session.state is State.CLOSED and self._socket is None:
+                return bool(done())
+            now = self._clock()
+            if self._reconnect_at is not None and now >= self._reconnect_at:
+                log.info("reconnecting to %s", self.endpoint)
+                self._open(now)
+            for event in self.session.tick(now):
+                self._dispatch(event, now)
+            self._flush()
+            wait_ms = self._wait_ms(now, deadline)
+            if wait_ms < 0:
+                return bool(done())
+            if self._socket is not None and self._socket.poll(wait_ms):
+                self._drain()
+            elif self._socket is None:
+                time.sleep(wait_ms / 1000)  # waiting out a reconnect backoff, no socket
+        return True
+
+    def _wait_ms(self, now: int, deadline: float | None) -> int:
+        candidates = [1000]
+        session_deadline = self.session.next_deadline()
+        if session_deadline is not None:
+            candidates.append(max(0, session_deadline - now + 1))
+        if self._reconnect_at is not None:
+            candidates.append(max(0, self._reconnect_at - now))
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return -1
+            candidates.append(int(remaining * 1000) + 1)
+        return min(candidates)
+
+    def _drain(self) -> None:
+        assert self._socket is not None
+        while True:
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            now = self._clock()
+            try:
+                events = self.session.receive(frames, now)
+            except RemoteProtocolError as exc:
+                log.warning("ignoring invalid message from the broker: %s", exc.message)
+                continue
+            for event in events:
+                self._dispatch(event, now)
+            if self._socket is None:
+                break
+        self._flush()
+
+    def _dispatch(self, event: Event, now: int) -> None:
+        if isinstance(event, IncomingMessage):
+            self._inbox.append(event)
+        if isinstance(event, MessageAccepted | MessageFailed) and event.id in self._waiting:
+            self._results[event.id] = event
+        elif isinstance(event, OnlineUsers):
+            self._online = event.users
+        elif isinstance(event, LoggedIn):
+            self._logged_in = event
+            self._backoff.reset()
+        elif isinstance(event, LoginRefused):
+            self._refused = event
+        elif isinstance(event, ConnectionLost):
+            delay = self._backoff.next_delay_ms()
+            log.warning("%s; reconnecting in %d ms", event.reason, delay)
+            if self._socket is not None:
+                self._socket.close(linger=0)
+                self._socket = None
+            self._reconnect_at = now + delay
+        self._events.append(event)
+
+
+__all__ = ["Client", "BrokerRefused", "ErrorCode"]

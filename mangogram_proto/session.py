@@ -1,0 +1,331 @@
+"""The client side of the protocol as a state machine with no I/O.
+
+Theory of operation
+-------------------
+States: DISCONNECTED -> (connect) -> LOGGING_IN -> (WELCOME) -> ONLINE -> (LEAVE/GOODBYE)
+-> CLOSED. A refused login also ends in CLOSED. Silence from the broker for longer than
+the heartbeat timeout, in LOGGING_IN or ONLINE, yields `ConnectionLost` and
+DISCONNECTED: the driver then opens a fresh socket (after a `Backoff` delay) and calls
+`connect()` again, which logs in with the resume token so the broker hands over our
+name even if it has not noticed the old connection die.
+
+The driver feeds in what arrives (`receive`), calls `tick` by `next_deadline()`, and
+sends whatever `data_to_send()` returns. Time is always passed in (ms since epoch).
+
+Outgoing texts sit in an outbox until ACCEPTED (or refused for good). After a re-login
+every unacknowledged text is sent again with its original id, which the broker treats
+as idempotent. While rate limited, texts wait in the outbox for the retry-after.
+Incoming messages are confirmed with RECEIPT and de-duplicated by broker id.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from . import codec
+from .constants import HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .events import (
+    BrokerError,
+    Closed,
+    ConnectionLost,
+    Event,
+    IncomingMessage,
+    LoggedIn,
+    LoginRefused,
+    MessageAccepted,
+    MessageDelivered,
+    MessageFailed,
+    OnlineUsers,
+    PresenceChanged,
+)
+from .messages import (
+    Accepted,
+    ClientMessage,
+    Deliver,
+    Delivered,
+    Error,
+    Goodbye,
+    Leave,
+    Limits,
+    Login,
+    Online,
+    Ping,
+    Pong,
+    Presence,
+    Receipt,
+    Send,
+    Welcome,
+    Who,
+)
+from .names import name_key
+
+SEEN_IDS_KEPT = 4096
+MAX_OUTBOX = 10_000
+
+# Refusals after which resending the same message cannot help.
+_FINAL_SEND_ERRORS = frozenset(
+    {
+        ErrorCode.UNKNOWN_RECIPIENT.value,
+        ErrorCode.RECIPIENT_OFFLINE.value,
+        ErrorCode.TOO_LARGE.value,
+        ErrorCode.MALFORMED.value,
+        ErrorCode.DELIVERY_FAILED.value,
+    }
+)
+_LOGIN_ERRORS = frozenset(
+    {
+        ErrorCode.NAME_TAKEN.value,
+        ErrorCode.NAME_INVALID.value,
+        ErrorCode.UNSUPPORTED_VERSION.value,
+        ErrorCode.ROUTING_ID_REFUSED.value,
+    }
+)
+
+
+class State(Enum):
+    DISCONNECTED = "disconnected"
+    LOGGING_IN = "logging in"
+    ONLINE = "online"
+    CLOSED = "closed"
+
+
+@dataclass
+class _Pending:
+    send: Send
+    transmitted: bool
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ClientSession:
+    """One user's conversation with a broker, independent of sockets.
+
+    Args:
+        name: the name to log in with.
+        id_factory: makes client message ids (unique per sender).
+    """
+
+    def __init__(self, name: str, *, id_factory: Callable[[], str] = new_message_id) -> None:
+        self.name = name
+        self.state = State.DISCONNECTED
+        self.limits: Limits | None = None
+        self.online: dict[str, str] = {}
+        self._new_id = id_factory
+        self._resume_token: str | None = None
+        self._has_logged_in = False
+        self._outgoing: list[list[bytes]] = []
+        self._outbox: OrderedDict[str, _Pending] = OrderedDict()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._accepted_to: OrderedDict[str, str] = OrderedDict()
+        self._last_received = 0
+        self._last_sent = 0
+        self._hold_until = 0
+
+    # Driver API
+
+    @property
+    def heartbeat_interval_ms(self) -> int:
+        return self.limits.heartbeat_interval_ms if self.limits else HEARTBEAT_INTERVAL_MS
+
+    @property
+    def heartbeat_timeout_ms(self) -> int:
+        return self.limits.heartbeat_timeout_ms if self.limits else HEARTBEAT_TIMEOUT_MS
+
+    @property
+    def unacknowledged(self) -> tuple[Send, ...]:
+        """Texts sent but not yet accepted by the broker, oldest first."""
+        return tuple(p.send for p in self._outbox.values())
+
+    def connect(self, now: int) -> None:
+        """Start (or restart, on a fresh socket) logging in."""
+        if self.state is State.CLOSED:
+            raise LocalProtocolError(ErrorCode.INTERNAL, "session is closed")
+        self.state = State.LOGGING_IN
+        self._outgoing.clear()
+        for pending in self._outbox.values():
+            pending.transmitted = False
+        self._last_received = now
+        self._queue(Login(self.name, self._resume_token), now)
+
+    def send_text(self, to: str, text: str, now: int) -> str:
+        """Queue a private message; returns its id. It goes out now if we are online,
+        else as soon as we are."""
+        if self.state is State.CLOSED:
+            raise LocalProtocolError(ErrorCode.INTERNAL, "session is closed")
+        if len(self._outbox) >= MAX_OUTBOX:
+            raise LocalProtocolError(ErrorCode.TOO_LARGE, "too many unacknowledged messages")
+        message_id = self._new_id()
+        send = Send(message_id, to, text, now)
+        codec.encode(send)  # raises LocalProtocolError now, not later, for unsendable text
+        self._outbox[message_id] = _Pending(send, transmitted=False)
+        self._flush_outbox(now)
+        return message_id
+
+    def request_online(self, now: int) -> None:
+        """Ask who is online; the answer arrives as `OnlineUsers`."""
+        self._queue(Who(), now)
+
+    def leave(self, now: int) -> None:
+        """End the session; `Closed` follows when the broker confirms."""
+        if self.state is State.ONLINE:
+            self._queue(Leave(), now)
+        else:
+            self.state = State.CLOSED
+
+    def data_to_send(self) -> list[list[bytes]]:
+        """Frames to send, in order. Each call hands them over once."""
+        out, self._outgoing = self._outgoing, []
+        return out
+
+    def next_deadline(self) -> int | None:
+        """When `tick` must next be called, or None if nothing is timed."""
+        if self.state not in (State.LOGGING_IN, State.ONLINE):
+            return None
+        deadline = self._last_received + self.heartbeat_timeout_ms
+        if self.state is State.ONLINE:
+            deadline = min(deadline, self._last_sent + self.heartbeat_interval_ms)
+            if self._hold_until and any(not p.transmitted for p in self._outbox.values()):
+                deadline = min(deadline, self._hold_until)
+        return deadline
+
+    def tick(self, now: int) -> list[Event]:
+        """Run timers: heartbeats, broker-death detection, rate-limit retries."""
+        if self.state not in (State.LOGGING_IN, State.ONLINE):
+            return []
+        if now - self._last_received > self.heartbeat_timeout_ms:
+            self.state = State.DISCONNECTED
+            self._outgoing.clear()
+            return [ConnectionLost(f"no reply from the broker for {self.heartbeat_timeout_ms} ms")]
+        if self.state is State.ONLINE:
+            self._flush_outbox(now)
+            if now - self._last_sent >= self.heartbeat_interval_ms:
+                self._queue(Ping(), now)
+        return []
+
+    def receive(self, frames: list[bytes], now: int) -> list[Event]:
+        """Handle one message from the broker.
+
+        Raises:
+            RemoteProtocolError: the broker sent something invalid (log it and go on).
+        """
+        self._last_received = now
+        message = codec.decode(frames)
+        if isinstance(message, Welcome):
+            return self._on_welcome(message, now)
+        if isinstance(message, Error):
+            return self._on_error(message, now)
+        if isinstance(message, Accepted):
+            pending = self._outbox.pop(message.id, None)
+            if pending is None:
+                return []
+            self._accepted_to[message.id] = pending.send.to
+            while len(self._accepted_to) > SEEN_IDS_KEPT:
+                self._accepted_to.popitem(last=False)
+            return [MessageAccepted(message.id, message.broker_id, message.accepted_at)]
+        if isinstance(message, Deliver):
+            return self._on_deliver(message, now)
+        if isinstance(message, Delivered):
+            return [
+                MessageDelivered(message.id, message.broker_id, message.to, message.delivered_at)
+            ]
+        if isinstance(message, Presence):
+            joined = message.event == "joined"
+            if joined:
+                self.online[name_key(message.name)] = message.name
+            else:
+                self.online.pop(name_key(message.name), None)
+            return [PresenceChanged(message.name, joined, message.at)]
+        if isinstance(message, Online):
+            self.online = {name_key(n): n for n in message.users}
+            return [OnlineUsers(message.users)]
+        if isinstance(message, Pong):
+            return []
+        if isinstance(message, Goodbye):
+            self.state = State.CLOSED
+            return [Closed()]
+        raise RemoteProtocolError(
+            ErrorCode.UNKNOWN_COMMAND, f"{message.COMMAND} is not sent by brokers"
+        )
+
+    # Internals
+
+    def _queue(self, message: ClientMessage, now: int) -> None:
+        self._outgoing.append(codec.encode(message))
+        self._last_sent = now
+
+    def _flush_outbox(self, now: int) -> None:
+        if self.state is not State.ONLINE or now < self._hold_until:
+            return
+        for pending in self._outbox.values():
+            if not pending.transmitted:
+                pending.transmitted = True
+                self._queue(pending.send, now)
+
+    def _on_welcome(self, welcome: Welcome, now: int) -> list[Event]:
+        resumed = self._has_logged_in
+        self.state = State.ONLINE
+        self._has_logged_in = True
+        self._resume_token = welcome.resume_token
+        self.limits = welcome.limits
+        self.name = welcome.name
+        self.online = {name_key(n): n for n in welcome.online}
+        self._hold_until = 0
+        self._flush_outbox(now)
+        return [
+            LoggedIn(welcome.name, welcome.server_time, welcome.limits, welcome.online, resumed)
+        ]
+
+    def _on_deliver(self, deliver: Deliver, now: int) -> list[Event]:
+        # Always confirm, even a duplicate: the first receipt may have been lost.
+        self._queue(Receipt(deliver.broker_id), now)
+        if deliver.broker_id in self._seen:
+            return []
+        self._seen[deliver.broker_id] = None
+        while len(self._seen) > SEEN_IDS_KEPT:
+            self._seen.popitem(last=False)
+        return [
+            IncomingMessage(
+                deliver.id,
+                deliver.broker_id,
+                deliver.sender,
+                deliver.text,
+                deliver.sent_at,
+                deliver.accepted_at,
+            )
+        ]
+
+    def _on_error(self, error: Error, now: int) -> list[Event]:
+        if self.state is State.LOGGING_IN and error.code in _LOGIN_ERRORS:
+            if self._has_logged_in and error.code == ErrorCode.NAME_TAKEN.value:
+                # Our old session still holds the name and the token did not match it
+                # (the broker restarted, say): wait for it to expire, then retry.
+                self.state = State.DISCONNECTED
+                return [ConnectionLost(f"name still held on the broker: {error.message}")]
+            self.state = State.CLOSED
+            return [LoginRefused(error.code, error.message)]
+        if error.code == ErrorCode.NOT_LOGGED_IN.value:
+            if self.state is State.ONLINE:
+                # The broker forgot us (restart, or we were silent too long): log in again.
+                self.connect(now)
+            return []
+        if error.ref and error.code == ErrorCode.DELIVERY_FAILED.value:
+            to = self._accepted_to.pop(error.ref, None)
+            if to is not None:
+                return [MessageFailed(error.ref, to, error.code, error.message)]
+        pending = self._outbox.get(error.ref) if error.ref else None
+        if pending is not None:
+            if error.code == ErrorCode.RATE_LIMITED.value:
+                pending.transmitted = False
+                self._hold_until = max(self._hold_until, now + (error.retry_after_ms or 1000))
+                return [BrokerError(error.code, error.message, error.retry_after_ms)]
+            if error.code in _FINAL_SEND_ERRORS:
+                del self._outbox[error.ref]  # type: ignore[arg-type]
+                return [MessageFailed(pending.send.id, pending.send.to, error.code, error.message)]
+        return [BrokerError(error.code, error.message, error.retry_after_ms)]

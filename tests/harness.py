@@ -1,0 +1,121 @@
+"""A socket-free network: the broker core wired to N client sessions (h11's
+ConnectionPair idea), with a hand-driven clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mangogram_broker.core import BrokerCore, Outgoing
+from mangogram_proto import codec
+from mangogram_proto.events import Event
+from mangogram_proto.messages import Limits
+from mangogram_proto.session import ClientSession
+
+T0 = 1_700_000_000_000
+
+TEST_LIMITS = Limits(
+    max_name_chars=32,
+    max_text_chars=100,
+    max_text_bytes=200,
+    max_body_bytes=1000,
+    max_frame_bytes=4096,
+    heartbeat_interval_ms=1000,
+    heartbeat_timeout_ms=3000,
+    rate_per_second=5,
+    rate_burst=10,
+)
+
+
+@dataclass
+class FakeClient:
+    peer: bytes
+    session: ClientSession
+    events: list[Event] = field(default_factory=list)
+    connected: bool = True
+    frozen: bool = False
+
+    def take(self, kind: type) -> list:
+        """Remove and return the events of one kind."""
+        found = [e for e in self.events if isinstance(e, kind)]
+        self.events = [e for e in self.events if not isinstance(e, kind)]
+        return found
+
+
+class Network:
+    """Moves frames between the broker core and client sessions until all is quiet."""
+
+    def __init__(self, limits: Limits = TEST_LIMITS) -> None:
+        self.now = T0
+        self.tokens = iter(f"token-{i}" for i in range(10**6))
+        self.core = BrokerCore(limits, boot_id="b", token_factory=lambda: next(self.tokens))
+        self.clients: dict[bytes, FakeClient] = {}
+        self._next_peer = 1
+        self.raw_replies: dict[bytes, list[list[bytes]]] = {}
+
+    def new_peer(self) -> bytes:
+        peer = b"\x00" + self._next_peer.to_bytes(4, "big")
+        self._next_peer += 1
+        return peer
+
+    def join(self, name: str) -> FakeClient:
+        """A new connection whose session logs in as `name`."""
+        client = FakeClient(self.new_peer(), ClientSession(name))
+        self.clients[client.peer] = client
+        client.session.connect(self.now)
+        self.pump()
+        return client
+
+    def raw(self, peer: bytes, frames: list[bytes]) -> list[Outgoing]:
+        """Send raw frames as `peer`; returns what the broker said to that peer, and
+        routes everything else."""
+        out = self.core.handle_frames(peer, frames, self.now)
+        self.route(out)
+        self.pump()
+        return [o for o in out if o.peer == peer]
+
+    def route(self, outgoing: list[Outgoing]) -> None:
+        for out in outgoing:
+            client = self.clients.get(out.peer)
+            if client is None or not client.connected:
+                self.raw_replies.setdefault(out.peer, []).append(codec.encode(out.message))
+                continue
+            client.events += client.session.receive(codec.encode(out.message), self.now)
+
+    def pump(self, rounds: int = 100) -> None:
+        for _ in range(rounds):
+            busy = False
+            for client in list(self.clients.values()):
+                if not client.connected:
+                    client.session.data_to_send()
+                    continue
+                for frames in client.session.data_to_send():
+                    busy = True
+                    self.route(self.core.handle_frames(client.peer, frames, self.now))
+            if not busy:
+                return
+        raise AssertionError("network did not settle")
+
+    def advance(self, ms: int, *, tick_clients: bool = True) -> None:
+        """Move the clock; run broker expiry and (optionally) client timers."""
+        self.now += ms
+        self.route(self.core.expire(self.now))
+        if tick_clients:
+            for client in self.clients.values():
+                if not client.frozen:
+                    client.events += client.session.tick(self.now)
+        self.pump()
+
+    def disconnect(self, client: FakeClient) -> None:
+        """The client's TCP connection closes (as when its process is killed)."""
+        client.connected = False
+        self.route(self.core.disconnected(client.peer, self.now))
+        self.pump()
+
+    def reconnect(self, client: FakeClient) -> None:
+        """The client opens a fresh connection (new routing id) and logs in again."""
+        del self.clients[client.peer]
+        client.peer = self.new_peer()
+        client.connected = True
+        self.clients[client.peer] = client
+        client.session.connect(self.now)
+        self.pump()

@@ -1,0 +1,190 @@
+"""Codec: every message round-trips, and every malformed frame set is refused clearly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mangogram_proto import codec
+from mangogram_proto.constants import SIGNATURE
+from mangogram_proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from mangogram_proto.messages import (
+    BROKER_COMMANDS,
+    CLIENT_COMMANDS,
+    Deliver,
+    Presence,
+    Send,
+)
+
+# Valid protocol strings: any Unicode scalar value (no lone surrogates).
+texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=50)
+ints = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
+def strategy_for(hint):
+    """A strategy for values of a message field type."""
+    if dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        return st.builds(
+            hint, **{f.name: strategy_for(hints[f.name]) for f in dataclasses.fields(hint)}
+        )
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return st.sampled_from(typing.get_args(hint))
+    if origin is tuple:
+        return st.lists(texts, max_size=5).map(tuple)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return st.none() | strategy_for(inner)
+    return {str: texts, int: ints}[hint]
+
+
+@pytest.mark.parametrize("cls", CLIENT_COMMANDS + BROKER_COMMANDS, ids=lambda c: c.COMMAND)
+@given(data=st.data())
+def test_every_message_round_trips(cls, data):
+    message = data.draw(strategy_for(cls))
+    frames = codec.encode(message)
+    assert frames[0] == SIGNATURE
+    assert frames[1] == cls.COMMAND.encode()
+    json.loads(frames[2].decode("utf-8"))  # the body is plain UTF-8 JSON
+    assert codec.decode(frames) == message
+
+
+def test_ukrainian_and_emoji_travel_as_utf8_not_escapes():
+    message = Send("m1", "Олена", "Привіт, світе! 🥭 你好", 1)
+    body = codec.encode(message)[2]
+    assert "Привіт".encode() in body
+    assert "🥭".encode() in body
+    assert codec.decode(codec.encode(message)) == message
+
+
+def test_optional_fields_may_be_absent_or_null():
+    frames = [SIGNATURE, b"ERROR", b'{"code":"x","message":"m","ref":null}']
+    error = codec.decode(frames)
+    assert error.ref is None and error.retry_after_ms is None
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility():
+    frames = [SIGNATURE, b"PING", b'{"future":"field"}']
+    assert codec.decode(frames).COMMAND == "PING"
+
+
+def test_encoding_an_unpaired_surrogate_is_a_local_error():
+    with pytest.raises(LocalProtocolError):
+        codec.encode(Send("m1", "bob", "bad \ud800 text", 1))
+
+
+def good_send_body(**overrides):
+    body = {"id": "m1", "to": "bob", "text": "hi", "sent_at": 1}
+    body.update(overrides)
+    return json.dumps(body).encode()
+
+
+MALFORMED = [
+    ("no frames", [], ErrorCode.MALFORMED),
+    ("one frame", [SIGNATURE], ErrorCode.MALFORMED),
+    ("two frames", [SIGNATURE, b"PING"], ErrorCode.MALFORMED),
+    ("four frames", [SIGNATURE, b"PING", b"{}", b"{}"], ErrorCode.MALFORMED),
+    ("wrong signature", [b"HTTP/1.1", b"PING", b"{}"], ErrorCode.MALFORMED),
+    ("empty signature", [b"", b"PING", b"{}"], ErrorCode.MALFORMED),
+    ("future version", [b"MGP02", b"PING", b"{}"], ErrorCode.UNSUPPORTED_VERSION),
+    ("unknown command", [SIGNATURE, b"DANCE", b"{}"], ErrorCode.UNKNOWN_COMMAND),
+    ("lowercase command", [SIGNATURE, b"ping", b"{}"], ErrorCode.UNKNOWN_COMMAND),
+    ("binary command", [SIGNATURE, b"\xff\xfe", b"{}"], ErrorCode.UNKNOWN_COMMAND),
+    ("invalid utf-8", [SIGNATURE, b"PING", b'{"a":"\xff"}'], ErrorCode.MALFORMED),
+    ("not json", [SIGNATURE, b"PING", b"hello"], ErrorCode.MALFORMED),
+    ("empty body", [SIGNATURE, b"PING", b""], ErrorCode.MALFORMED),
+    ("json array", [SIGNATURE, b"PING", b"[]"], ErrorCode.MALFORMED),
+    ("json string", [SIGNATURE, b"PING", b'"x"'], ErrorCode.MALFORMED),
+    ("NaN", [SIGNATURE, b"SEND", good_send_body().replace(b"1}", b"NaN}")], ErrorCode.MALFORMED),
+    ("deep nesting", [SIGNATURE, b"PING", b"[" * 100_000], ErrorCode.MALFORMED),
+    ("huge number", [SIGNATURE, b"SEND", good_send_body(sent_at=10**30)], ErrorCode.MALFORMED),
+    (
+        "endless digits",
+        [SIGNATURE, b"SEND", b'{"id":"m","to":"b","text":"t","sent_at":' + b"9" * 5000 + b"}"],
+        ErrorCode.MALFORMED,
+    ),
+    ("missing field", [SIGNATURE, b"SEND", b'{"id":"m1","to":"bob"}'], ErrorCode.MALFORMED),
+    ("text is a number", [SIGNATURE, b"SEND", good_send_body(text=5)], ErrorCode.MALFORMED),
+    ("id is null", [SIGNATURE, b"SEND", good_send_body(id=None)], ErrorCode.MALFORMED),
+    ("sent_at is bool", [SIGNATURE, b"SEND", good_send_body(sent_at=True)], ErrorCode.MALFORMED),
+    ("sent_at is float", [SIGNATURE, b"SEND", good_send_body(sent_at=1.5)], ErrorCode.MALFORMED),
+    ("to is a list", [SIGNATURE, b"SEND", good_send_body(to=["bob"])], ErrorCode.MALFORMED),
+    (
+        "lone surrogate escape",
+        [SIGNATURE, b"SEND", good_send_body().replace(b'"hi"', b'"\\ud800"')],
+        ErrorCode.MALFORMED,
+    ),
+    (
+        "bad presence event",
+        [SIGNATURE, b"PRESENCE", b'{"name":"a","event":"danced","at":1}'],
+        ErrorCode.MALFORMED,
+    ),
+    (
+        "users not a list",
+        [SIGNATURE, b"ONLINE", b'{"users":"a","server_time":1}'],
+        ErrorCode.MALFORMED,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "frames,code", [(f, c) for _, f, c in MALFORMED], ids=[m[0] for m in MALFORMED]
+)
+def test_malformed_frames_are_refused_with_a_code(frames, code):
+    with pytest.raises(RemoteProtocolError) as caught:
+        codec.decode(frames)
+    assert caught.value.code is code
+    assert caught.value.message
+
+
+def test_oversized_body_is_too_large():
+    frames = [SIGNATURE, b"SEND", good_send_body(text="x" * 2000)]
+    with pytest.raises(RemoteProtocolError) as caught:
+        codec.decode(frames, max_body_bytes=1000)
+    assert caught.value.code is ErrorCode.TOO_LARGE
+
+
+def test_error_for_a_bad_send_names_the_message_id():
+    with pytest.raises(RemoteProtocolError) as caught:
+        codec.decode([SIGNATURE, b"SEND", good_send_body(id="abc", text=5)])
+    assert caught.value.ref == "abc"
+
+
+@given(frames=st.lists(st.binary(max_size=64), max_size=5))
+def test_arbitrary_bytes_never_escape_as_anything_but_remote_errors(frames):
+    try:
+        codec.decode(frames)
+    except RemoteProtocolError:
+        pass
+
+
+@given(
+    body=st.dictionaries(
+        texts,
+        st.recursive(
+            st.none() | st.booleans() | ints | texts,
+            lambda c: st.lists(c) | st.dictionaries(texts, c),
+            max_leaves=8,
+        ),
+    )
+)
+def test_arbitrary_json_bodies_decode_or_fail_cleanly(body):
+    payload = json.dumps(body).encode()
+    for cls in CLIENT_COMMANDS + BROKER_COMMANDS:
+        try:
+            codec.decode([SIGNATURE, cls.COMMAND.encode(), payload])
+        except RemoteProtocolError:
+            pass
+
+
+def test_deliver_and_presence_examples():
+    deliver = Deliver("m1", "b-1", "Олена", "Добрий день", 10, 11)
+    assert codec.decode(codec.encode(deliver)) == deliver
+    assert codec.decode(codec.encode(Presence("Тарас", "left", 5))).event == "left"

@@ -1,0 +1,267 @@
+"""The container's commands, run as the image would run them, outside any container.
+
+There is no Docker engine in CI, so these tests read the Dockerfile's exec-form `CMD`,
+its `ENV` and its `HEALTHCHECK` and run those exact command lines on this machine, with
+`python` swapped for the interpreter running pytest, the data directory moved to a tmp
+dir and the port to a free one. What they prove: the image's command starts a broker
+that answers, stops with exit code 0 on SIGTERM (what `docker stop` sends), and the
+health probe tells a live broker from a dead port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import pytest
+import zmq
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+STARTUP_TIMEOUT_S = 15.0
+REPLY_TIMEOUT_MS = 3000
+STOP_TIMEOUT_S = 2.0
+PROBE_TIMEOUT_S = 15.0
+LISTENING = re.compile(r"MangoGram broker listening on (\S+) \(data in (.+)\)")
+
+
+# The Dockerfile, read just far enough for the instructions we run.
+
+
+def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if line.startswith("#") or (not line and not pending):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        whole = (pending + line).strip()
+        pending = ""
+        keyword, _, rest = whole.partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+def dockerfile_env(path: Path = DOCKERFILE) -> dict[str, str]:
+    """Every ENV of the Dockerfile, later ones winning, as the image's environment has them."""
+    env: dict[str, str] = {}
+    for keyword, rest in dockerfile_instructions(path):
+        if keyword != "ENV":
+            continue
+        words = shlex.split(rest)
+        if "=" not in words[0]:  # legacy form: ENV KEY value with spaces
+            env[words[0]] = rest.split(None, 1)[1]
+            continue
+        for word in words:
+            key, _, value = word.partition("=")
+            env[key] = value
+    return env
+
+
+def exec_form(arguments: str, instruction: str) -> list[str]:
+    command = json.loads(arguments)
+    assert isinstance(command, list) and command, f"{instruction} must use the exec (JSON) form"
+    assert all(isinstance(word, str) for word in command)
+    return command
+
+
+def dockerfile_cmd(path: Path = DOCKERFILE) -> list[str]:
+    """The last CMD, which must be exec form so the broker is PID 1 and gets SIGTERM."""
+    commands = [rest for keyword, rest in dockerfile_instructions(path) if keyword == "CMD"]
+    assert commands, "the Dockerfile has no CMD"
+    return exec_form(commands[-1], "CMD")
+
+
+def dockerfile_healthcheck(path: Path = DOCKERFILE) -> list[str]:
+    """The HEALTHCHECK's command, without its --interval/--timeout/... options."""
+    checks = [rest for keyword, rest in dockerfile_instructions(path) if keyword == "HEALTHCHECK"]
+    assert checks, "the Dockerfile has no HEALTHCHECK"
+    rest = checks[-1]
+    while rest.startswith("--"):
+        rest = rest.split(None, 1)[1]
+    keyword, _, arguments = rest.partition(" ")
+    assert keyword.upper() == "CMD", f"unexpected HEALTHCHECK {rest!r}"
+    return exec_form(arguments.strip(), "HEALTHCHECK CMD")
+
+
+def on_this_machine(command: list[str]) -> list[str]:
+    """The image's command line with its `python` replaced by the one running the tests."""
+    assert command[0] == "python", f"expected the image's python, got {command[0]!r}"
+    return [sys.executable, *command[1:]]
+
+
+def image_environment(**overrides: str) -> dict[str, str]:
+    """This machine's environment less any MANGOGRAM_*, plus the image's ENV, plus overrides."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MANGOGRAM_")}
+    env.update(dockerfile_env())
+    env.update(overrides)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# The broker, started with the image's CMD.
+
+
+@dataclass
+class RunningBroker:
+    process: subprocess.Popen[str]
+    endpoint: str
+    data_dir: Path
+    stderr: list[str]
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    # Draining stderr in a thread keeps the broker from blocking on a full pipe.
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def wait_for_line(
+    process: subprocess.Popen[str],
+    lines: queue.Queue[str | None],
+    seen: list[str],
+    pattern: re.Pattern[str],
+    timeout: float,
+) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            pytest.fail(f"no line matching {pattern.pattern!r} in {timeout}s; stderr: {seen}")
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
+            continue
+        if line is None:
+            process.wait(timeout=STOP_TIMEOUT_S)
+            pytest.fail(f"broker exited with {process.returncode} before ready; stderr: {seen}")
+        seen.append(line.rstrip("\n"))
+        match = pattern.search(line)
+        if match:
+            return match
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[RunningBroker]:
+    data_dir = tmp_path / "data"
+    # Port `*` lets the OS pick a free port with no race; the broker logs the one it got.
+    env = image_environment(MANGOGRAM_BIND="tcp://127.0.0.1:*", MANGOGRAM_DATA=str(data_dir))
+    process = subprocess.Popen(
+        on_this_machine(dockerfile_cmd()),
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader = threading.Thread(target=_pump, args=(process.stderr, lines), daemon=True)
+    reader.start()
+    seen: list[str] = []
+    try:
+        ready = wait_for_line(process, lines, seen, LISTENING, STARTUP_TIMEOUT_S)
+        yield RunningBroker(process, ready.group(1), data_dir, seen)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        reader.join(timeout=10)  # ends at EOF, once the broker is gone
+        assert process.stderr is not None
+        process.stderr.close()
+
+
+def ping(endpoint: str) -> list[bytes]:
+    """One PING from a client that never logged in; the broker's reply frames."""
+    context = zmq.Context()
+    try:
+        with context.socket(zmq.DEALER) as dealer:
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.setsockopt(zmq.RCVTIMEO, REPLY_TIMEOUT_MS)
+            dealer.connect(endpoint)
+            dealer.send_multipart([b"MGP01", b"PING", b"{}"])
+            return dealer.recv_multipart()
+    finally:
+        context.term()
+
+
+def run_healthcheck(bind: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        on_this_machine(dockerfile_healthcheck()),
+        cwd=ROOT,
+        env=image_environment(MANGOGRAM_BIND=bind),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=PROBE_TIMEOUT_S,
+    )
+
+
+def as_in_container(endpoint: str) -> str:
+    """The image's MANGOGRAM_BIND (tcp://0.0.0.0:5555) moved to the port `endpoint` uses."""
+    port = endpoint.rsplit(":", 1)[1]
+    return dockerfile_env()["MANGOGRAM_BIND"].rsplit(":", 1)[0] + ":" + port
+
+
+# The tests.
+
+
+def test_image_cmd_starts_a_broker_that_answers_and_stops_cleanly_on_sigterm(
+    broker: RunningBroker,
+) -> None:
+    assert broker.endpoint.startswith("tcp://127.0.0.1:")
+
+    frames = ping(broker.endpoint)
+
+    assert len(frames) == 3, frames
+    assert frames[0] == b"MGP01"
+    assert frames[1] == b"ERROR"
+    assert json.loads(frames[2])["code"] == "not_logged_in"
+    assert (broker.data_dir / "users.sqlite3").exists(), "MANGOGRAM_DATA was not used"
+
+    broker.process.send_signal(signal.SIGTERM)
+    assert broker.process.wait(timeout=STOP_TIMEOUT_S) == 0, broker.stderr
+
+
+def test_image_environment_points_the_broker_at_the_volume_and_all_interfaces() -> None:
+    env = dockerfile_env()
+
+    assert env["MANGOGRAM_BIND"] == "tcp://0.0.0.0:5555"
+    assert env["MANGOGRAM_DATA"] == "/data"
+
+
+def test_healthcheck_passes_against_a_live_broker(broker: RunningBroker) -> None:
+    result = run_healthcheck(as_in_container(broker.endpoint))
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_healthcheck_fails_against_a_closed_port() -> None:
+    result = run_healthcheck(f"tcp://0.0.0.0:{free_port()}")
+
+    assert result.returncode != 0

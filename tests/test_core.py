@@ -1,0 +1,328 @@
+"""The broker core and client sessions together, with no sockets and a fake clock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mangogram_broker.core import BrokerCore, Outgoing
+from mangogram_proto import codec
+from mangogram_proto.constants import SIGNATURE
+from mangogram_proto.errors import ErrorCode
+from mangogram_proto.events import (
+    BrokerError,
+    Closed,
+    ConnectionLost,
+    IncomingMessage,
+    LoggedIn,
+    LoginRefused,
+    MessageAccepted,
+    MessageDelivered,
+    MessageFailed,
+    OnlineUsers,
+    PresenceChanged,
+)
+from mangogram_proto.messages import Deliver, Error, Login, Ping, Pong, Send, Welcome
+from mangogram_proto.session import State
+
+from .harness import TEST_LIMITS, Network
+
+
+def error_codes(outgoing: list[Outgoing]) -> list[str]:
+    return [o.message.code for o in outgoing if isinstance(o.message, Error)]
+
+
+@pytest.fixture
+def net() -> Network:
+    return Network()
+
+
+def test_login_welcomes_with_session_facts(net):
+    alice = net.join("Alice")
+    (welcome,) = alice.take(LoggedIn)
+    assert welcome.name == "Alice"
+    assert welcome.server_time == net.now
+    assert welcome.limits == TEST_LIMITS
+    assert welcome.online == ()
+    assert alice.session.state is State.ONLINE
+
+
+def test_welcome_lists_who_else_is_online(net):
+    net.join("Олена")
+    net.join("Taras")
+    carol = net.join("carol")
+    (welcome,) = carol.take(LoggedIn)
+    assert welcome.online == ("Taras", "Олена")
+
+
+def test_name_taken_is_case_and_normalization_blind(net):
+    net.join("Олена")
+    impostor = net.join("ОЛЕНА")
+    (refused,) = impostor.take(LoginRefused)
+    assert refused.code == ErrorCode.NAME_TAKEN.value
+    assert impostor.session.state is State.CLOSED
+
+
+def test_invalid_name_is_refused(net):
+    client = net.join("two words")
+    (refused,) = client.take(LoginRefused)
+    assert refused.code == ErrorCode.NAME_INVALID.value
+
+
+def test_presence_joined_and_left_reach_others(net):
+    alice = net.join("alice")
+    bob = net.join("bob")
+    assert alice.take(PresenceChanged) == [PresenceChanged("bob", True, net.now)]
+    assert bob.take(PresenceChanged) == []
+    bob.session.leave(net.now)
+    net.pump()
+    assert bob.take(Closed) == [Closed()]
+    assert alice.take(PresenceChanged) == [PresenceChanged("bob", False, net.now)]
+    assert "bob" not in alice.session.online.values()
+
+
+def test_private_message_is_delivered_acked_and_receipted(net):
+    alice = net.join("alice")
+    bob = net.join("bob")
+    carol = net.join("carol")
+    net.now += 5
+    message_id = alice.session.send_text("BOB", "Привіт, Бобе 🥭", net.now - 2)
+    net.pump()
+    (incoming,) = bob.take(IncomingMessage)
+    assert incoming.sender == "alice"
+    assert incoming.text == "Привіт, Бобе 🥭"
+    assert incoming.sent_at == net.now - 2
+    assert incoming.accepted_at == net.now
+    (accepted,) = alice.take(MessageAccepted)
+    assert accepted.id == message_id == incoming.id
+    assert accepted.broker_id == incoming.broker_id
+    (delivered,) = alice.take(MessageDelivered)
+    assert delivered.id == message_id and delivered.to == "bob"
+    assert carol.take(IncomingMessage) == []
+
+
+def test_resent_message_id_is_acked_again_not_delivered_twice(net):
+    alice = net.join("alice")
+    bob = net.join("bob")
+    send = Send("fixed-id", "bob", "once", net.now)
+    first = net.raw(alice.peer, codec.encode(send))
+    second = net.raw(alice.peer, codec.encode(send))
+    assert [o.message for o in first] == [o.message for o in second]
+    assert len(bob.take(IncomingMessage)) == 1
+
+
+def test_offline_and_unknown_recipients_get_distinct_errors(net):
+    alice = net.join("alice")
+    bob = net.join("bob")
+    net.disconnect(bob)
+    alice.session.send_text("bob", "are you there?", net.now)
+    alice.session.send_text("nobody", "hello?", net.now)
+    net.pump()
+    failures = alice.take(MessageFailed)
+    assert [f.code for f in failures] == ["recipient_offline", "unknown_recipient"]
+    assert failures[0].to == "bob"
+    assert alice.session.unacknowledged == ()
+
+
+def test_commands_before_login_get_not_logged_in(net):
+    peer = net.new_peer()
+    for message in (Send("m1", "bob", "hi", 1), Ping()):
+        replies = net.raw(peer, codec.encode(message))
+        assert error_codes(replies) == ["not_logged_in"]
+
+
+def test_second_login_on_same_connection_is_refused(net):
+    alice = net.join("alice")
+    replies = net.raw(alice.peer, codec.encode(Login("alice2")))
+    assert error_codes(replies) == ["already_logged_in"]
+
+
+def test_client_chosen_routing_id_is_refused(net):
+    replies = net.raw(b"victim", codec.encode(Login("mallory")))
+    assert error_codes(replies) == ["routing_id_refused"]
+    assert net.core.registry.by_peer(b"victim") is None
+
+
+def test_broker_only_commands_from_a_client_are_refused(net):
+    alice = net.join("alice")
+    fake = Welcome("x", 1, "t", TEST_LIMITS)
+    assert error_codes(net.raw(alice.peer, codec.encode(fake))) == ["unknown_command"]
+
+
+@pytest.mark.parametrize(
+    "text,code",
+    [
+        ("x" * 101, "too_large"),  # over max_text_chars (100)
+        ("ї" * 99, None),  # 198 bytes: under both limits
+        ("😀" * 51, "too_large"),  # 51 chars but 204 bytes > max_text_bytes (200)
+        ("", "malformed"),
+    ],
+)
+def test_text_limits_are_enforced_in_chars_and_bytes(net, text, code):
+    alice = net.join("alice")
+    net.join("bob")
+    replies = net.raw(alice.peer, codec.encode(Send("m1", "bob", text, 1)))
+    assert error_codes(replies) == ([code] if code else [])
+
+
+def test_oversized_body_gets_too_large(net):
+    alice = net.join("alice")
+    body = json.dumps({"id": "m", "to": "bob", "text": "x" * 2000, "sent_at": 1}).encode()
+    assert error_codes(net.raw(alice.peer, [SIGNATURE, b"SEND", body])) == ["too_large"]
+
+
+def test_rate_limit_answers_with_retry_after_and_session_retries(net):
+    alice = net.join("alice")
+    bob = net.join("bob")
+    ids = [alice.session.send_text("bob", f"msg {i}", net.now) for i in range(15)]
+    net.pump()
+    limited = [e for e in alice.take(BrokerError) if e.code == "rate_limited"]
+    assert limited and all(e.retry_after_ms > 0 for e in limited)
+    assert len(bob.take(IncomingMessage)) == TEST_LIMITS.rate_burst
+    assert len(alice.session.unacknowledged) == 5
+    for _ in range(10):
+        net.advance(500)
+    received = bob.take(IncomingMessage)
+    assert sorted(m.id for m in received) == sorted(ids[10:])
+    assert alice.session.unacknowledged == ()
+
+
+def test_silent_client_expires_after_heartbeat_timeout(net):
+    alice = net.join("alice")
+    bob = net.join("bob")
+    # bob's process freezes: it neither pings nor reads
+    bob.connected = False
+    bob.frozen = True
+    net.advance(TEST_LIMITS.heartbeat_timeout_ms - 100)
+    assert net.core.registry.by_key("bob") is not None
+    net.advance(200)
+    assert net.core.registry.by_key("bob") is None
+    assert PresenceChanged("bob", False, net.now) in alice.take(PresenceChanged)
+
+
+def test_pinging_client_stays_online(net):
+    alice = net.join("alice")
+    for _ in range(20):
+        net.advance(500)
+    assert net.core.registry.by_key("alice") is not None
+    assert alice.session.state is State.ONLINE
+
+
+def test_client_detects_a_silent_broker(net):
+    alice = net.join("alice")
+    net.core = BrokerCore(TEST_LIMITS)  # the broker "restarts" and forgets alice...
+    alice.connected = False  # ...and nothing comes back
+    net.advance(TEST_LIMITS.heartbeat_timeout_ms + 1)
+    (lost,) = alice.take(ConnectionLost)
+    assert "no reply" in lost.reason
+    assert alice.session.state is State.DISCONNECTED
+
+
+def test_disconnect_frees_the_name_at_once(net):
+    alice = net.join("alice")
+    net.disconnect(alice)
+    again = net.join("Alice")
+    assert again.take(LoggedIn)
+
+
+def test_reconnect_resumes_with_token_even_before_old_session_expires(net):
+    alice = net.join("alice")
+    bob = net.join("bob")
+    bob.take(PresenceChanged)
+    alice.connected = False  # network drop: the broker has not noticed
+    net.reconnect(alice)
+    (logged_in,) = alice.take(LoggedIn)[-1:]
+    assert logged_in.resumed
+    assert bob.take(PresenceChanged) == []  # a resume is not a leave + join
+    bob.session.send_text("alice", "still there?", net.now)
+    net.pump()
+    assert [m.text for m in alice.take(IncomingMessage)] == ["still there?"]
+
+
+def test_wrong_resume_token_cannot_steal_a_name(net):
+    net.join("alice")
+    thief = net.new_peer()
+    replies = net.raw(thief, codec.encode(Login("alice", resume_token="guess")))
+    assert error_codes(replies) == ["name_taken"]
+
+
+def test_unacknowledged_messages_are_resent_with_same_id_after_reconnect(net):
+    alice = net.join("alice")
+    bob = net.join("bob")
+    alice.connected = False  # alice's sends are lost on the way
+    message_id = alice.session.send_text("bob", "survive me", net.now)
+    net.pump()
+    assert alice.session.unacknowledged[0].id == message_id
+    net.reconnect(alice)
+    (incoming,) = bob.take(IncomingMessage)
+    assert incoming.id == message_id
+    assert [a.id for a in alice.take(MessageAccepted)] == [message_id]
+
+
+def test_broker_restart_makes_session_log_in_again(net):
+    alice = net.join("alice")
+    net.core = BrokerCore(TEST_LIMITS)  # restarted broker: alice's next ping is unknown
+    net.advance(TEST_LIMITS.heartbeat_interval_ms)
+    assert alice.session.state is State.ONLINE
+    assert net.core.registry.by_key("alice") is not None
+
+
+def test_duplicate_delivery_is_shown_once_but_receipted_twice(net):
+    alice = net.join("alice")
+    deliver = Deliver("m1", "b-9", "bob", "hi", 1, 2)
+    first = alice.session.receive(codec.encode(deliver), net.now)
+    second = alice.session.receive(codec.encode(deliver), net.now)
+    assert len(first) == 1 and second == []
+    receipts = [f for f in alice.session.data_to_send() if f[1] == b"RECEIPT"]
+    assert len(receipts) == 2
+
+
+def test_receipt_for_someone_elses_message_is_ignored(net):
+    alice = net.join("alice")
+    net.join("bob")
+    mallory = net.join("mallory")
+    alice.session.send_text("bob", "secret", net.now)
+    out = net.core.handle_frames(alice.peer, alice.session.data_to_send()[0], net.now)
+    (deliver,) = [o.message for o in out if isinstance(o.message, Deliver)]
+    net.route([o for o in out if not isinstance(o.message, Deliver)])
+    receipt = [SIGNATURE, b"RECEIPT", json.dumps({"broker_id": deliver.broker_id}).encode()]
+    net.raw(mallory.peer, receipt)
+    assert alice.take(MessageDelivered) == []
+    net.raw(net.core.registry.by_key("bob").peer, receipt)
+    assert [d.to for d in alice.take(MessageDelivered)] == ["bob"]
+
+
+def test_who_lists_online_users(net):
+    alice = net.join("alice")
+    net.join("Богдан")
+    alice.session.request_online(net.now)
+    net.pump()
+    assert alice.take(OnlineUsers) == [OnlineUsers(("alice", "Богдан"))]
+
+
+def test_ping_gets_pong_with_server_time(net):
+    alice = net.join("alice")
+    (reply,) = net.raw(alice.peer, codec.encode(Ping()))
+    assert reply.message == Pong(net.now)
+
+
+def test_error_budget_stops_answering_a_garbage_flood(net):
+    peer = net.new_peer()
+    answered = sum(len(net.raw(peer, [b"garbage"])) for _ in range(100))
+    assert 0 < answered < 100
+    net.advance(10_000)
+    assert len(net.raw(peer, [b"garbage"])) == 1  # the budget refills
+
+
+def test_failed_handoff_tells_the_sender(net):
+    alice = net.join("alice")
+    bob = net.join("bob")
+    message_id = alice.session.send_text("bob", "hello", net.now)
+    out = net.core.handle_frames(alice.peer, alice.session.data_to_send()[0], net.now)
+    deliver = next(o for o in out if isinstance(o.message, Deliver))
+    follow_up = net.core.send_failed(deliver, unreachable=True, now=net.now)
+    net.route([o for o in out if o is not deliver] + follow_up)
+    assert [f.id for f in alice.take(MessageFailed)] == [message_id]
+    assert net.core.registry.by_key("bob") is None
+    assert PresenceChanged("bob", False, net.now) in alice.take(PresenceChanged)

@@ -43,23 +43,33 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    raise_open_file_limit()
-    directory = SqliteDirectory(config.data_dir / "users.sqlite3")
-    core = BrokerCore(config.limits, directory=directory)
-    try:
-        server = BrokerServer(core, config.bind)
-    except zmq.ZMQError as exc:
-        log.error("cannot listen on %s: %s", config.bind, exc)
-        return 2
+    # Handlers go in first so a stop request during start-up is honoured, not fatal.
+    server: BrokerServer | None = None
+    stop_requested = False
 
     def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stop_requested
         log.info("received signal %d, stopping", signum)
-        server.stop()
+        stop_requested = True
+        if server is not None:
+            server.stop()
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    log.info("MangoGram broker listening on %s (data in %s)", server.endpoint, config.data_dir)
-    server.serve_forever()
-    directory.close()
+    raise_open_file_limit()
+    directory = SqliteDirectory(config.data_dir / "users.sqlite3")
+    try:
+        core = BrokerCore(config.limits, directory=directory)
+        try:
+            server = BrokerServer(core, config.bind)
+        except zmq.ZMQError as exc:
+            log.error("cannot listen on %s: %s", config.bind, exc)
+            return 2
+        if stop_requested:
+            server.stop()
+        log.info("MangoGram broker listening on %s (data in %s)", server.endpoint, config.data_dir)
+        server.serve_forever()
+    finally:
+        directory.close()
     log.info("stopped")
     return 0

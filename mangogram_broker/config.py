@@ -63,9 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(flag: str, default: object, kind: type, text: str) -> None:
         env = _env_name(flag)
-        parser.add_argument(
-            flag, type=kind, default=kind(os.environ.get(env, default)), help=f"{text} [{env}]"
-        )
+        raw = os.environ.get(env)
+        if raw is not None:
+            try:
+                default = kind(raw)
+            except ValueError:
+                parser.error(f"{env}={raw!r} is not a valid {kind.__name__}")
+        parser.add_argument(flag, type=kind, default=default, help=f"{text} [{env}]")
 
     add("--bind", constants.DEFAULT_ENDPOINT, str, "ZeroMQ endpoint to listen on ('*' port = any)")
     add("--data", "data", str, "data directory (created if missing)")

@@ -115,6 +115,8 @@ class BrokerCore:
         self._recent: dict[str, OrderedDict[str, Accepted]] = {}
         self._pending: OrderedDict[str, _PendingReceipt] = OrderedDict()
         self._error_budgets: dict[bytes, TokenBucket] = {}
+        # Per user, not per session, so leaving and logging in again does not reset it.
+        self._send_budgets: dict[str, TokenBucket] = {}
 
     # Entry points
 
@@ -150,9 +152,8 @@ class BrokerCore:
             return self._leave(peer, now)
         session = self.registry.by_peer(peer)
         if session is None:
-            return self._error(
-                peer, now, ErrorCode.NOT_LOGGED_IN, "log in first", getattr(message, "id", None)
-            )
+            ref = _ref(message.id) if isinstance(message, Send) else None
+            return self._error(peer, now, ErrorCode.NOT_LOGGED_IN, "log in first", ref)
         if isinstance(message, Send):
             return self._send(session, message, now)
         if isinstance(message, Receipt):
@@ -173,10 +174,17 @@ class BrokerCore:
         out: list[Outgoing] = []
         for session in self.registry.stale(now - self.limits.heartbeat_timeout_ms):
             out += self._end_session(session.peer, now, "heartbeat timeout")
-        for peer, bucket in list(self._error_budgets.items()):
-            if bucket.idle_full or now - bucket.updated_ms > ERROR_BUDGET_IDLE_MS:
-                del self._error_budgets[peer]
+        self._forget_full_buckets(now)
         return out
+
+    def _forget_full_buckets(self, now: int) -> None:
+        # Cheap enough at the expiry tick: a bucket is dropped once it could not limit anyone.
+        for peer, bucket in list(self._error_budgets.items()):
+            if bucket.is_full(now):
+                del self._error_budgets[peer]
+        for key, bucket in list(self._send_budgets.items()):
+            if bucket.is_full(now) and self.registry.by_key(key) is None:
+                del self._send_budgets[key]
 
     def send_failed(self, failed: Outgoing, unreachable: bool, now: int) -> list[Outgoing]:
         """The shell could not send `failed`: the peer is gone (`unreachable`) or its
@@ -193,7 +201,7 @@ class BrokerCore:
                             sender.peer,
                             Error(
                                 ErrorCode.DELIVERY_FAILED.value,
-                                f"{message.sender}'s message could not be handed to its recipient",
+                                "the message could not be handed to its recipient",
                                 ref=pending.client_id,
                             ),
                         )
@@ -233,7 +241,6 @@ class BrokerCore:
             name=name,
             resume_token=self._new_token(),
             last_seen_ms=now,
-            bucket=TokenBucket(self.limits.rate_per_second, self.limits.rate_burst, now),
         )
         others = self._online_names()
         self.registry.register(session)
@@ -249,19 +256,20 @@ class BrokerCore:
 
     def _send(self, session: Session, send: Send, now: int) -> list[Outgoing]:
         peer = session.peer
-        retry_after = session.bucket.take(now)
+        bucket = self._send_budgets.get(session.key)
+        if bucket is None:
+            bucket = TokenBucket(self.limits.rate_per_second, self.limits.rate_burst, now)
+            self._send_budgets[session.key] = bucket
+        retry_after = bucket.take(now)
         if retry_after:
-            return [
-                Outgoing(
-                    peer,
-                    Error(
-                        ErrorCode.RATE_LIMITED.value,
-                        f"too many messages; at most {self.limits.rate_per_second}/s",
-                        ref=_ref(send.id),
-                        retry_after_ms=retry_after,
-                    ),
-                )
-            ]
+            return self._error(
+                peer,
+                now,
+                ErrorCode.RATE_LIMITED,
+                f"too many messages; at most {self.limits.rate_per_second}/s",
+                _ref(send.id),
+                retry_after_ms=retry_after,
+            )
         problem = self._check_send(send)
         if problem is not None:
             code, reason = problem
@@ -298,7 +306,8 @@ class BrokerCore:
         while len(self._pending) > MAX_PENDING_RECEIPTS:
             self._pending.popitem(last=False)
         deliver = Deliver(send.id, broker_id, session.name, send.text, send.sent_at, now)
-        return [Outgoing(recipient.peer, deliver), Outgoing(session.peer, accepted)]
+        # ACCEPTED first: if the handoff then fails, the sender learns it in that order.
+        return [Outgoing(session.peer, accepted), Outgoing(recipient.peer, deliver)]
 
     def _receipt(self, session: Session, receipt: Receipt, now: int) -> list[Outgoing]:
         pending = self._pending.get(receipt.broker_id)
@@ -333,7 +342,8 @@ class BrokerCore:
         size = len(send.text.encode("utf-8"))
         if size > limits.max_text_bytes:
             return ErrorCode.TOO_LARGE, f"text is {size} bytes, limit is {limits.max_text_bytes}"
-        if not send.to or len(send.to) > limits.max_name_chars:
+        # Generous bound: a decomposed spelling of a valid name is longer than the name.
+        if not send.to or len(send.to) > 4 * limits.max_name_chars:
             return ErrorCode.UNKNOWN_RECIPIENT, "no such name"
         return None
 
@@ -368,6 +378,7 @@ class BrokerCore:
         code: ErrorCode,
         reason: str,
         ref: str | None = None,
+        retry_after_ms: int | None = None,
     ) -> list[Outgoing]:
         """An ERROR for `peer`, unless it has exhausted its error budget (then drop)."""
         bucket = self._error_budgets.get(peer)
@@ -377,4 +388,4 @@ class BrokerCore:
         if bucket.take(now):
             log.debug("dropping error %s for %s: error budget used up", code.value, peer.hex())
             return []
-        return [Outgoing(peer, Error(code.value, reason, ref=ref))]
+        return [Outgoing(peer, Error(code.value, reason, ref=ref, retry_after_ms=retry_after_ms))]

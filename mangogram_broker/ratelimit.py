@@ -29,11 +29,7 @@ class TokenBucket:
             return 60_000
         return max(1, int((1.0 - self._tokens) * 1000.0 / self.rate + 0.999))
 
-    @property
-    def updated_ms(self) -> int:
-        return self._updated_ms
-
-    @property
-    def idle_full(self) -> bool:
-        """True when the bucket holds its whole burst (safe to forget)."""
-        return self._tokens >= self.burst
+    def is_full(self, now_ms: int) -> bool:
+        """True when the bucket has refilled to its whole burst (safe to forget)."""
+        elapsed = max(0, now_ms - self._updated_ms)
+        return self._tokens + elapsed * self.rate / 1000.0 >= self.burst

@@ -10,8 +10,6 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .ratelimit import TokenBucket
-
 
 @dataclass
 class Session:
@@ -22,7 +20,6 @@ class Session:
     name: str
     resume_token: str
     last_seen_ms: int
-    bucket: TokenBucket
 
 
 class Registry:

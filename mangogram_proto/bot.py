@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -95,10 +96,19 @@ class Bot:
             self._wakeup.set()
 
     def run(self) -> None:
-        """Run until `stop()` or Ctrl-C (blocking)."""
+        """Run until `stop()`, Ctrl-C or SIGTERM (blocking); leaves the broker politely."""
         use_selector_loop_on_windows()
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                # Windows event loops have no signal handlers: Ctrl-C raises instead.
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(signum, self.stop)
+            await self.run_async()
+
         try:
-            asyncio.run(self.run_async())
+            asyncio.run(main())
         except KeyboardInterrupt:
             log.info("interrupted")
 

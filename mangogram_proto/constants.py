@@ -10,8 +10,9 @@ FRAME_COUNT = 3
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
-# Defaults the broker announces in WELCOME; a broker may be configured differently,
-# so clients must read the announced values rather than these.
+# Defaults of the limits a broker announces in WELCOME (all but MAX_ID_CHARS, which is
+# fixed by the protocol); a broker may be configured differently, so clients must read
+# the announced values rather than these.
 MAX_NAME_CHARS = 32
 MAX_TEXT_CHARS = 4096
 MAX_TEXT_BYTES = 16384

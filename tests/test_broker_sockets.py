@@ -15,7 +15,7 @@ import zmq
 from mangogram_proto import Client, codec
 from mangogram_proto.constants import SIGNATURE
 from mangogram_proto.errors import BrokerRefused, ErrorCode
-from mangogram_proto.events import MessageDelivered, PresenceChanged
+from mangogram_proto.events import MessageDelivered
 from mangogram_proto.messages import (
     Deliver,
     Error,

@@ -317,7 +317,7 @@ def test_error_budget_stops_answering_a_garbage_flood(net):
 
 def test_failed_handoff_tells_the_sender(net):
     alice = net.join("alice")
-    bob = net.join("bob")
+    net.join("bob")
     message_id = alice.session.send_text("bob", "hello", net.now)
     out = net.core.handle_frames(alice.peer, alice.session.data_to_send()[0], net.now)
     deliver = next(o for o in out if isinstance(o.message, Deliver))

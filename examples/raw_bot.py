@@ -45,9 +45,17 @@ def main() -> None:
     try:
         serve(sock, args.name, last_sent, heartbeat_ms)
     except KeyboardInterrupt:
-        send(sock, "LEAVE", {})
-        sock.poll(1000)  # give GOODBYE a moment; leaving is polite, not required
+        leave(sock)
     sock.close()
+
+
+def leave(sock: zmq.Socket) -> None:
+    """Say LEAVE and wait up to a second for GOODBYE, so others see us leave at once."""
+    send(sock, "LEAVE", {})
+    deadline = now_ms() + 1000
+    while now_ms() < deadline and sock.poll(max(1, deadline - now_ms())):
+        if sock.recv_multipart()[1] == b"GOODBYE":
+            return
 
 
 def serve(sock: zmq.Socket, name: str, last_sent: int, heartbeat_ms: int) -> None:

@@ -1,0 +1,1 @@
+"""The MangoGram console client: `python client.py`."""

@@ -1,0 +1,254 @@
+"""The interactive chat: a prompt_toolkit prompt with a status toolbar, and rich lines
+printed above it as messages arrive (patch_stdout keeps them off the line being typed)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+from prompt_toolkit.document import Document
+from prompt_toolkit.formatted_text import FormattedText
+from prompt_toolkit.input import Input
+from prompt_toolkit.output import Output
+from prompt_toolkit.patch_stdout import patch_stdout
+from rich.console import Console
+
+from mangogram_proto.aio import AsyncConnection
+from mangogram_proto.events import Closed, Event, LoggedIn, LoginRefused
+from mangogram_proto.names import name_key
+from mangogram_proto.transport import wall_clock_ms
+
+from .commands import (
+    HELP_TEXT,
+    Exit,
+    Hint,
+    ListUsers,
+    Nothing,
+    SendText,
+    ShowHelp,
+    SwitchPeer,
+    parse_input,
+)
+from .lines import Line, SystemLine
+from .render import TranscriptRenderer
+from .settings import save_remembered
+from .state import ChatState
+
+log = logging.getLogger(__name__)
+
+LOGIN_HINT_AFTER_S = 5.0
+TICK_S = 0.1
+
+
+class NameCompleter(Completer):
+    """Tab completion of user names after `/to ` and `@`."""
+
+    def __init__(self, state: ChatState) -> None:
+        self._state = state
+
+    def get_completions(
+        self, document: Document, complete_event: CompleteEvent
+    ) -> Iterator[Completion]:
+        text = document.text_before_cursor
+        if text.startswith("/to ") and " " not in text[4:]:
+            prefix = text[4:]
+        elif text.startswith("@") and " " not in text:
+            prefix = text[1:]
+        else:
+            return
+        folded = name_key(prefix)
+        for name in self._state.completions():
+            if name_key(name).startswith(folded):
+                yield Completion(name, start_position=-len(prefix))
+
+
+class ChatApp:
+    """One run of the interactive client.
+
+    Args:
+        server: the broker endpoint.
+        name: the name to log in with; asked for when None (or when refused).
+        peer: the conversation to open after login.
+        console: where lines are printed (a terminal console by default).
+        input, output: prompt_toolkit I/O; tests pass a pipe input and a dummy output.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        name: str | None,
+        *,
+        peer: str | None = None,
+        default_name: str | None = None,
+        console: Console | None = None,
+        input: Input | None = None,
+        output: Output | None = None,
+        remember: bool = True,
+    ) -> None:
+        self.server = server
+        self.name = name
+        self.default_name = default_name or ""
+        self.initial_peer = peer
+        self.console = console or Console(force_terminal=True, highlight=False)
+        self.state = ChatState(name or "")
+        self.renderer = TranscriptRenderer(me=name or "")
+        self.connection: AsyncConnection | None = None
+        self._remember = remember
+        self._patch_stdout = input is None
+        self._prompt: PromptSession[str] = PromptSession(
+            input=input,
+            output=output,
+            completer=NameCompleter(self.state),
+            complete_while_typing=False,
+            bottom_toolbar=lambda: FormattedText(self.state.toolbar()),
+            refresh_interval=0.5,
+        )
+
+    def show(self, lines: Iterable[Line]) -> None:
+        for line in lines:
+            for renderable in self.renderer.render(line):
+                self.console.print(renderable)
+        if self._prompt.app.is_running:
+            self._prompt.app.invalidate()
+
+    async def run(self) -> int:
+        """Log in, chat until /exit, Ctrl-D or Ctrl-C; returns the exit code."""
+        context = patch_stdout(raw=True) if self._patch_stdout else contextlib.nullcontext()
+        with context:
+            connection, runner = await self._log_in()
+            if connection is None or runner is None:
+                return 0
+            pump = asyncio.create_task(self._pump_events(connection))
+            try:
+                if self.initial_peer:
+                    self.show(self.state.switch_peer(self.initial_peer, wall_clock_ms()))
+                await self._chat(connection)
+            finally:
+                connection.stop()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(runner, 3)
+                pump.cancel()
+                self.show(self.state.due(wall_clock_ms() + 10**9))
+        return 0
+
+    async def _log_in(self) -> tuple[AsyncConnection | None, asyncio.Task[None] | None]:
+        while True:
+            if not self.name:
+                try:
+                    self.name = (
+                        await self._prompt.prompt_async("your name: ", default=self.default_name)
+                    ).strip()
+                except (EOFError, KeyboardInterrupt):
+                    return None, None
+                if not self.name:
+                    continue
+            self.show([SystemLine(wall_clock_ms(), f"connecting to {self.server} as {self.name}…")])
+            connection = AsyncConnection(self.name, self.server)
+            runner = asyncio.create_task(connection.run())
+            outcome = await self._await_login(connection)
+            if isinstance(outcome, LoggedIn):
+                self.connection = connection
+                self.state.me = outcome.name
+                self.renderer.me = outcome.name
+                self.show(self.state.on_event(outcome, wall_clock_ms()))
+                if self._remember:
+                    save_remembered(self.server, outcome.name)
+                return connection, runner
+            await runner
+            if outcome is None:
+                return None, None
+            self.show(
+                [SystemLine(wall_clock_ms(), f"{outcome.message} — try another name", "error")]
+            )
+            self.default_name = self.name
+            self.name = None
+
+    async def _await_login(self, connection: AsyncConnection) -> LoggedIn | LoginRefused | None:
+        hinted = False
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while True:
+            try:
+                event = await asyncio.wait_for(connection.events.get(), 1.0)
+            except TimeoutError:
+                if not hinted and loop.time() - started > LOGIN_HINT_AFTER_S:
+                    hinted = True
+                    self.show(
+                        [
+                            SystemLine(
+                                wall_clock_ms(),
+                                f"no answer from {self.server} yet; is the broker running?"
+                                " Still trying (Ctrl-C to quit)",
+                                "error",
+                            )
+                        ]
+                    )
+                continue
+            except asyncio.CancelledError:
+                connection.stop()
+                raise
+            if isinstance(event, LoggedIn | LoginRefused):
+                return event
+
+    async def _pump_events(self, connection: AsyncConnection) -> None:
+        while True:
+            try:
+                event: Event | None = await asyncio.wait_for(connection.events.get(), TICK_S)
+            except TimeoutError:
+                event = None
+            now = wall_clock_ms()
+            lines: list[Line] = []
+            if event is not None and not isinstance(event, Closed):
+                lines += self.state.on_event(event, now)
+            lines += self.state.due(now)
+            if lines:
+                self.show(lines)
+            elif event is not None and self._prompt.app.is_running:
+                self._prompt.app.invalidate()
+
+    async def _chat(self, connection: AsyncConnection) -> None:
+        while True:
+            try:
+                line = await self._prompt.prompt_async(self._prompt_text)
+            except (EOFError, KeyboardInterrupt):
+                return
+            if not self._act(connection, line):
+                return
+
+    def _prompt_text(self) -> str:
+        return f"[{self.state.peer}] › " if self.state.peer else "› "
+
+    def _act(self, connection: AsyncConnection, line: str) -> bool:
+        """Carry out one typed line; False means leave."""
+        command = parse_input(line)
+        now = wall_clock_ms()
+        if isinstance(command, Exit):
+            return False
+        if isinstance(command, Nothing):
+            return True
+        if isinstance(command, Hint):
+            self.show([SystemLine(now, command.text)])
+        elif isinstance(command, ShowHelp):
+            self.show([SystemLine(now, HELP_TEXT)])
+        elif isinstance(command, ListUsers):
+            connection.request_online()
+        elif isinstance(command, SwitchPeer):
+            self.show(self.state.switch_peer(command.name, now))
+        elif isinstance(command, SendText):
+            to = command.to or self.state.peer
+            if to is None:
+                self.show(
+                    [SystemLine(now, "choose whom to talk to first: /to NAME (Tab completes)")]
+                )
+                return True
+            try:
+                message_id = connection.send_text(to, command.text)
+            except Exception as exc:  # an unsendable text must not end the chat
+                self.show([SystemLine(now, f"cannot send that: {exc}", "error")])
+                return True
+            self.state.sent(message_id, to, command.text, now)
+        return True

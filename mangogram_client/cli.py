@@ -1,0 +1,81 @@
+"""`python client.py`: flags, settings and the choice between chat and script modes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from mangogram_proto.bot import use_selector_loop_on_windows
+from mangogram_proto.constants import DEFAULT_ENDPOINT
+
+from .settings import config_dir, load_config_file, load_remembered
+
+EPILOG = """\
+interactive commands: /to NAME, @NAME text, /users, /help, /exit (or Ctrl-D / Ctrl-C).
+settings: flags win over MANGOGRAM_SERVER / MANGOGRAM_NAME / MANGOGRAM_TO, which win over
+the config file (%s), which wins over the server and name remembered from last time.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="client.py",
+        description="MangoGram console client: private messages in your terminal.",
+        epilog=EPILOG % (config_dir() / "config.toml"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--server", help=f"broker endpoint (default {DEFAULT_ENDPOINT})")
+    parser.add_argument("--name", help="your user name (asked for if missing)")
+    parser.add_argument("--to", help="whom to talk to (opens that conversation)")
+    parser.add_argument("--config", type=Path, help="config file (TOML with server, name, to)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--send", metavar="TEXT", help="send TEXT to --to and exit once accepted")
+    mode.add_argument("--listen", action="store_true", help="print incoming messages; no prompt")
+    parser.add_argument("--json", action="store_true", help="with --listen: one JSON per line")
+    parser.add_argument("--log-level", default=os.environ.get("MANGOGRAM_LOG_LEVEL", "WARNING"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    config = load_config_file(args.config)
+    remembered = load_remembered()
+    server = (
+        args.server
+        or os.environ.get("MANGOGRAM_SERVER")
+        or config.get("server")
+        or remembered.server
+        or DEFAULT_ENDPOINT
+    )
+    name = args.name or os.environ.get("MANGOGRAM_NAME") or config.get("name")
+    to = args.to or os.environ.get("MANGOGRAM_TO") or config.get("to")
+    if args.json and not args.listen:
+        parser.error("--json goes with --listen")
+
+    from . import scripting
+
+    if args.send is not None or args.listen or not sys.stdin.isatty():
+        if not name:
+            parser.error("--name (or MANGOGRAM_NAME) is required without a terminal")
+        if args.listen:
+            return scripting.listen(server, name, args.json)
+        if not to:
+            parser.error("--to (or MANGOGRAM_TO) is required to send")
+        if args.send is not None:
+            return scripting.send_one(server, name, to, args.send)
+        return scripting.send_lines(server, name, to, sys.stdin)
+
+    from .app import ChatApp
+
+    use_selector_loop_on_windows()
+    app = ChatApp(server, name, peer=to, default_name=remembered.name)
+    try:
+        return asyncio.run(app.run())
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,106 @@
+"""The client without a UI: one message, a listener printing JSON, or lines from stdin."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from collections.abc import Iterable
+from typing import TextIO
+
+from mangogram_proto import BrokerRefused, Client, LocalProtocolError
+from mangogram_proto.events import IncomingMessage, MessageAccepted, MessageFailed
+
+log = logging.getLogger(__name__)
+
+ACK_TIMEOUT_S = 30.0
+
+
+def send_one(server: str, name: str, to: str, text: str) -> int:
+    """Send `text` and exit 0 only once the broker acknowledged it."""
+    try:
+        with Client(name, server) as client:
+            client.send(to, text, wait=True, timeout=ACK_TIMEOUT_S)
+    except BrokerRefused as exc:
+        print(f"mangogram: {exc.message}", file=sys.stderr)
+        return 1
+    except (TimeoutError, LocalProtocolError) as exc:
+        print(f"mangogram: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def message_json(message: IncomingMessage) -> str:
+    return json.dumps(
+        {
+            "id": message.id,
+            "broker_id": message.broker_id,
+            "from": message.sender,
+            "text": message.text,
+            "sent_at": message.sent_at,
+            "accepted_at": message.accepted_at,
+        },
+        ensure_ascii=False,
+    )
+
+
+def listen(server: str, name: str, as_json: bool, out: TextIO = sys.stdout) -> int:
+    """Print every incoming message (one JSON object per line with `as_json`) until
+    SIGINT/SIGTERM."""
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        with Client(name, server) as client:
+            print(f"listening as {client.name}", file=sys.stderr, flush=True)
+            while not stopping:
+                message = client.receive(timeout=0.2)
+                if message is None:
+                    continue
+                if as_json:
+                    out.write(message_json(message) + "\n")
+                else:
+                    out.write(f"{message.sender}: {message.text}\n")
+                out.flush()
+    except BrokerRefused as exc:
+        print(f"mangogram: {exc.message}", file=sys.stderr)
+        return 1
+    except TimeoutError as exc:
+        print(f"mangogram: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def send_lines(server: str, name: str, to: str, lines: Iterable[str]) -> int:
+    """Send each non-empty line as a message to `to`; exit 0 once all were accepted."""
+    try:
+        with Client(name, server) as client:
+            pending: set[str] = set()
+            for line in lines:
+                text = line.rstrip("\r\n")
+                if text.strip():
+                    pending.add(client.send(to, text))
+            failed = 0
+            while pending:
+                event = client.next_event(timeout=ACK_TIMEOUT_S)
+                if event is None:
+                    print(f"mangogram: {len(pending)} messages not acknowledged", file=sys.stderr)
+                    return 1
+                if isinstance(event, MessageAccepted | MessageFailed) and event.id in pending:
+                    pending.discard(event.id)
+                    if isinstance(event, MessageFailed):
+                        failed += 1
+                        print(f"mangogram: {event.message}", file=sys.stderr)
+            return 1 if failed else 0
+    except BrokerRefused as exc:
+        print(f"mangogram: {exc.message}", file=sys.stderr)
+        return 1
+    except TimeoutError as exc:
+        print(f"mangogram: {exc}", file=sys.stderr)
+        return 1

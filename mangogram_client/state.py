@@ -1,0 +1,260 @@
+"""The console client's model, pure: session events and user actions in, lines out.
+
+Own messages are printed once their fate is (nearly) known, because printed lines are
+never redrawn: normally the ✓✓ arrives within milliseconds, so the line shows ✓✓
+straight away. If it has not come after a short grace, the line shows what is known
+(… or ✓) and a later receipt gets a line of its own.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from mangogram_proto.events import (
+    BrokerError,
+    Closed,
+    ConnectionLost,
+    Event,
+    IncomingMessage,
+    LoggedIn,
+    LoginRefused,
+    MessageAccepted,
+    MessageDelivered,
+    MessageFailed,
+    OnlineUsers,
+    PresenceChanged,
+)
+from mangogram_proto.names import name_key
+
+from .lines import ChatLine, Line, Mark, SystemLine
+
+# How long an own message waits for its ✓✓ before it is printed anyway.
+DELIVERY_GRACE_MS = 300
+UNACCEPTED_GRACE_MS = 1000
+DELAYED_AFTER_MS = 30_000
+SNIPPET_CHARS = 30
+QUIET_PRESENCE_ABOVE = 20
+
+
+@dataclass
+class _OwnMessage:
+    to: str
+    text: str
+    sent_at: int
+    print_at: int
+    mark: Mark = "pending"
+    printed: bool = False
+
+
+def snippet(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= SNIPPET_CHARS else flat[: SNIPPET_CHARS - 1] + "…"
+
+
+class ChatState:
+    """Everything the screen needs to know, updated by events and user actions."""
+
+    def __init__(self, me: str) -> None:
+        self.me = me
+        self.peer: str | None = None
+        self.connection = "connecting"
+        self.online: dict[str, str] = {}
+        self.unread: Counter[str] = Counter()
+        self._display: dict[str, str] = {}
+        self._talked_with: set[str] = set()
+        self._heard_from: dict[str, str] = {}
+        self._own: dict[str, _OwnMessage] = {}
+
+    # User actions
+
+    def switch_peer(self, name: str, now: int) -> list[Line]:
+        """Open the conversation with `name`."""
+        key = name_key(name)
+        shown = self.online.get(key) or self._display.get(key) or name
+        self.peer = shown
+        self._talked_with.add(key)
+        unread = self.unread.pop(key, 0)
+        status = "online" if key in self.online else "offline"
+        extra = f", {unread} unread above" if unread else ""
+        return [SystemLine(now, f"talking to {shown} ({status}{extra})")]
+
+    def sent(self, message_id: str, to: str, text: str, now: int) -> None:
+        """We queued a message; it is printed when its fate is known (see `due`)."""
+        key = name_key(to)
+        self._talked_with.add(key)
+        self._display.setdefault(key, to)
+        self._own[message_id] = _OwnMessage(to, text, now, now + UNACCEPTED_GRACE_MS)
+
+    def due(self, now: int) -> list[Line]:
+        """Own messages whose grace period ran out, printed with what is known so far."""
+        lines: list[Line] = []
+        for message_id, own in list(self._own.items()):
+            if not own.printed and own.print_at <= now:
+                lines.append(self._print_own(message_id, own))
+        return lines
+
+    def next_due(self) -> int | None:
+        waiting = [o.print_at for o in self._own.values() if not o.printed]
+        return min(waiting) if waiting else None
+
+    # Session events
+
+    def on_event(self, event: Event, now: int) -> list[Line]:
+        if isinstance(event, IncomingMessage):
+            return self._incoming(event, now)
+        if isinstance(event, MessageAccepted):
+            own = self._own.get(event.id)
+            if own is not None and own.mark == "pending":
+                own.mark = "sent"
+                own.print_at = min(own.print_at, now + DELIVERY_GRACE_MS)
+            return []
+        if isinstance(event, MessageDelivered):
+            return self._delivered(event, now)
+        if isinstance(event, MessageFailed):
+            return self._failed(event, now)
+        if isinstance(event, PresenceChanged):
+            return self._presence(event, now)
+        if isinstance(event, OnlineUsers):
+            self.online = {name_key(n): n for n in event.users}
+            return [SystemLine(now, self.online_summary())]
+        if isinstance(event, LoggedIn):
+            self.me = event.name
+            self.connection = "online"
+            self.online = {name_key(n): n for n in event.online}
+            self.online.setdefault(name_key(event.name), event.name)
+            if event.resumed:
+                return [SystemLine(now, "reconnected")]
+            return [
+                SystemLine(now, f"logged in as {event.name}"),
+                SystemLine(now, self.online_summary()),
+            ]
+        if isinstance(event, ConnectionLost):
+            self.connection = "reconnecting"
+            return [SystemLine(now, "connection lost; reconnecting…", "error")]
+        if isinstance(event, BrokerError):
+            text = event.message
+            if event.retry_after_ms:
+                text = f"slow down: {text} (retrying in {event.retry_after_ms / 1000:.1f} s)"
+            return [SystemLine(now, text, "error")]
+        if isinstance(event, LoginRefused):
+            self.connection = "offline"
+            return [SystemLine(now, event.message, "error")]
+        if isinstance(event, Closed):
+            self.connection = "offline"
+            return []
+        return []
+
+    def online_summary(self) -> str:
+        others = sorted((n for k, n in self.online.items() if k != name_key(self.me)), key=name_key)
+        if not others:
+            return "nobody else is online"
+        return f"online ({len(others)}): " + ", ".join(others)
+
+    # The bottom toolbar
+
+    def toolbar(self) -> list[tuple[str, str]]:
+        """Styled fragments for prompt_toolkit's bottom toolbar."""
+        state_style = {
+            "online": "bg:ansigreen fg:ansiblack",
+            "reconnecting": "bg:ansiyellow fg:ansiblack",
+        }.get(self.connection, "bg:ansired fg:ansiwhite")
+        parts: list[tuple[str, str]] = [(state_style, f" {self.connection} "), ("", " ")]
+        parts.append(
+            ("bold", f"{self.me} → {self.peer}" if self.peer else "no conversation: /to NAME")
+        )
+        count = len([k for k in self.online if k != name_key(self.me)])
+        parts.append(("", f"  ·  {count} online"))
+        if self.unread:
+            unread = ", ".join(
+                f"{self._display.get(k, k)} ({n})" for k, n in sorted(self.unread.items())
+            )
+            parts.append(("fg:ansiyellow bold", f"  ·  unread: {unread}"))
+        return parts
+
+    def completions(self) -> list[str]:
+        """Names worth offering for Tab: online users and everyone who wrote to us (names
+        we typed ourselves may be misspelt, so they are not offered)."""
+        names = dict(self._heard_from)
+        names.update(self.online)
+        names.pop(name_key(self.me), None)
+        return sorted(names.values(), key=name_key)
+
+    # Internals
+
+    def _incoming(self, message: IncomingMessage, now: int) -> list[Line]:
+        key = name_key(message.sender)
+        self._display[key] = message.sender
+        self._heard_from[key] = message.sender
+        self._talked_with.add(key)
+        lines: list[Line] = []
+        if self.peer is None:
+            self.peer = message.sender
+            lines.append(SystemLine(now, f"talking to {message.sender} (/to NAME to switch)"))
+        elsewhere = name_key(self.peer) != key
+        if elsewhere:
+            self.unread[key] += 1
+        lines.append(
+            ChatLine(
+                at_ms=message.sent_at,
+                sender=message.sender,
+                peer=message.sender,
+                text=message.text,
+                own=False,
+                elsewhere=elsewhere,
+                delayed=now - message.accepted_at > DELAYED_AFTER_MS,
+            )
+        )
+        return lines
+
+    def _print_own(self, message_id: str, own: _OwnMessage) -> ChatLine:
+        own.printed = True
+        if own.mark in ("delivered", "failed"):
+            del self._own[message_id]
+        return ChatLine(
+            at_ms=own.sent_at,
+            sender=self.me,
+            peer=own.to,
+            text=own.text,
+            own=True,
+            mark=own.mark,
+            elsewhere=self.peer is None or name_key(self.peer) != name_key(own.to),
+        )
+
+    def _delivered(self, event: MessageDelivered, now: int) -> list[Line]:
+        own = self._own.get(event.id)
+        if own is None:
+            return []
+        own.mark = "delivered"
+        if not own.printed:
+            return [self._print_own(event.id, own)]
+        del self._own[event.id]
+        return [SystemLine(now, f"✓✓ {event.to} got “{snippet(own.text)}”", "receipt")]
+
+    def _failed(self, event: MessageFailed, now: int) -> list[Line]:
+        own = self._own.get(event.id)
+        reason = SystemLine(now, f"not delivered to {event.to}: {event.message}", "error")
+        if own is None:
+            return [reason]
+        own.mark = "failed"
+        if not own.printed:
+            return [self._print_own(event.id, own), reason]
+        del self._own[event.id]
+        return [SystemLine(now, f"✗ “{snippet(own.text)}” — {event.message}", "error")]
+
+    def _presence(self, event: PresenceChanged, now: int) -> list[Line]:
+        key = name_key(event.name)
+        if event.joined:
+            self.online[key] = event.name
+        else:
+            self.online.pop(key, None)
+        # On a busy broker only people we talk to get a line; the rest change the count.
+        relevant = (
+            len(self.online) <= QUIET_PRESENCE_ABOVE
+            or key in self._talked_with
+            or (self.peer is not None and name_key(self.peer) == key)
+        )
+        if not relevant:
+            return []
+        verb = "is online" if event.joined else "went offline"
+        return [SystemLine(event.at, f"{event.name} {verb}", "joined" if event.joined else "left")]

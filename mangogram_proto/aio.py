@@ -1,0 +1,170 @@
+"""The asyncio driver of a `ClientSession`: one task owns the DEALER socket.
+
+`Bot` and the console client are built on it. Events come out of `events`, an
+asyncio queue, in order; the loop never waits for the consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import zmq
+import zmq.asyncio
+
+from .backoff import Backoff
+from .constants import DEFAULT_ENDPOINT
+from .errors import RemoteProtocolError
+from .events import ConnectionLost, Event, LoggedIn, LoginRefused
+from .session import ClientSession, State
+from .transport import configure_dealer, wall_clock_ms
+
+log = logging.getLogger(__name__)
+
+
+class AsyncConnection:
+    """A session with a broker, kept alive by `run()` until `stop()` or a refused login.
+
+    Args:
+        name: the name to log in with.
+        endpoint: the broker's ZeroMQ endpoint.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.session = ClientSession(name)
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.refused: LoginRefused | None = None
+        self.reconnecting = False
+        self._backoff = backoff or Backoff()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._reconnect_at: int | None = None
+
+    @property
+    def state(self) -> State:
+        return self.session.state
+
+    def send_text(self, to: str, text: str) -> str:
+        """Queue a message to `to`; returns its id. Sent now if online, else after login."""
+        message_id = self.session.send_text(to, text, wall_clock_ms())
+        self._wakeup.set()
+        return message_id
+
+    def request_online(self) -> None:
+        """Ask who is online; the answer arrives as an `OnlineUsers` event."""
+        self.session.request_online(wall_clock_ms())
+        self._wakeup.set()
+
+    def stop(self) -> None:
+        """Leave the broker (waiting up to 1 s for GOODBYE) and make `run()` return."""
+        self._stopping = True
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Connect, log in and keep the session alive until `stop()` or a refused login."""
+        context = zmq.asyncio.Context.instance()
+        try:
+            await self._serve(context)
+        finally:
+            if self._socket is not None:
+                self._socket.close(linger=0)
+                self._socket = None
+
+    async def _serve(self, context: zmq.asyncio.Context) -> None:
+        self._open(context)
+        leave_deadline: int | None = None
+        while True:
+            now = wall_clock_ms()
+            if self._stopping and leave_deadline is None:
+                self.session.leave(now)
+                leave_deadline = now + 1000
+            if self.session.state is State.CLOSED or (
+                leave_deadline is not None and now >= leave_deadline
+            ):
+                return
+            if self._reconnect_at is not None and now >= self._reconnect_at:
+                self._open(context)
+            for event in self.session.tick(now):
+                self._handle(event, now)
+            await self._flush()
+            wait_ms = self._wait_ms(now, leave_deadline)
+            if self._socket is None:
+                await self._sleep_or_wake(wait_ms)
+                continue
+            poll = asyncio.ensure_future(self._socket.poll(wait_ms))
+            woken = asyncio.ensure_future(self._wakeup.wait())
+            await asyncio.wait({poll, woken}, return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
+            self._wakeup.clear()
+            if not poll.done():
+                poll.cancel()
+                continue
+            if poll.result():
+                await self._drain()
+
+    async def _sleep_or_wake(self, wait_ms: int) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), wait_ms / 1000)
+        self._wakeup.clear()
+
+    def _wait_ms(self, now: int, leave_deadline: int | None) -> int:
+        candidates = [1000]
+        for deadline in (self.session.next_deadline(), self._reconnect_at, leave_deadline):
+            if deadline is not None:
+                candidates.append(max(0, deadline - now + 1))
+        return min(candidates)
+
+    def _open(self, context: zmq.asyncio.Context) -> None:
+        self._socket = configure_dealer(context.socket(zmq.DEALER), self.endpoint)
+        self._reconnect_at = None
+        self.session.connect(wall_clock_ms())
+
+    async def _flush(self) -> None:
+        if self._socket is None:
+            return
+        for frames in self.session.data_to_send():
+            try:
+                await self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                # Texts stay in the session's outbox and go out again after a reconnect.
+                log.debug("send queue full; dropped one %s frame set", frames[1])
+
+    async def _drain(self) -> None:
+        while self._socket is not None:
+            try:
+                frames = await self._socket.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            now = wall_clock_ms()
+            try:
+                events = self.session.receive(frames, now)
+            except RemoteProtocolError as exc:
+                log.warning("ignoring invalid message from the broker: %s", exc.message)
+                continue
+            for event in events:
+                self._handle(event, now)
+
+    def _handle(self, event: Event, now: int) -> None:
+        if isinstance(event, LoginRefused):
+            self.refused = event
+        elif isinstance(event, LoggedIn):
+            self._backoff.reset()
+            self.reconnecting = False
+        elif isinstance(event, ConnectionLost):
+            delay = self._backoff.next_delay_ms()
+            log.info("%s; reconnecting in %d ms", event.reason, delay)
+            self.reconnecting = True
+            if self._socket is not None:
+                self._socket.close(linger=0)
+                self._socket = None
+            self._reconnect_at = now + delay
+        self.events.put_nowait(event)

@@ -1,0 +1,200 @@
+"""The console client's pure parts: what typed lines mean, and how events become lines
+and toolbar state."""
+
+from __future__ import annotations
+
+import pytest
+
+from mangogram_client.commands import (
+    Exit,
+    Hint,
+    ListUsers,
+    Nothing,
+    SendText,
+    ShowHelp,
+    SwitchPeer,
+    parse_input,
+)
+from mangogram_client.lines import ChatLine, SystemLine
+from mangogram_client.render import render_plain
+from mangogram_client.state import DELIVERY_GRACE_MS, UNACCEPTED_GRACE_MS, ChatState
+from mangogram_proto.events import (
+    ConnectionLost,
+    IncomingMessage,
+    LoggedIn,
+    MessageAccepted,
+    MessageDelivered,
+    MessageFailed,
+    OnlineUsers,
+    PresenceChanged,
+)
+
+from .harness import TEST_LIMITS
+
+T = 1_795_500_000_000
+
+
+@pytest.mark.parametrize(
+    "typed,command",
+    [
+        ("hello", SendText("hello")),
+        ("  spaced  ", SendText("  spaced  ")),
+        ("", Nothing()),
+        ("   ", Nothing()),
+        ("/to Тарас", SwitchPeer("Тарас")),
+        ("/TO @Тарас", SwitchPeer("Тарас")),
+        ("/query bob", SwitchPeer("bob")),
+        ("/to", Hint("usage: /to NAME")),
+        ("/to two words", Hint("usage: /to NAME")),
+        ("/users", ListUsers()),
+        ("/who", ListUsers()),
+        ("/help", ShowHelp()),
+        ("/exit", Exit()),
+        ("/quit", Exit()),
+        ("@mei привіт всім", SendText("привіт всім", to="mei")),
+        ("//not a command", SendText("/not a command")),
+    ],
+)
+def test_typed_lines_mean_what_a_chat_user_expects(typed, command):
+    assert parse_input(typed) == command
+
+
+@pytest.mark.parametrize("typed", ["/dance", "@", "@bob", "@bob   ", "/exit now"])
+def test_mistakes_get_a_one_line_hint(typed):
+    hint = parse_input(typed)
+    assert isinstance(hint, Hint)
+    assert "\n" not in hint.text and hint.text
+
+
+def logged_in(state: ChatState, online=("Тарас", "Mei")) -> None:
+    state.on_event(LoggedIn("Олена", T, TEST_LIMITS, online, resumed=False), T)
+
+
+def incoming(sender: str, text: str, at: int = T) -> IncomingMessage:
+    return IncomingMessage("id-" + text, "b-" + text, sender, text, at, at)
+
+
+def test_login_shows_who_is_online():
+    state = ChatState("Олена")
+    lines = state.on_event(LoggedIn("Олена", T, TEST_LIMITS, ("Тарас", "Mei"), False), T)
+    assert [line.text for line in lines] == ["logged in as Олена", "online (2): Mei, Тарас"]
+    assert state.connection == "online"
+
+
+def test_own_message_prints_once_with_double_tick_when_delivered_quickly():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("тарас", T)
+    assert state.peer == "Тарас"
+    state.sent("m1", "Тарас", "Привіт", T)
+    assert state.due(T + 10) == []
+    assert state.on_event(MessageAccepted("m1", "b1", T + 1), T + 1) == []
+    (line,) = state.on_event(MessageDelivered("m1", "b1", "Тарас", T + 2), T + 2)
+    assert isinstance(line, ChatLine) and line.own and line.mark == "delivered"
+    assert state.due(T + 10**6) == []
+
+
+def test_own_message_prints_with_single_tick_then_gets_a_receipt_line():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("Тарас", T)
+    state.sent("m1", "Тарас", "Довге повідомлення про щось важливе і цікаве", T)
+    state.on_event(MessageAccepted("m1", "b1", T + 1), T + 1)
+    (line,) = state.due(T + 1 + DELIVERY_GRACE_MS)
+    assert line.mark == "sent"
+    (receipt,) = state.on_event(MessageDelivered("m1", "b1", "Тарас", T + 5000), T + 5000)
+    assert receipt.kind == "receipt" and "✓✓ Тарас" in receipt.text and "…" in receipt.text
+
+
+def test_unaccepted_message_shows_pending_after_grace():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.sent("m1", "Тарас", "hello", T)
+    (line,) = state.due(T + UNACCEPTED_GRACE_MS)
+    assert line.mark == "pending" and line.elsewhere  # no conversation open
+
+
+def test_failed_message_is_marked_and_explained():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.sent("m1", "nobody", "hello", T)
+    line, reason = state.on_event(
+        MessageFailed("m1", "nobody", "unknown_recipient", "nobody is called nobody"), T
+    )
+    assert line.mark == "failed"
+    assert reason.kind == "error" and "nobody is called nobody" in reason.text
+
+
+def test_message_from_someone_else_is_marked_and_counted_unread():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("Тарас", T)
+    (line,) = state.on_event(incoming("Mei", "你好"), T)
+    assert line.elsewhere
+    assert state.unread["mei"] == 1
+    toolbar = "".join(text for _, text in state.toolbar())
+    assert "unread: Mei (1)" in toolbar
+    (switched,) = state.switch_peer("mei", T)
+    assert "1 unread" in switched.text
+    assert not state.unread
+
+
+def test_first_incoming_message_opens_its_conversation():
+    state = ChatState("Олена")
+    logged_in(state)
+    hint, line = state.on_event(incoming("Тарас", "Привіт"), T)
+    assert state.peer == "Тарас" and not line.elsewhere
+    assert "talking to Тарас" in hint.text
+
+
+def test_toolbar_shows_connection_peer_and_online_count():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("Тарас", T)
+    text = "".join(t for _, t in state.toolbar())
+    assert "online" in text and "Олена → Тарас" in text and "2 online" in text
+    state.on_event(ConnectionLost("no reply"), T)
+    assert "reconnecting" in "".join(t for _, t in state.toolbar())
+
+
+def test_presence_updates_online_and_prints_joins_and_leaves():
+    state = ChatState("Олена")
+    logged_in(state)
+    (joined,) = state.on_event(PresenceChanged("Богдан", True, T), T)
+    assert joined.kind == "joined" and "Богдан" in joined.text
+    (left,) = state.on_event(PresenceChanged("Богдан", False, T), T)
+    assert left.kind == "left"
+    assert "богдан" not in state.online
+
+
+def test_tab_completion_offers_online_users_and_senders_not_typos():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.sent("m1", "тарсс", "typo", T)
+    state.on_event(incoming("Zoë", "hi"), T)
+    assert state.completions() == ["Mei", "Zoë", "Тарас"]
+    state.on_event(OnlineUsers(("Олена",)), T)
+    assert state.completions() == ["Zoë"]
+
+
+def test_a_conversation_renders_with_times_names_and_marks():
+    state = ChatState("Олена")
+    lines = state.on_event(LoggedIn("Олена", T, TEST_LIMITS, ("Тарас",), False), T)
+    lines += state.switch_peer("Тарас", T)
+    lines += state.on_event(incoming("Тарас", "Привіт! Як ти? 🌻", T + 60_000), T + 60_000)
+    state.sent("m1", "Тарас", "Добре, дякую 😊", T + 120_000)
+    state.on_event(MessageAccepted("m1", "b1", T + 120_001), T + 120_001)
+    lines += state.on_event(MessageDelivered("m1", "b1", "Тарас", T + 120_002), T + 120_002)
+    text = render_plain(lines, me="Олена", width=70)
+    assert "Привіт! Як ти? 🌻" in text
+    assert "Добре, дякую 😊" in text
+    assert "✓✓" in text
+    assert text.count(":") >= 3  # HH:MM on each new minute
+
+
+def test_system_lines_render_for_every_kind():
+    kinds = ["info", "joined", "left", "error", "receipt"]
+    lines = [SystemLine(T, f"text {k}", k) for k in kinds]
+    text = render_plain(lines, me="Олена", width=60)
+    for k in kinds:
+        assert f"text {k}" in text

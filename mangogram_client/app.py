@@ -98,6 +98,7 @@ class ChatApp:
         self.renderer = TranscriptRenderer(me=name or "")
         self.connection: AsyncConnection | None = None
         self._remember = remember
+        self._closing = False
         self._patch_stdout = input is None
         self._prompt: PromptSession[str] = PromptSession(
             input=input,
@@ -131,7 +132,9 @@ class ChatApp:
                 connection.stop()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(runner, 3)
-                pump.cancel()
+                # A flag, not cancel(): Python 3.11's wait_for can swallow a cancellation.
+                self._closing = True
+                await asyncio.gather(pump, return_exceptions=True)
                 self.show(self.state.due(wall_clock_ms() + 10**9))
         return 0
 
@@ -195,7 +198,7 @@ class ChatApp:
                 return event
 
     async def _pump_events(self, connection: AsyncConnection) -> None:
-        while True:
+        while not self._closing:
             try:
                 event: Event | None = await asyncio.wait_for(connection.events.get(), TICK_S)
             except TimeoutError:

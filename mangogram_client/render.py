@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 
+from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.rule import Rule
 from rich.table import Table
@@ -36,7 +37,14 @@ from mangogram_proto.names import name_key
 
 from .lines import ChatLine, Line, Mark, SystemKind, SystemLine
 
-__all__ = ["NAME_PALETTE", "TranscriptRenderer", "name_style", "render_plain"]
+__all__ = [
+    "NAME_PALETTE",
+    "DateRule",
+    "TranscriptRenderer",
+    "name_style",
+    "render_plain",
+    "safe_text",
+]
 
 #: Colours for sender names: readable on dark and light backgrounds. None is red (errors,
 #: failed messages) or plain green (joins), nor becomes red, green or white when rich
@@ -161,12 +169,22 @@ class TranscriptRenderer:
     """
 
     def __init__(self, me: str, tz: tzinfo | None = None) -> None:
-        self.me = me
         self.tz = tz
         self._last_day: date | None = None
         self._last_minute: datetime | None = None
+        self._mention: re.Pattern[str] | None = None
+        self.me = me
+
+    @property
+    def me(self) -> str:
+        """Our display name; may be set later, once the broker has accepted it."""
+        return self._me
+
+    @me.setter
+    def me(self, name: str) -> None:
+        self._me = name
         self._mention = (
-            re.compile(rf"(?<!\w)@?{re.escape(me)}(?!\w)", re.IGNORECASE) if me else None
+            re.compile(rf"(?<!\w)@?{re.escape(name)}(?!\w)", re.IGNORECASE) if name else None
         )
 
     def render(self, line: Line) -> list[RenderableType]:
@@ -182,7 +200,7 @@ class TranscriptRenderer:
         when = self._local(line.at_ms)
         if when is not None and when.date() != self._last_day:
             self._last_day = when.date()
-            out.append(date_rule(when))
+            out.append(DateRule(when.date()))
         time = self._time_cell(when)
         if isinstance(line, ChatLine):
             out.append(self._chat_row(time, line))
@@ -235,10 +253,26 @@ def _system_row(time: Text, line: SystemLine) -> _Row:
     return _Row(time, Text(marker, style=marker_style), Text(safe_text(line.text), text_style))
 
 
-def date_rule(when: datetime) -> Rule:
-    """A dim rule naming the day of `when`, e.g. "── Tuesday, 24 November 2026 ──"."""
-    title = f"{when:%A}, {when.day} {when:%B %Y}"
-    return Rule(Text(title, style=DATE_STYLE), characters="─", style=DATE_STYLE)
+@dataclass(frozen=True)
+class DateRule:
+    """A dim rule naming a day, e.g. "── Tuesday, 24 November 2026 ──".
+
+    Narrow consoles get a shorter name ("Tue 24 Nov 2026", then "2026-11-24") rather
+    than a cut-off one.
+    """
+
+    day: date
+
+    def titles(self) -> tuple[str, str, str]:
+        """The day's names, longest first."""
+        d = self.day
+        return (f"{d:%A}, {d.day} {d:%B %Y}", f"{d:%a} {d.day} {d:%b %Y}", d.isoformat())
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        titles = self.titles()
+        # Keep at least "── " on each side of the title.
+        title = next((t for t in titles if cell_len(t) + 6 <= options.max_width), titles[-1])
+        yield Rule(Text(title, style=DATE_STYLE), characters="─", style=DATE_STYLE)
 
 
 def render_plain(lines: Iterable[Line], me: str, width: int = 80, tz: tzinfo | None = None) -> str:

@@ -121,6 +121,7 @@ class Bot:
             await connection.run()
         finally:
             worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
         if connection.refused is not None:
             raise BrokerRefused(connection.refused.code, connection.refused.message)
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import unicodedata
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 from rich.cells import cell_len
 from rich.color import Color, ColorSystem
 from rich.console import Console
-from rich.rule import Rule
 from rich.style import Style
 
 from mangogram_client.lines import ChatLine, Line, SystemLine
 from mangogram_client.render import (
     NAME_PALETTE,
+    DateRule,
     TranscriptRenderer,
     name_style,
     render_plain,
@@ -57,7 +57,7 @@ def rows(lines: list[Line], width: int = 60, me: str = ME) -> list[str]:
 
 def body_rows(lines: list[Line], width: int = 60) -> list[str]:
     """The printed rows without date rules."""
-    return [row for row in rows(lines, width) if "──" not in row]
+    return [row for row in rows(lines, width) if not row.startswith("─")]
 
 
 def console(width: int = 60, **kw: object) -> Console:
@@ -79,7 +79,7 @@ def styles_of(char: str, line: Line) -> list[Style]:
 
 
 def test_time_column_shows_the_instant_in_the_given_zone():
-    utc_0800 = int(datetime(2026, 11, 24, 8, 0, tzinfo=timezone.utc).timestamp() * 1000)
+    utc_0800 = int(datetime(2026, 11, 24, 8, 0, tzinfo=UTC).timestamp() * 1000)
     (row,) = body_rows([incoming("привіт", when=utc_0800)])
     assert row.startswith("10:00 Тарас привіт")
 
@@ -90,8 +90,8 @@ def test_time_column_follows_a_named_zone_across_daylight_saving():
         kyiv = zoneinfo.ZoneInfo("Europe/Kyiv")
     except zoneinfo.ZoneInfoNotFoundError:
         pytest.skip("no tz database for Europe/Kyiv")
-    winter = int(datetime(2026, 1, 10, 12, 0, tzinfo=timezone.utc).timestamp() * 1000)
-    summer = int(datetime(2026, 7, 10, 12, 0, tzinfo=timezone.utc).timestamp() * 1000)
+    winter = int(datetime(2026, 1, 10, 12, 0, tzinfo=UTC).timestamp() * 1000)
+    summer = int(datetime(2026, 7, 10, 12, 0, tzinfo=UTC).timestamp() * 1000)
     text = render_plain([incoming("a", when=winter), incoming("b", when=summer)], ME, tz=kyiv)
     assert "14:00 Тарас a" in text
     assert "15:00 Тарас b" in text
@@ -114,7 +114,7 @@ def test_date_rule_only_when_the_local_day_changes():
             incoming("five", when=at(8, 0, day=25)),
         ]
     )
-    rules = [row for row in lines if "──" in row]
+    rules = [row for row in lines if row.startswith("─")]
     assert len(rules) == 2
     assert "Tuesday, 24 November 2026" in rules[0]
     assert "Wednesday, 25 November 2026" in rules[1]
@@ -123,7 +123,7 @@ def test_date_rule_only_when_the_local_day_changes():
 
 def test_day_boundary_is_the_viewers_not_utcs():
     # 23:30 UTC on the 24th is already 01:30 on the 25th at UTC+2.
-    late_utc = int(datetime(2026, 11, 24, 23, 30, tzinfo=timezone.utc).timestamp() * 1000)
+    late_utc = int(datetime(2026, 11, 24, 23, 30, tzinfo=UTC).timestamp() * 1000)
     lines = rows([incoming("a", when=at(22, 0)), incoming("b", when=late_utc)])
     assert "Wednesday, 25 November 2026" in lines[2]
     assert lines[3].startswith("01:30")
@@ -133,8 +133,18 @@ def test_render_returns_the_rule_then_the_row():
     renderer = TranscriptRenderer(ME, tz=PLUS2)
     first = renderer.render(incoming("a"))
     second = renderer.render(incoming("b", when=at(10, 5)))
-    assert len(first) == 2 and isinstance(first[0], Rule)
+    assert len(first) == 2 and isinstance(first[0], DateRule)
     assert len(second) == 1
+
+
+@pytest.mark.parametrize(
+    "width,title",
+    [(80, "Tuesday, 24 November 2026"), (24, "Tue 24 Nov 2026"), (14, "2026-11-24")],
+)
+def test_date_rule_shortens_the_day_name_to_fit(width, title):
+    (rule,) = [row for row in rows([incoming("a")], width=width) if row.startswith("─")]
+    assert f" {title} " in rule
+    assert cell_len(rule) == width
 
 
 # --- repeated times -------------------------------------------------------------------
@@ -229,6 +239,15 @@ def test_mention_of_me_is_highlighted():
     assert any(s.bold and s.underline for s in styles)
 
 
+def test_mention_follows_a_name_set_after_construction():
+    renderer = TranscriptRenderer("", tz=PLUS2)
+    renderer.me = "Mei"
+    con = Console(file=io.StringIO(), width=60, color_system="truecolor", force_terminal=True)
+    (_rule, row) = renderer.render(incoming("hi mei"))
+    styles = [seg.style for seg in con.render(row) if "mei" in seg.text and seg.style]
+    assert any(s.bold and s.underline for s in styles)
+
+
 # --- wrapping -------------------------------------------------------------------------
 
 
@@ -286,6 +305,11 @@ def test_control_characters_are_shown_not_obeyed():
     (row,) = body_rows([incoming(text)])
     assert not any(unicodedata.category(ch) == "Cc" for ch in row)
     assert "␛[2J␛]0;pwned␇bell␈" in row
+
+
+def test_markup_and_emoji_codes_are_shown_literally():
+    (row,) = body_rows([incoming("[bold red]boo[/] :smile:")])
+    assert row == "10:00 Тарас [bold red]boo[/] :smile:"
 
 
 def test_safe_text_keeps_newlines_and_tabs_only():

@@ -1,0 +1,238 @@
+"""The interactive client driven through prompt_toolkit's pipe input, against the real
+broker; and the scripting modes as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+from rich.console import Console
+
+from mangogram_client.app import ChatApp
+from mangogram_proto import Client
+from mangogram_proto.aio import AsyncConnection
+from mangogram_proto.events import IncomingMessage, LoggedIn, PresenceChanged
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.sockets
+
+
+async def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)  # yields to the app under test; bounded by the deadline
+
+
+async def next_event(connection: AsyncConnection, kind: type, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no {kind.__name__}"
+        event = await asyncio.wait_for(connection.events.get(), remaining)
+        if isinstance(event, kind):
+            return event
+
+
+def run_chat_scenario(endpoint: str, name: str | None, script) -> tuple[int, str]:
+    """Run ChatApp with a pipe input; `script(app, pipe)` drives it. Returns (code, screen)."""
+    screen = io.StringIO()
+
+    async def main() -> int:
+        with create_pipe_input() as pipe:
+            console = Console(file=screen, width=100, color_system=None, force_terminal=False)
+            app = ChatApp(
+                endpoint, name, console=console, input=pipe, output=DummyOutput(), remember=False
+            )
+            runner = asyncio.create_task(app.run())
+            try:
+                await asyncio.wait_for(script(app, pipe), 30)
+            except BaseException:
+                runner.cancel()
+                raise
+            return await asyncio.wait_for(runner, 10)
+
+    code = asyncio.run(main())
+    return code, screen.getvalue()
+
+
+def test_chat_with_a_peer_shows_messages_marks_and_leaves_cleanly(broker):
+    async def script(app, pipe):
+        peer = AsyncConnection("Тарас", broker.endpoint)
+        peer_task = asyncio.create_task(peer.run())
+        await next_event(peer, LoggedIn)
+        await wait_for(lambda: app.state.connection == "online", what="login")
+        pipe.send_text("/to тарас\r")
+        await wait_for(lambda: app.state.peer == "Тарас", what="peer switch")
+        pipe.send_text("Привіт, Тарасе! 🌻\r")
+        message = await next_event(peer, IncomingMessage)
+        assert message.text == "Привіт, Тарасе! 🌻" and message.sender == "Олена"
+        peer.send_text("Олена", "Добрий день! 你好")
+        await wait_for(lambda: "Добрий день! 你好" in screen_text(app), what="incoming line")
+        await wait_for(lambda: "✓✓" in screen_text(app), what="delivery mark")
+        pipe.send_text("/exit\r")
+        left = await next_event(peer, PresenceChanged)
+        assert (left.name, left.joined) == ("Олена", False)
+        peer.stop()
+        await peer_task
+
+    code, screen = run_chat_scenario(broker.endpoint, "Олена", script)
+    assert code == 0
+    assert "logged in as Олена" in screen
+    assert "talking to Тарас (online)" in screen
+    assert "Привіт, Тарасе! 🌻" in screen and "✓✓" in screen
+
+
+def screen_text(app: ChatApp) -> str:
+    return app.console.file.getvalue()
+
+
+def test_taken_name_asks_again_instead_of_crashing(broker):
+    async def script(app, pipe):
+        holder = AsyncConnection("Олена", broker.endpoint)
+        holder_task = asyncio.create_task(holder.run())
+        await next_event(holder, LoggedIn)
+        pipe.send_text("ОЛЕНА\r")
+        await wait_for(lambda: "try another name" in screen_text(app), what="refusal")
+        pipe.send_text("\x15Оля\r")  # Ctrl-U clears the pre-filled name
+        await wait_for(lambda: app.state.connection == "online", what="second login")
+        pipe.send_text("/bogus\r")
+        pipe.send_text("no peer yet\r")
+        await wait_for(lambda: "choose whom" in screen_text(app), what="no-peer hint")
+        pipe.send_text("/users\r")
+        await wait_for(lambda: "online (1): Олена" in screen_text(app), what="/users")
+        pipe.send_text("/help\r")
+        await wait_for(lambda: "/exit" in screen_text(app), what="help")
+        pipe.send_text("\x04")  # Ctrl-D on an empty line leaves
+        holder.stop()
+        await holder_task
+
+    code, screen = run_chat_scenario(broker.endpoint, None, script)
+    assert code == 0
+    assert "Олена is online" in screen
+    assert "unknown command /bogus" in screen
+
+
+def test_mention_sends_one_message_without_switching(broker):
+    async def script(app, pipe):
+        mei = AsyncConnection("Mei", broker.endpoint)
+        mei_task = asyncio.create_task(mei.run())
+        await next_event(mei, LoggedIn)
+        await wait_for(lambda: app.state.connection == "online", what="login")
+        pipe.send_text("/to nobody\r")
+        pipe.send_text("@mei 你好 Mei\r")
+        assert (await next_event(mei, IncomingMessage)).text == "你好 Mei"
+        assert app.state.peer == "nobody"
+        pipe.send_text("/exit\r")
+        mei.stop()
+        await mei_task
+
+    code, screen = run_chat_scenario(broker.endpoint, "Олена", script)
+    assert code == 0
+    assert "→ Mei" in screen
+
+
+def client_cmd(broker, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "client.py"), "--server", broker.endpoint, *args]
+
+
+def client_env(tmp_path) -> dict[str, str]:
+    return dict(os.environ, MANGOGRAM_CONFIG_DIR=str(tmp_path / "config"), PYTHONUNBUFFERED="1")
+
+
+def test_send_mode_exits_zero_once_accepted(broker, zctx, tmp_path):
+    with Client("Тарас", broker.endpoint, context=zctx) as taras:
+        done = subprocess.run(
+            client_cmd(broker, "--name", "Олена", "--to", "Тарас", "--send", "Слава Україні 🇺🇦"),
+            env=client_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        message = taras.receive(timeout=5)
+        assert (message.sender, message.text) == ("Олена", "Слава Україні 🇺🇦")
+
+
+def test_send_mode_fails_for_unknown_recipient(broker, tmp_path):
+    done = subprocess.run(
+        client_cmd(broker, "--name", "Олена", "--to", "nobody", "--send", "hello?"),
+        env=client_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert "nobody is called nobody" in done.stderr
+
+
+def test_listen_json_prints_one_object_per_message(broker, zctx, tmp_path):
+    listener = subprocess.Popen(
+        client_cmd(broker, "--name", "logger", "--listen", "--json"),
+        env=client_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+    )
+    try:
+        assert "listening as logger" in listener.stderr.readline()
+        with Client("Олена", broker.endpoint, context=zctx) as olena:
+            olena.send("logger", "перше", wait=True)
+            olena.send("logger", "second ✓", wait=True)
+        records = [json.loads(listener.stdout.readline()) for _ in range(2)]
+        assert [r["text"] for r in records] == ["перше", "second ✓"]
+        assert all(r["from"] == "Олена" and r["sent_at"] <= r["accepted_at"] for r in records)
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(10)
+    assert listener.returncode == 0
+
+
+def test_piped_stdin_sends_each_line(broker, zctx, tmp_path):
+    with Client("Тарас", broker.endpoint, context=zctx) as taras:
+        done = subprocess.run(
+            client_cmd(broker, "--name", "Олена", "--to", "Тарас"),
+            input="рядок один\n\nрядок два\n",
+            env=client_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        texts = [taras.receive(timeout=5).text for _ in range(2)]
+        assert texts == ["рядок один", "рядок два"]
+
+
+def test_client_help_describes_modes(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "client.py"), "--help"],
+        env=client_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    for word in (
+        "--server",
+        "--name",
+        "--to",
+        "--send",
+        "--listen",
+        "--json",
+        "/exit",
+        "MANGOGRAM_SERVER",
+    ):
+        assert word in done.stdout

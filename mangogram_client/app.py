@@ -88,8 +88,10 @@ class ChatApp:
         input: Input | None = None,
         output: Output | None = None,
         remember: bool = True,
+        ask_server: bool = False,
     ) -> None:
         self.server = server
+        self._ask_server = ask_server
         self.name = name
         self.default_name = default_name or ""
         self.initial_peer = peer
@@ -139,6 +141,12 @@ class ChatApp:
         return 0
 
     async def _log_in(self) -> tuple[AsyncConnection | None, asyncio.Task[None] | None]:
+        if self._ask_server:
+            try:
+                answer = await self._prompt.prompt_async("server: ", default=self.server)
+            except (EOFError, KeyboardInterrupt):
+                return None, None
+            self.server = answer.strip() or self.server
         while True:
             if not self.name:
                 try:

@@ -46,13 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     config = load_config_file(args.config)
     remembered = load_remembered()
-    server = (
-        args.server
-        or os.environ.get("MANGOGRAM_SERVER")
-        or config.get("server")
-        or remembered.server
-        or DEFAULT_ENDPOINT
-    )
+    given_server = args.server or os.environ.get("MANGOGRAM_SERVER") or config.get("server")
+    server = given_server or remembered.server or DEFAULT_ENDPOINT
     name = args.name or os.environ.get("MANGOGRAM_NAME") or config.get("name")
     to = args.to or os.environ.get("MANGOGRAM_TO") or config.get("to")
     if args.json and not args.listen:
@@ -74,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     from .app import ChatApp
 
     use_selector_loop_on_windows()
-    app = ChatApp(server, name, peer=to, default_name=remembered.name)
+    # Ask for what was not given, offering last time's answer (or the default) to accept.
+    app = ChatApp(server, name, peer=to, default_name=remembered.name, ask_server=not given_server)
     try:
         return asyncio.run(app.run())
     except KeyboardInterrupt:

@@ -84,6 +84,7 @@ class ChatState:
         key = name_key(to)
         self._talked_with.add(key)
         self._display.setdefault(key, to)
+        self.unread.pop(key, None)  # answering someone means their messages were seen
         self._own[message_id] = _OwnMessage(to, text, now, now + UNACCEPTED_GRACE_MS)
 
     def due(self, now: int) -> list[Line]:

@@ -213,12 +213,15 @@ class Client:
                 self._dispatch(event, now)
             self._flush()
             wait_ms = self._wait_ms(now, deadline)
-            if wait_ms < 0:
-                return bool(done())
+            expired = wait_ms < 0
+            # Even with no time left, take what already arrived (timeout=0 is a poll).
+            wait_ms = max(wait_ms, 0)
             if self._socket is not None and self._socket.poll(wait_ms):
                 self._drain()
-            elif self._socket is None:
+            elif self._socket is None and wait_ms:
                 time.sleep(wait_ms / 1000)  # waiting out a reconnect backoff, no socket
+            if expired:
+                return bool(done())
         return True
 
     def _wait_ms(self, now: int, deadline: float | None) -> int:

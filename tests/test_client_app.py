@@ -18,11 +18,12 @@ from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
 from mangogram_client.app import ChatApp
+from mangogram_client.settings import load_config_file, load_remembered
 from mangogram_proto import Client
 from mangogram_proto.aio import AsyncConnection
 from mangogram_proto.events import IncomingMessage, LoggedIn, PresenceChanged
 
-from .conftest import ROOT
+from .conftest import ROOT, BrokerProcess
 
 pytestmark = pytest.mark.sockets
 
@@ -236,3 +237,108 @@ def test_client_help_describes_modes(tmp_path):
         "MANGOGRAM_SERVER",
     ):
         assert word in done.stdout
+
+
+def test_text_typed_while_broker_is_down_is_sent_once_after_reconnect(tmp_path, zctx):
+    first = BrokerProcess(tmp_path / "data")
+    endpoint = first.endpoint
+    taras = Client("Тарас", endpoint, context=zctx)  # pumped only when the test says so
+    brokers = [first]
+
+    async def script(app, pipe):
+        taras.login(timeout=5)
+        await wait_for(lambda: app.state.connection == "online", what="login")
+        pipe.send_text("/to Тарас\r")
+        await wait_for(lambda: app.state.peer == "Тарас", what="peer")
+        first.kill()
+        await wait_for(lambda: app.state.connection == "reconnecting", what="lost connection")
+        assert "reconnecting" in "".join(text for _, text in app.state.toolbar())
+        pipe.send_text("написано без зв'язку\r")
+        await wait_for(lambda: app.connection.session.unacknowledged, what="queued text")
+        brokers.append(BrokerProcess(tmp_path / "data", bind=endpoint))
+        # Taras comes back first (this blocks the app's loop on purpose), so the resent
+        # text finds him online; with no offline mailbox yet it would be refused otherwise.
+        deadline = time.monotonic() + 20
+        while not any(
+            isinstance(e, LoggedIn) and e.resumed
+            for e in iter(lambda: taras.next_event(timeout=0.1), None)
+        ):
+            assert time.monotonic() < deadline, "Тарас did not log in again"
+        await wait_for(lambda: app.state.connection == "online", timeout=20, what="re-login")
+        received = None
+        deadline = time.monotonic() + 10
+        while received is None and time.monotonic() < deadline:
+            received = taras.receive(timeout=0)
+            await asyncio.sleep(0.05)
+        assert received is not None and received.text == "написано без зв'язку"
+        await wait_for(lambda: "reconnected" in screen_text(app), what="reconnected line")
+        pipe.send_text("/exit\r")
+
+    try:
+        code, screen = run_chat_scenario(endpoint, "Олена", script)
+    finally:
+        taras.close()
+        for broker in brokers:
+            broker.kill()
+    assert code == 0
+    assert "connection lost" in screen
+    assert screen.count("написано без зв'язку") == 1
+    assert taras.receive(timeout=0) is None
+
+
+def test_first_run_asks_for_server_and_name_and_remembers_them(broker, tmp_path, monkeypatch):
+    monkeypatch.setenv("MANGOGRAM_CONFIG_DIR", str(tmp_path / "config"))
+    screen = io.StringIO()
+
+    async def main() -> int:
+        with create_pipe_input() as pipe:
+            console = Console(file=screen, width=100, color_system=None)
+            app = ChatApp(
+                "tcp://127.0.0.1:5555",
+                None,
+                console=console,
+                input=pipe,
+                output=DummyOutput(),
+                ask_server=True,
+            )
+            runner = asyncio.create_task(app.run())
+            pipe.send_text("\x15" + broker.endpoint + "\r")
+            pipe.send_text("Зоряна\r")
+            await wait_for(lambda: app.state.connection == "online", what="login")
+            pipe.send_text("\x03")  # Ctrl-C leaves cleanly
+            return await asyncio.wait_for(runner, 10)
+
+    assert asyncio.run(main()) == 0
+    remembered = load_remembered()
+    assert (remembered.server, remembered.name) == (broker.endpoint, "Зоряна")
+
+
+def test_config_file_supplies_server_and_name(tmp_path):
+    config = tmp_path / "client.toml"
+    config.write_text('server = "tcp://127.0.0.1:7777"\nname = "Мар\'яна"\n', encoding="utf-8")
+    assert load_config_file(config) == {"server": "tcp://127.0.0.1:7777", "name": "Мар'яна"}
+    config.write_text("server = [broken", encoding="utf-8")
+    with pytest.raises(SystemExit, match="cannot read config file"):
+        load_config_file(config)
+
+
+def test_tab_completes_names_after_to_and_at():
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+
+    from mangogram_client.app import NameCompleter
+    from mangogram_client.state import ChatState
+
+    state = ChatState("Олена")
+    state.online = {"тарас": "Тарас", "taras_bot": "taras_bot", "mei": "Mei"}
+
+    def complete(text: str) -> list[str]:
+        document = Document(text, len(text))
+        return [c.text for c in NameCompleter(state).get_completions(document, CompleteEvent())]
+
+    assert complete("/to та") == ["Тарас"]
+    assert complete("/to ТА") == ["Тарас"]
+    assert complete("@m") == ["Mei"]
+    assert complete("/to ") == ["Mei", "taras_bot", "Тарас"]
+    assert complete("hello t") == []
+    assert complete("@mei hi") == []

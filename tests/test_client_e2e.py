@@ -136,6 +136,17 @@ def test_two_people_chat_in_real_terminals(broker, tmux, tmp_path):
         assert minute_of(screen, text) in {before, after}, screen
     assert "online" in olena.splitlines()[-1]  # the toolbar
 
+    # A message arriving mid-typing prints above the prompt and leaves the typing intact.
+    tmux.run("send-keys", "-t", "olena", "-l", "напів")
+    tmux.wait_for("olena", r"\[Тарас\] › напів")
+    tmux.type("taras", "перебиваю!")
+    olena = tmux.wait_for("olena", r"перебиваю!")
+    prompt_rows = [row for row in olena.splitlines() if row.startswith("[Тарас] ›")]
+    assert prompt_rows[-1].rstrip() == "[Тарас] › напів", olena
+    assert olena.index("перебиваю!") < olena.rindex("[Тарас] › напів")
+    tmux.type("olena", "писане")
+    tmux.wait_for("taras", r"напівписане")
+
     tmux.type("olena", "/exit")
     tmux.type("taras", "/exit")
     assert tmux.exit_status("olena") == 0

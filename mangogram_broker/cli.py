@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -10,8 +11,9 @@ import zmq
 
 from .config import parse_config
 from .core import BrokerCore
-from .directory import SqliteDirectory
+from .crashpoints import CrashPoints
 from .shell import BrokerServer
+from .store import SqliteStore
 
 log = logging.getLogger("mangogram.broker")
 
@@ -57,19 +59,25 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     raise_open_file_limit()
-    directory = SqliteDirectory(config.data_dir / "users.sqlite3")
+    crash_points = CrashPoints(os.environ.get("MANGOGRAM_CRASH_AT"))
+    store = SqliteStore(config.data_dir / "mangogram.sqlite3", config.durability)
     try:
-        core = BrokerCore(config.limits, directory=directory)
+        core = BrokerCore(config.limits, store=store, retention=config.retention)
         try:
-            server = BrokerServer(core, config.bind)
+            server = BrokerServer(core, config.bind, crash_points=crash_points)
         except zmq.ZMQError as exc:
             log.error("cannot listen on %s: %s", config.bind, exc)
             return 2
         if stop_requested:
             server.stop()
-        log.info("MangoGram broker listening on %s (data in %s)", server.endpoint, config.data_dir)
+        log.info(
+            "MangoGram broker listening on %s (data in %s, durability %s)",
+            server.endpoint,
+            config.data_dir,
+            config.durability,
+        )
         server.serve_forever()
     finally:
-        directory.close()
+        store.close()
     log.info("stopped")
     return 0

@@ -10,6 +10,9 @@ from pathlib import Path
 from mangogram_proto import constants
 from mangogram_proto.messages import Limits
 
+from .core import Retention
+from .store import Durability
+
 # (flag, Limits field, default, help)
 _LIMIT_OPTIONS = (
     ("--max-name-chars", "max_name_chars", constants.MAX_NAME_CHARS, "longest user name"),
@@ -36,6 +39,18 @@ _LIMIT_OPTIONS = (
     ),
     ("--rate-per-second", "rate_per_second", constants.RATE_PER_SECOND, "messages/s per user"),
     ("--rate-burst", "rate_burst", constants.RATE_BURST, "burst of messages per user"),
+    (
+        "--max-mailbox",
+        "max_mailbox",
+        constants.MAX_MAILBOX,
+        "unconfirmed messages kept per recipient; more are refused with mailbox_full",
+    ),
+    (
+        "--max-history-page",
+        "max_history_page",
+        constants.MAX_HISTORY_PAGE,
+        "most messages one HISTORY answer carries",
+    ),
 )
 
 
@@ -45,6 +60,8 @@ class BrokerConfig:
     data_dir: Path
     log_level: str
     limits: Limits
+    durability: Durability
+    retention: Retention
 
 
 def _env_name(flag: str) -> str:
@@ -74,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--bind", constants.DEFAULT_ENDPOINT, str, "ZeroMQ endpoint to listen on ('*' port = any)")
     add("--data", "data", str, "data directory (created if missing)")
     add("--log-level", "INFO", str, "DEBUG, INFO, WARNING or ERROR")
+    add(
+        "--durability",
+        "full",
+        str,
+        "full: fsync every commit, an ack means on disk; normal: survives a broker crash,"
+        " not a power cut",
+    )
+    add("--retention-days", 0, int, "delete confirmed messages older than this (0: keep)")
+    add(
+        "--retention-messages",
+        0,
+        int,
+        "keep at most this many confirmed messages per recipient (0: no limit)",
+    )
     for flag, _field, default, text in _LIMIT_OPTIONS:
         add(flag, default, int, text)
     return parser
@@ -92,6 +123,19 @@ def parse_config(argv: list[str] | None = None) -> BrokerConfig:
     level = args.log_level.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         parser.error(f"unknown log level {args.log_level!r}")
+    if args.durability not in ("full", "normal"):
+        parser.error("durability must be full or normal")
+    if args.retention_days < 0 or args.retention_messages < 0:
+        parser.error("retention settings must not be negative")
+    retention = Retention(
+        max_age_ms=args.retention_days * 86_400_000 or None,
+        keep_per_user=args.retention_messages or None,
+    )
     return BrokerConfig(
-        bind=args.bind, data_dir=Path(args.data), log_level=level, limits=Limits(**values)
+        bind=args.bind,
+        data_dir=Path(args.data),
+        log_level=level,
+        limits=Limits(**values),
+        durability=args.durability,
+        retention=retention,
     )

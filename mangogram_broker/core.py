@@ -9,12 +9,16 @@ Theory of operation
   which replaces the old session (the old connection is dead or dying).
 * Every command but LOGIN and LEAVE needs a session; anything else gets `not_logged_in`,
   which is also how a reconnected client learns it must log in again.
-* SEND is routed with `deliver_or_store`: online recipient -> DELIVER now and ACCEPTED to
-  the sender; otherwise an error says whether the name is offline or unknown. The store
-  that keeps mail for offline users plugs in there.
-* Message ids are idempotent per sender: a repeated id is acknowledged again with the
-  same broker id and not delivered twice.
-* A RECEIPT from the recipient becomes DELIVERED for the sender.
+* SEND is routed with `deliver_or_store`: the message is appended to the recipient's
+  stream in the store (so it survives everything), ACCEPTED goes to the sender, and an
+  online recipient gets DELIVER at once. Nothing is acknowledged before the shell commits
+  the store, which it does once per loop turn, before sending anything.
+* A recipient's stream is delivered through a window of `DELIVERY_WINDOW` unconfirmed
+  messages; each RECEIPT confirms one, tells its sender DELIVERED and opens the window.
+  Whatever is unconfirmed when a session ends is delivered again at the next login, in
+  stream order, marked delayed. LOGIN's `resume_from` confirms everything up to it.
+* Message ids are idempotent per sender, across restarts: a repeated id is acknowledged
+  again with the same broker id and not stored or delivered twice.
 * A session ends by LEAVE, by its connection closing (`disconnected`), by silence longer
   than the heartbeat timeout (`expire`), or when a send to it finds it unreachable
   (`send_failed`). Each end tells the other online users it left.
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +45,9 @@ from mangogram_proto.messages import (
     Delivered,
     Error,
     Goodbye,
+    History,
+    HistoryItem,
+    HistoryPage,
     Leave,
     Limits,
     Login,
@@ -49,24 +55,26 @@ from mangogram_proto.messages import (
     Ping,
     Pong,
     Presence,
+    Read,
     Receipt,
+    Seen,
     Send,
     Welcome,
     Who,
 )
 from mangogram_proto.names import name_key, validate_name
 
-from .directory import MemoryDirectory, UserDirectory
 from .ratelimit import TokenBucket
 from .registry import Registry, Session
+from .store import MemoryStore, Store, StoredMessage
 
 log = logging.getLogger(__name__)
 
-RECENT_IDS_PER_USER = 1024
-MAX_PENDING_RECEIPTS = 100_000
+DELIVERY_WINDOW = 256
+RECEIPTS_PER_LOGIN = 1000
 ERROR_RATE_PER_SECOND = 5
 ERROR_BURST = 20
-ERROR_BUDGET_IDLE_MS = 60_000
+PRUNE_EVERY_MS = 60_000
 
 
 @dataclass(frozen=True)
@@ -78,10 +86,12 @@ class Outgoing:
 
 
 @dataclass(frozen=True)
-class _PendingReceipt:
-    sender_key: str
-    client_id: str
-    recipient_key: str
+class Retention:
+    """How long confirmed messages stay as history: an age and a count per recipient
+    (None: no limit). Unconfirmed messages are never removed."""
+
+    max_age_ms: int | None = None
+    keep_per_user: int | None = None
 
 
 def _ref(client_id: str) -> str | None:
@@ -96,27 +106,26 @@ def is_generated_routing_id(peer: bytes) -> bool:
 
 class BrokerCore:
     """Routing state and rules. Drive it with `handle_frames`, `disconnected`, `expire`
-    and `send_failed`; send every `Outgoing` they return, in order."""
+    and `send_failed`; commit the store, then send every `Outgoing` they return, in order.
+    """
 
     def __init__(
         self,
         limits: Limits,
         *,
-        directory: UserDirectory | None = None,
-        boot_id: str | None = None,
+        store: Store | None = None,
+        retention: Retention | None = None,
         token_factory: Callable[[], str] = lambda: secrets.token_urlsafe(18),
     ) -> None:
         self.limits = limits
         self.registry = Registry()
-        self._directory: UserDirectory = directory if directory is not None else MemoryDirectory()
-        self._boot_id = boot_id if boot_id is not None else secrets.token_hex(4)
-        self._next_seq = 1
+        self.store: Store = store if store is not None else MemoryStore()
+        self._retention = retention or Retention()
         self._new_token = token_factory
-        self._recent: dict[str, OrderedDict[str, Accepted]] = {}
-        self._pending: OrderedDict[str, _PendingReceipt] = OrderedDict()
         self._error_budgets: dict[bytes, TokenBucket] = {}
         # Per user, not per session, so leaving and logging in again does not reset it.
         self._send_budgets: dict[str, TokenBucket] = {}
+        self._next_prune = 0
 
     # Entry points
 
@@ -158,6 +167,10 @@ class BrokerCore:
             return self._send(session, message, now)
         if isinstance(message, Receipt):
             return self._receipt(session, message, now)
+        if isinstance(message, Read):
+            return self._read(session, message, now)
+        if isinstance(message, History):
+            return self._history(session, message, now)
         if isinstance(message, Who):
             return [Outgoing(peer, Online(self._online_names(), now))]
         if isinstance(message, Ping):
@@ -170,46 +183,28 @@ class BrokerCore:
         return self._end_session(peer, now, "disconnected")
 
     def expire(self, now: int) -> list[Outgoing]:
-        """End sessions silent for longer than the heartbeat timeout. Call periodically."""
+        """End sessions silent for longer than the heartbeat timeout, and apply retention.
+        Call periodically."""
         out: list[Outgoing] = []
         for session in self.registry.stale(now - self.limits.heartbeat_timeout_ms):
             out += self._end_session(session.peer, now, "heartbeat timeout")
         self._forget_full_buckets(now)
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_EVERY_MS
+            removed = self.store.prune(
+                now, self._retention.max_age_ms, self._retention.keep_per_user
+            )
+            if removed:
+                log.info("retention removed %d old messages", removed)
         return out
-
-    def _forget_full_buckets(self, now: int) -> None:
-        # Cheap enough at the expiry tick: a bucket is dropped once it could not limit anyone.
-        for peer, bucket in list(self._error_budgets.items()):
-            if bucket.is_full(now):
-                del self._error_budgets[peer]
-        for key, bucket in list(self._send_budgets.items()):
-            if bucket.is_full(now) and self.registry.by_key(key) is None:
-                del self._send_budgets[key]
 
     def send_failed(self, failed: Outgoing, unreachable: bool, now: int) -> list[Outgoing]:
         """The shell could not send `failed`: the peer is gone (`unreachable`) or its
-        queue is full. Ends a gone peer's session and tells a sender its message failed."""
-        out: list[Outgoing] = []
-        message = failed.message
-        if isinstance(message, Deliver):
-            pending = self._pending.pop(message.broker_id, None)
-            if pending is not None:
-                sender = self.registry.by_key(pending.sender_key)
-                if sender is not None:
-                    out.append(
-                        Outgoing(
-                            sender.peer,
-                            Error(
-                                ErrorCode.DELIVERY_FAILED.value,
-                                "the message could not be handed to its recipient",
-                                ref=pending.client_id,
-                            ),
-                        )
-                    )
-                    self._forget_recent(pending.sender_key, pending.client_id)
+        queue is full. A DELIVER stays unconfirmed in the store, so it is delivered at the
+        recipient's next login; a gone peer's session ends."""
         if unreachable:
-            out += self._end_session(failed.peer, now, "unreachable")
-        return out
+            return self._end_session(failed.peer, now, "unreachable")
+        return []
 
     # Commands
 
@@ -223,7 +218,6 @@ class BrokerCore:
         except RemoteProtocolError as exc:
             return self._error(peer, now, exc.code, exc.message)
         key = name_key(name)
-        out: list[Outgoing] = []
         resumed = False
         holder = self.registry.by_key(key)
         if holder is not None:
@@ -236,17 +230,18 @@ class BrokerCore:
             resumed = True
             log.info("%s resumed on a new connection", holder.name)
         session = Session(
-            peer=peer,
-            key=key,
-            name=name,
-            resume_token=self._new_token(),
-            last_seen_ms=now,
+            peer=peer, key=key, name=name, resume_token=self._new_token(), last_seen_ms=now
         )
         others = self._online_names()
         self.registry.register(session)
-        self._directory.remember(key, name, now)
+        self.store.remember_user(key, name, now)
         log.info("%s logged in (%d online)", name, len(self.registry))
-        out.append(Outgoing(peer, Welcome(name, now, session.resume_token, self.limits, others)))
+        out = [Outgoing(peer, Welcome(name, now, session.resume_token, self.limits, others))]
+        if login.resume_from is not None and login.resume_from > 0:
+            # The client has everything up to here, whatever receipts got lost.
+            self.store.confirm_through(key, login.resume_from, now)
+        out += self._fill_window(session, now, delayed=True)
+        out += self._owed_receipts(session)
         if not resumed:
             out += self._broadcast(Presence(name, "joined", now), exclude=peer)
         return out
@@ -256,78 +251,149 @@ class BrokerCore:
 
     def _send(self, session: Session, send: Send, now: int) -> list[Outgoing]:
         peer = session.peer
+        problem = self._check_send(send)
+        if problem is not None:
+            code, reason = problem
+            return self._error(peer, now, code, reason, _ref(send.id))
+        earlier = self.store.find(session.key, send.id)
+        if earlier is not None:
+            log.debug("%s resent %s; acknowledging again", session.name, send.id)
+            return [Outgoing(peer, Accepted(send.id, earlier.broker_id, earlier.accepted_at))]
         bucket = self._send_budgets.get(session.key)
         if bucket is None:
             bucket = TokenBucket(self.limits.rate_per_second, self.limits.rate_burst, now)
             self._send_budgets[session.key] = bucket
         retry_after = bucket.take(now)
         if retry_after:
-            return self._error(
-                peer,
-                now,
-                ErrorCode.RATE_LIMITED,
+            # Not through the error budget: the client needs every one to retry right.
+            error = Error(
+                ErrorCode.RATE_LIMITED.value,
                 f"too many messages; at most {self.limits.rate_per_second}/s",
-                _ref(send.id),
+                ref=_ref(send.id),
                 retry_after_ms=retry_after,
             )
-        problem = self._check_send(send)
-        if problem is not None:
-            code, reason = problem
-            return self._error(peer, now, code, reason, _ref(send.id))
-        recent = self._recent.setdefault(session.key, OrderedDict())
-        earlier = recent.get(send.id)
-        if earlier is not None:
-            log.debug("%s resent %s; acknowledging again", session.name, send.id)
-            return [Outgoing(peer, earlier)]
+            return [Outgoing(peer, error)]
         return self.deliver_or_store(session, send, now)
 
     def deliver_or_store(self, session: Session, send: Send, now: int) -> list[Outgoing]:
-        """Route a valid SEND: deliver to an online recipient, else say why not."""
+        """Store a valid SEND in the recipient's stream, acknowledge it, and deliver it at
+        once if the recipient is online with room in its window."""
         recipient_key = name_key(send.to)
-        recipient = self.registry.by_key(recipient_key)
-        if recipient is None:
-            known = self._directory.lookup(recipient_key)
-            if known is None:
-                return self._error(
-                    session.peer,
-                    now,
-                    ErrorCode.UNKNOWN_RECIPIENT,
-                    f"nobody is called {send.to}",
-                    send.id,
-                )
+        recipient_name = self.store.lookup_user(recipient_key)
+        if recipient_name is None:
             return self._error(
-                session.peer, now, ErrorCode.RECIPIENT_OFFLINE, f"{known} is offline", send.id
+                session.peer,
+                now,
+                ErrorCode.UNKNOWN_RECIPIENT,
+                f"nobody is called {send.to}",
+                send.id,
             )
-        broker_id = f"{self._boot_id}-{self._next_seq}"
-        self._next_seq += 1
-        accepted = Accepted(send.id, broker_id, now)
-        self._remember_recent(session.key, accepted)
-        self._pending[broker_id] = _PendingReceipt(session.key, send.id, recipient_key)
-        while len(self._pending) > MAX_PENDING_RECEIPTS:
-            self._pending.popitem(last=False)
-        deliver = Deliver(send.id, broker_id, session.name, send.text, send.sent_at, now)
-        # ACCEPTED first: if the handoff then fails, the sender learns it in that order.
-        return [Outgoing(session.peer, accepted), Outgoing(recipient.peer, deliver)]
+        if self.store.unconfirmed_count(recipient_key) >= self.limits.max_mailbox:
+            return self._error(
+                session.peer,
+                now,
+                ErrorCode.MAILBOX_FULL,
+                f"{recipient_name}'s mailbox is full ({self.limits.max_mailbox} waiting);"
+                " try again later",
+                send.id,
+            )
+        stored = self.store.append(
+            session.key, session.name, recipient_key, recipient_name, send.id, send.text,
+            send.sent_at, now,
+        )  # fmt: skip
+        out = [Outgoing(session.peer, Accepted(send.id, stored.broker_id, now))]
+        recipient = self.registry.by_key(recipient_key)
+        if recipient is not None:
+            out += self._fill_window(recipient, now, delayed=False)
+        return out
 
     def _receipt(self, session: Session, receipt: Receipt, now: int) -> list[Outgoing]:
-        pending = self._pending.get(receipt.broker_id)
-        if pending is None:
-            log.debug("receipt for unknown or settled message %s", receipt.broker_id[:64])
+        confirmed = self.store.confirm(session.key, receipt.broker_id, now)
+        if confirmed is None:
+            # Unknown, someone else's, or already confirmed (a repeated receipt).
+            log.debug("%s: receipt for %s changes nothing", session.name, receipt.broker_id[:64])
             return []
-        if pending.recipient_key != session.key:
-            log.warning("%s sent a receipt for someone else's message", session.name)
+        if confirmed.seq <= session.cursor:
+            session.in_flight = max(0, session.in_flight - 1)
+        out: list[Outgoing] = []
+        sender = self.registry.by_key(confirmed.sender_key)
+        if sender is not None:
+            out.append(
+                Outgoing(
+                    sender.peer,
+                    Delivered(confirmed.client_id, confirmed.broker_id, session.name, now),
+                )
+            )
+            self.store.mark_sender_notified([confirmed.broker_id])
+        return out + self._fill_window(session, now, delayed=False)
+
+    def _read(self, session: Session, read: Read, now: int) -> list[Outgoing]:
+        message = self.store.mark_read(session.key, read.broker_id, now)
+        if message is None:
             return []
-        del self._pending[receipt.broker_id]
-        sender = self.registry.by_key(pending.sender_key)
+        sender = self.registry.by_key(message.sender_key)
         if sender is None:
             return []
-        return [
-            Outgoing(
-                sender.peer, Delivered(pending.client_id, receipt.broker_id, session.name, now)
+        seen = Seen(message.client_id, message.broker_id, session.name, now)
+        return [Outgoing(sender.peer, seen)]
+
+    def _history(self, session: Session, request: History, now: int) -> list[Outgoing]:
+        if request.limit <= 0:
+            return self._error(session.peer, now, ErrorCode.MALFORMED, "limit must be positive")
+        before: int | None = None
+        if request.before is not None:
+            if not request.before.isdigit() or len(request.before) > 18:
+                return self._error(
+                    session.peer, now, ErrorCode.MALFORMED, "before must be a broker id"
+                )
+            before = int(request.before)
+        limit = min(request.limit, self.limits.max_history_page)
+        # The requester is always one side: nobody can read a conversation they are not in.
+        rows = self.store.history(session.key, name_key(request.peer), before, limit + 1)
+        items = tuple(
+            HistoryItem(
+                m.broker_id, m.client_id, m.sender, m.recipient, m.text, m.sent_at,
+                m.accepted_at, m.delivered_at, m.read_at,
             )
-        ]
+            for m in rows[:limit]
+        )  # fmt: skip
+        return [Outgoing(session.peer, HistoryPage(request.peer, items, len(rows) > limit))]
 
     # Helpers
+
+    def _fill_window(self, session: Session, now: int, delayed: bool) -> list[Outgoing]:
+        """Send the session's next unconfirmed messages, up to the window."""
+        room = DELIVERY_WINDOW - session.in_flight
+        if room <= 0:
+            return []
+        batch = self.store.unconfirmed(session.key, session.cursor, room)
+        out = []
+        for message in batch:
+            out.append(Outgoing(session.peer, self._deliver(message, now, delayed)))
+            session.cursor = message.seq
+            session.in_flight += 1
+        return out
+
+    def _deliver(self, message: StoredMessage, now: int, delayed: bool) -> Deliver:
+        return Deliver(
+            message.client_id, message.broker_id, message.sender, message.text,
+            message.sent_at, message.accepted_at, message.seq,
+            delayed or now - message.accepted_at > self.limits.heartbeat_timeout_ms,
+        )  # fmt: skip
+
+    def _owed_receipts(self, session: Session) -> list[Outgoing]:
+        """DELIVERED for our messages confirmed while we were offline."""
+        owed = self.store.receipts_owed(session.key, RECEIPTS_PER_LOGIN)
+        if not owed:
+            return []
+        self.store.mark_sender_notified(m.broker_id for m in owed)
+        return [
+            Outgoing(
+                session.peer,
+                Delivered(m.client_id, m.broker_id, m.recipient, m.delivered_at or m.accepted_at),
+            )
+            for m in owed
+        ]
 
     def _check_send(self, send: Send) -> tuple[ErrorCode, str] | None:
         limits = self.limits
@@ -347,16 +413,14 @@ class BrokerCore:
             return ErrorCode.UNKNOWN_RECIPIENT, "no such name"
         return None
 
-    def _remember_recent(self, key: str, accepted: Accepted) -> None:
-        recent = self._recent.setdefault(key, OrderedDict())
-        recent[accepted.id] = accepted
-        while len(recent) > RECENT_IDS_PER_USER:
-            recent.popitem(last=False)
-
-    def _forget_recent(self, key: str, client_id: str) -> None:
-        recent = self._recent.get(key)
-        if recent is not None:
-            recent.pop(client_id, None)
+    def _forget_full_buckets(self, now: int) -> None:
+        # Cheap enough at the expiry tick: a bucket is dropped once it could not limit anyone.
+        for peer, bucket in list(self._error_budgets.items()):
+            if bucket.is_full(now):
+                del self._error_budgets[peer]
+        for key, bucket in list(self._send_budgets.items()):
+            if bucket.is_full(now) and self.registry.by_key(key) is None:
+                del self._send_budgets[key]
 
     def _online_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in sorted(self.registry, key=lambda s: s.key))
@@ -378,7 +442,6 @@ class BrokerCore:
         code: ErrorCode,
         reason: str,
         ref: str | None = None,
-        retry_after_ms: int | None = None,
     ) -> list[Outgoing]:
         """An ERROR for `peer`, unless it has exhausted its error budget (then drop)."""
         bucket = self._error_budgets.get(peer)
@@ -388,4 +451,4 @@ class BrokerCore:
         if bucket.take(now):
             log.debug("dropping error %s for %s: error budget used up", code.value, peer.hex())
             return []
-        return [Outgoing(peer, Error(code.value, reason, ref=ref, retry_after_ms=retry_after_ms))]
+        return [Outgoing(peer, Error(code.value, reason, ref=ref))]

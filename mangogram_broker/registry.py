@@ -20,6 +20,10 @@ class Session:
     name: str
     resume_token: str
     last_seen_ms: int
+    # Delivery window: the highest stream seq sent on this connection, and how many sent
+    # messages await their RECEIPT.
+    cursor: int = 0
+    in_flight: int = 0
 
 
 class Registry:

@@ -1,6 +1,8 @@
 """The broker's socket shell: one ROUTER socket, one thread, one poll loop.
 
-It owns all I/O and calls the pure `BrokerCore`; nothing here decides routing.
+It owns all I/O and calls the pure `BrokerCore`; nothing here decides routing. Each
+loop turn drains up to `BATCH` messages, commits the store once (group commit), and only
+then sends what the core returned: an acknowledgement never precedes its commit.
 A socket monitor reports closed TCP connections, so a client that dies (even kill -9)
 goes offline at once instead of after the heartbeat timeout; the connection's file
 descriptor (ZMQ_SRCFD of its messages) ties a closed connection to its routing id.
@@ -18,8 +20,10 @@ from zmq.utils.monitor import parse_monitor_message
 
 from mangogram_proto import codec
 from mangogram_proto.constants import FRAME_COUNT
+from mangogram_proto.messages import Accepted, Deliver, Receipt, Welcome
 
 from .core import BrokerCore, Outgoing
+from .crashpoints import CrashPoints
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,9 @@ class BrokerServer:
         *,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         clock: Callable[[], int] = wall_clock_ms,
+        crash_points: CrashPoints | None = None,
     ) -> None:
+        self._crash = crash_points or CrashPoints(None)
         self.core = core
         self._clock = clock
         self._context = context or zmq.Context.instance()
@@ -70,14 +76,21 @@ class BrokerServer:
         try:
             while not self._stopping:
                 ready = dict(poller.poll(TICK_MS))
+                outgoing: list[Outgoing] = []
                 if self._monitor in ready:
-                    self._drain_monitor()
+                    outgoing += self._drain_monitor()
                 if self._router in ready:
-                    self._drain_router()
+                    outgoing += self._drain_router()
                 now = self._clock()
                 if now >= next_expiry:
-                    self._send_all(self.core.expire(now), now)
+                    outgoing += self.core.expire(now)
                     next_expiry = now + TICK_MS
+                self.core.store.commit()
+                if outgoing:
+                    if any(isinstance(o.message, Accepted) for o in outgoing):
+                        self._crash.reached("after_commit")
+                    self._send_all(outgoing, now)
+                    self.core.store.commit()  # what send failures changed
         finally:
             self.close()
 
@@ -86,19 +99,23 @@ class BrokerServer:
         self._monitor.close(linger=0)
         self._router.close(linger=0)
 
-    def _drain_router(self) -> None:
+    def _drain_router(self) -> list[Outgoing]:
+        outgoing: list[Outgoing] = []
         for _ in range(BATCH):
             try:
                 first = self._router.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                break
             frames, extra = self._recv_rest()
             peer = first.bytes
-            self._note_connection(peer, first)
             now = self._clock()
+            outgoing += self._note_connection(peer, first, now)
             if extra:
                 log.info("dropped %d surplus frames from %s", extra, peer.hex())
-            self._send_all(self.core.handle_frames(peer, frames, now), now)
+            if len(frames) > 1 and frames[1] == Receipt.COMMAND.encode():
+                self._crash.reached("before_receipt")
+            outgoing += self.core.handle_frames(peer, frames, now)
+        return outgoing
 
     def _recv_rest(self) -> tuple[list[bytes], int]:
         # A hostile peer can send a million empty frames; keep only what could be valid.
@@ -112,37 +129,46 @@ class BrokerServer:
                 extra += 1
         return frames, extra
 
-    def _note_connection(self, peer: bytes, frame: zmq.Frame) -> None:
+    def _note_connection(self, peer: bytes, frame: zmq.Frame, now: int) -> list[Outgoing]:
         try:
             fd = frame.get(zmq.SRCFD)
         except zmq.ZMQError:
-            return
+            return []
         if self._fd_by_peer.get(peer) == fd:
-            return
+            return []
+        outgoing: list[Outgoing] = []
         old_peer = self._peer_by_fd.get(fd)
         if old_peer is not None and old_peer != peer:
             # The descriptor was reused, so the old connection is closed.
             self._fd_by_peer.pop(old_peer, None)
-            self._send_all(self.core.disconnected(old_peer, self._clock()), self._clock())
+            outgoing = self.core.disconnected(old_peer, now)
         self._peer_by_fd[fd] = peer
         self._fd_by_peer[peer] = fd
+        return outgoing
 
-    def _drain_monitor(self) -> None:
+    def _drain_monitor(self) -> list[Outgoing]:
+        outgoing: list[Outgoing] = []
         while True:
             try:
                 event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
-                return
+                return outgoing
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 fd = int(event["value"])
                 peer = self._peer_by_fd.pop(fd, None)
                 if peer is not None:
                     self._fd_by_peer.pop(peer, None)
-                    now = self._clock()
-                    self._send_all(self.core.disconnected(peer, now), now)
+                    outgoing += self.core.disconnected(peer, self._clock())
 
     def _send_all(self, outgoing: list[Outgoing], now: int, retry: bool = True) -> None:
+        delivered_after_welcome: dict[bytes, int] = {}
         for out in outgoing:
+            if isinstance(out.message, Welcome):
+                delivered_after_welcome[out.peer] = 0
+            elif out.peer in delivered_after_welcome and isinstance(out.message, Deliver):
+                delivered_after_welcome[out.peer] += 1
+                if delivered_after_welcome[out.peer] == 2:
+                    self._crash.reached("mid_login")
             try:
                 self._router.send_multipart(
                     [out.peer, *codec.encode(out.message)], flags=zmq.NOBLOCK

@@ -163,6 +163,10 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise _type_error(where, "array", value)
         return tuple(_convert(item_hint, item, f"{where}[]") for item in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _type_error(where, "true or false", value)
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise _type_error(where, "string", value)

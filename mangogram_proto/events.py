@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .messages import Limits
+from .messages import HistoryItem, Limits
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class IncomingMessage:
     text: str
     sent_at: int
     accepted_at: int
+    seq: int = 0
+    delayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,25 @@ class MessageDelivered:
     broker_id: str
     to: str
     delivered_at: int
+
+
+@dataclass(frozen=True)
+class MessageRead:
+    """`by` has seen our message `id` (a read receipt)."""
+
+    id: str
+    broker_id: str
+    by: str
+    read_at: int
+
+
+@dataclass(frozen=True)
+class HistoryReceived:
+    """A page of the conversation with `peer`, newest first; `more` means older exist."""
+
+    peer: str
+    items: tuple[HistoryItem, ...]
+    more: bool
 
 
 @dataclass(frozen=True)
@@ -115,6 +136,8 @@ Event = (
     | IncomingMessage
     | MessageAccepted
     | MessageDelivered
+    | MessageRead
+    | HistoryReceived
     | MessageFailed
     | PresenceChanged
     | OnlineUsers

@@ -26,6 +26,8 @@ class Limits:
     heartbeat_timeout_ms: int
     rate_per_second: int
     rate_burst: int
+    max_mailbox: int
+    max_history_page: int
 
 
 # Client -> broker
@@ -39,6 +41,7 @@ class Login:
     COMMAND: ClassVar[str] = "LOGIN"
     name: str
     resume_token: str | None = None
+    resume_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,25 @@ class Receipt:
 
     COMMAND: ClassVar[str] = "RECEIPT"
     broker_id: str
+
+
+@dataclass(frozen=True)
+class Read:
+    """The recipient's user has seen message `broker_id` (a read receipt)."""
+
+    COMMAND: ClassVar[str] = "READ"
+    broker_id: str
+
+
+@dataclass(frozen=True)
+class History:
+    """Ask for the conversation with `peer`, newest first, older than broker id `before`
+    (None: from the newest), at most `limit` messages."""
+
+    COMMAND: ClassVar[str] = "HISTORY"
+    peer: str
+    limit: int
+    before: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +109,8 @@ class Leave:
 
 @dataclass(frozen=True)
 class Welcome:
-    """Login succeeded. `name` is the display form the broker registered."""
+    """Login succeeded. `name` is the display form the broker registered. Stored messages
+    follow as DELIVER; `resume_from` in LOGIN says where this client's stream stopped."""
 
     COMMAND: ClassVar[str] = "WELCOME"
     name: str
@@ -109,7 +132,10 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Deliver:
-    """A private message for this client. Confirm it with RECEIPT(broker_id)."""
+    """A private message for this client. Confirm it with RECEIPT(broker_id).
+
+    `seq` numbers this user's stream (1, 2, 3...) so a client can resume after it;
+    `delayed` is set when it waited in the mailbox because we were offline."""
 
     COMMAND: ClassVar[str] = "DELIVER"
     id: str
@@ -118,6 +144,8 @@ class Deliver:
     text: str
     sent_at: int
     accepted_at: int
+    seq: int
+    delayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,6 +157,42 @@ class Delivered:
     broker_id: str
     to: str
     delivered_at: int
+
+
+@dataclass(frozen=True)
+class Seen:
+    """`by` has seen our message `id` (third level, "read")."""
+
+    COMMAND: ClassVar[str] = "SEEN"
+    id: str
+    broker_id: str
+    by: str
+    read_at: int
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    """One message of a conversation, as stored by the broker."""
+
+    broker_id: str
+    id: str
+    sender: str
+    to: str
+    text: str
+    sent_at: int
+    accepted_at: int
+    delivered_at: int | None = None
+    read_at: int | None = None
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """Answer to HISTORY: messages newest first; `more` says older ones exist."""
+
+    COMMAND: ClassVar[str] = "HISTORY_PAGE"
+    peer: str
+    items: tuple[HistoryItem, ...]
+    more: bool
 
 
 @dataclass(frozen=True)
@@ -185,18 +249,39 @@ class Error:
             return None
 
 
-ClientMessage = Login | Send | Receipt | Who | Ping | Leave
+ClientMessage = Login | Send | Receipt | Read | History | Who | Ping | Leave
 BrokerMessage = (
-    Welcome | Accepted | Deliver | Delivered | Online | Presence | Pong | Goodbye | Error
+    Welcome
+    | Accepted
+    | Deliver
+    | Delivered
+    | Seen
+    | HistoryPage
+    | Online
+    | Presence
+    | Pong
+    | Goodbye
+    | Error
 )
 Message = ClientMessage | BrokerMessage
 
-CLIENT_COMMANDS: tuple[type[ClientMessage], ...] = (Login, Send, Receipt, Who, Ping, Leave)
+CLIENT_COMMANDS: tuple[type[ClientMessage], ...] = (
+    Login,
+    Send,
+    Receipt,
+    Read,
+    History,
+    Who,
+    Ping,
+    Leave,
+)
 BROKER_COMMANDS: tuple[type[BrokerMessage], ...] = (
     Welcome,
     Accepted,
     Deliver,
     Delivered,
+    Seen,
+    HistoryPage,
     Online,
     Presence,
     Pong,

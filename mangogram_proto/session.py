@@ -34,12 +34,14 @@ from .events import (
     Closed,
     ConnectionLost,
     Event,
+    HistoryReceived,
     IncomingMessage,
     LoggedIn,
     LoginRefused,
     MessageAccepted,
     MessageDelivered,
     MessageFailed,
+    MessageRead,
     OnlineUsers,
     PresenceChanged,
 )
@@ -50,6 +52,8 @@ from .messages import (
     Delivered,
     Error,
     Goodbye,
+    History,
+    HistoryPage,
     Leave,
     Limits,
     Login,
@@ -57,24 +61,27 @@ from .messages import (
     Ping,
     Pong,
     Presence,
+    Read,
     Receipt,
+    Seen,
     Send,
     Welcome,
     Who,
 )
 from .names import name_key
 
-SEEN_IDS_KEPT = 4096
 MAX_OUTBOX = 10_000
+# Texts on the wire awaiting ACCEPTED; more wait in the outbox. Keeps a reconnect's
+# resend of a long outbox inside the socket's high-water mark.
+MAX_IN_FLIGHT = 256
 
 # Refusals after which resending the same message cannot help.
 _FINAL_SEND_ERRORS = frozenset(
     {
         ErrorCode.UNKNOWN_RECIPIENT.value,
-        ErrorCode.RECIPIENT_OFFLINE.value,
+        ErrorCode.MAILBOX_FULL.value,
         ErrorCode.TOO_LARGE.value,
         ErrorCode.MALFORMED.value,
-        ErrorCode.DELIVERY_FAILED.value,
     }
 )
 _LOGIN_ERRORS = frozenset(
@@ -122,8 +129,11 @@ class ClientSession:
         self._has_logged_in = False
         self._outgoing: list[list[bytes]] = []
         self._outbox: OrderedDict[str, _Pending] = OrderedDict()
-        self._seen: OrderedDict[str, None] = OrderedDict()
-        self._accepted_to: OrderedDict[str, str] = OrderedDict()
+        # Our stream's resume point: every seq up to `_stream_mark` has been received;
+        # `_above_mark` holds those received beyond a gap.
+        self._stream_mark: int | None = None
+        self._above_mark: set[int] = set()
+        self._in_flight = 0
         self._last_received = 0
         self._last_sent = 0
         self._hold_until = 0
@@ -151,8 +161,9 @@ class ClientSession:
         self._outgoing.clear()
         for pending in self._outbox.values():
             pending.transmitted = False
+        self._in_flight = 0
         self._last_received = now
-        self._queue(Login(self.name, self._resume_token), now)
+        self._queue(Login(self.name, self._resume_token, self._stream_mark), now)
 
     def send_text(self, to: str, text: str, now: int) -> str:
         """Queue a private message; returns its id. It goes out now if we are online,
@@ -171,6 +182,15 @@ class ClientSession:
     def request_online(self, now: int) -> None:
         """Ask who is online; the answer arrives as `OnlineUsers`."""
         self._queue(Who(), now)
+
+    def mark_read(self, broker_id: str, now: int) -> None:
+        """Tell the sender of message `broker_id` that our user has seen it."""
+        if self.state is State.ONLINE:
+            self._queue(Read(broker_id), now)
+
+    def request_history(self, peer: str, limit: int, before: str | None, now: int) -> None:
+        """Ask for older messages with `peer`; they arrive as `HistoryReceived`."""
+        self._queue(History(peer, limit, before), now)
 
     def leave(self, now: int) -> None:
         """End the session; `Closed` follows when the broker confirms."""
@@ -225,9 +245,9 @@ class ClientSession:
             pending = self._outbox.pop(message.id, None)
             if pending is None:
                 return []
-            self._accepted_to[message.id] = pending.send.to
-            while len(self._accepted_to) > SEEN_IDS_KEPT:
-                self._accepted_to.popitem(last=False)
+            if pending.transmitted:
+                self._in_flight = max(0, self._in_flight - 1)
+            self._flush_outbox(now)
             return [MessageAccepted(message.id, message.broker_id, message.accepted_at)]
         if isinstance(message, Deliver):
             return self._on_deliver(message, now)
@@ -235,6 +255,10 @@ class ClientSession:
             return [
                 MessageDelivered(message.id, message.broker_id, message.to, message.delivered_at)
             ]
+        if isinstance(message, Seen):
+            return [MessageRead(message.id, message.broker_id, message.by, message.read_at)]
+        if isinstance(message, HistoryPage):
+            return [HistoryReceived(message.peer, message.items, message.more)]
         if isinstance(message, Presence):
             joined = message.event == "joined"
             if joined:
@@ -264,8 +288,11 @@ class ClientSession:
         if self.state is not State.ONLINE or now < self._hold_until:
             return
         for pending in self._outbox.values():
+            if self._in_flight >= MAX_IN_FLIGHT:
+                return
             if not pending.transmitted:
                 pending.transmitted = True
+                self._in_flight += 1
                 self._queue(pending.send, now)
 
     def _on_welcome(self, welcome: Welcome, now: int) -> list[Event]:
@@ -285,11 +312,8 @@ class ClientSession:
     def _on_deliver(self, deliver: Deliver, now: int) -> list[Event]:
         # Always confirm, even a duplicate: the first receipt may have been lost.
         self._queue(Receipt(deliver.broker_id), now)
-        if deliver.broker_id in self._seen:
+        if not self._note_seq(deliver.seq):
             return []
-        self._seen[deliver.broker_id] = None
-        while len(self._seen) > SEEN_IDS_KEPT:
-            self._seen.popitem(last=False)
         return [
             IncomingMessage(
                 deliver.id,
@@ -298,8 +322,23 @@ class ClientSession:
                 deliver.text,
                 deliver.sent_at,
                 deliver.accepted_at,
+                deliver.seq,
+                deliver.delayed,
             )
         ]
+
+    def _note_seq(self, seq: int) -> bool:
+        """Record stream position `seq`; False if it was seen before (a redelivery)."""
+        if self._stream_mark is None:
+            # The first message of a fresh client: the broker sends its oldest first.
+            self._stream_mark = seq - 1
+        if seq <= self._stream_mark or seq in self._above_mark:
+            return False
+        self._above_mark.add(seq)
+        while self._stream_mark + 1 in self._above_mark:
+            self._stream_mark += 1
+            self._above_mark.discard(self._stream_mark)
+        return True
 
     def _on_error(self, error: Error, now: int) -> list[Event]:
         if self.state is State.LOGGING_IN and error.code in _LOGIN_ERRORS:
@@ -315,12 +354,10 @@ class ClientSession:
                 # The broker forgot us (restart, or we were silent too long): log in again.
                 self.connect(now)
             return []
-        if error.ref and error.code == ErrorCode.DELIVERY_FAILED.value:
-            to = self._accepted_to.pop(error.ref, None)
-            if to is not None:
-                return [MessageFailed(error.ref, to, error.code, error.message)]
         pending = self._outbox.get(error.ref) if error.ref else None
         if pending is not None:
+            if pending.transmitted:
+                self._in_flight = max(0, self._in_flight - 1)
             if error.code == ErrorCode.RATE_LIMITED.value:
                 pending.transmitted = False
                 self._hold_until = max(self._hold_until, now + (error.retry_after_ms or 1000))

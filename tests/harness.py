@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mangogram_broker.core import BrokerCore, Outgoing
+from mangogram_broker.store import MemoryStore, Store
 from mangogram_proto import codec
 from mangogram_proto.events import Event
 from mangogram_proto.messages import Limits
@@ -23,6 +24,8 @@ TEST_LIMITS = Limits(
     heartbeat_timeout_ms=3000,
     rate_per_second=5,
     rate_burst=10,
+    max_mailbox=20,
+    max_history_page=5,
 )
 
 
@@ -44,10 +47,11 @@ class FakeClient:
 class Network:
     """Moves frames between the broker core and client sessions until all is quiet."""
 
-    def __init__(self, limits: Limits = TEST_LIMITS) -> None:
+    def __init__(self, limits: Limits = TEST_LIMITS, store: Store | None = None) -> None:
         self.now = T0
         self.tokens = iter(f"token-{i}" for i in range(10**6))
-        self.core = BrokerCore(limits, boot_id="b", token_factory=lambda: next(self.tokens))
+        self.store = store if store is not None else MemoryStore()
+        self.core = BrokerCore(limits, store=self.store, token_factory=lambda: next(self.tokens))
         self.clients: dict[bytes, FakeClient] = {}
         self._next_peer = 1
         self.raw_replies: dict[bytes, list[list[bytes]]] = {}
@@ -73,7 +77,14 @@ class Network:
         self.pump()
         return [o for o in out if o.peer == peer]
 
+    def restart_broker(self) -> None:
+        """The broker process dies and starts again on the same store: sessions are gone."""
+        self.core = BrokerCore(
+            self.core.limits, store=self.store, token_factory=lambda: next(self.tokens)
+        )
+
     def route(self, outgoing: list[Outgoing]) -> None:
+        self.store.commit()  # as the shell does: nothing goes out before its commit
         for out in outgoing:
             client = self.clients.get(out.peer)
             if client is None or not client.connected:

@@ -39,11 +39,12 @@ def strategy_for(hint):
     if origin is typing.Literal:
         return st.sampled_from(typing.get_args(hint))
     if origin is tuple:
-        return st.lists(texts, max_size=5).map(tuple)
+        (item, _) = typing.get_args(hint)
+        return st.lists(strategy_for(item), max_size=5).map(tuple)
     if origin in (typing.Union, types.UnionType):
         (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
         return st.none() | strategy_for(inner)
-    return {str: texts, int: ints}[hint]
+    return {str: texts, int: ints, bool: st.booleans()}[hint]
 
 
 @pytest.mark.parametrize("cls", CLIENT_COMMANDS + BROKER_COMMANDS, ids=lambda c: c.COMMAND)
@@ -182,6 +183,6 @@ def test_arbitrary_json_bodies_decode_or_fail_cleanly(body):
 
 
 def test_deliver_and_presence_examples():
-    deliver = Deliver("m1", "b-1", "Олена", "Добрий день", 10, 11)
+    deliver = Deliver("m1", "b-1", "Олена", "Добрий день", 10, 11, 1, True)
     assert codec.decode(codec.encode(deliver)) == deliver
     assert codec.decode(codec.encode(Presence("Тарас", "left", 5))).event == "left"

@@ -242,7 +242,7 @@ def test_image_cmd_starts_a_broker_that_answers_and_stops_cleanly_on_sigterm(
     assert frames[0] == b"MGP01"
     assert frames[1] == b"ERROR"
     assert json.loads(frames[2])["code"] == "not_logged_in"
-    assert (broker.data_dir / "users.sqlite3").exists(), "MANGOGRAM_DATA was not used"
+    assert (broker.data_dir / "mangogram.sqlite3").exists(), "MANGOGRAM_DATA was not used"
 
     broker.process.send_signal(signal.SIGTERM)
     assert broker.process.wait(timeout=STOP_TIMEOUT_S) == 0, broker.stderr

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from mangogram_broker.core import BrokerCore, Outgoing
+from mangogram_broker.store import SqliteStore
 from mangogram_proto import codec
 from mangogram_proto.constants import SIGNATURE
 from mangogram_proto.errors import ErrorCode
@@ -33,9 +34,14 @@ def error_codes(outgoing: list[Outgoing]) -> list[str]:
     return [o.message.code for o in outgoing if isinstance(o.message, Error)]
 
 
-@pytest.fixture
-def net() -> Network:
-    return Network()
+@pytest.fixture(params=["memory", "sqlite"])
+def net(request, tmp_path) -> Network:
+    """The same rules must hold over both stores."""
+    if request.param == "memory":
+        return Network()
+    store = SqliteStore(tmp_path / "core.sqlite3", durability="normal")
+    request.addfinalizer(store.close)
+    return Network(store=store)
 
 
 def test_login_welcomes_with_session_facts(net):
@@ -112,16 +118,12 @@ def test_resent_message_id_is_acked_again_not_delivered_twice(net):
     assert len(bob.take(IncomingMessage)) == 1
 
 
-def test_offline_and_unknown_recipients_get_distinct_errors(net):
+def test_never_registered_name_is_refused(net):
     alice = net.join("alice")
-    bob = net.join("bob")
-    net.disconnect(bob)
-    alice.session.send_text("bob", "are you there?", net.now)
     alice.session.send_text("nobody", "hello?", net.now)
     net.pump()
-    failures = alice.take(MessageFailed)
-    assert [f.code for f in failures] == ["recipient_offline", "unknown_recipient"]
-    assert failures[0].to == "bob"
+    (failure,) = alice.take(MessageFailed)
+    assert failure.code == "unknown_recipient"
     assert alice.session.unacknowledged == ()
 
 
@@ -270,7 +272,7 @@ def test_broker_restart_makes_session_log_in_again(net):
 
 def test_duplicate_delivery_is_shown_once_but_receipted_twice(net):
     alice = net.join("alice")
-    deliver = Deliver("m1", "b-9", "bob", "hi", 1, 2)
+    deliver = Deliver("m1", "9", "bob", "hi", 1, 2, 1)
     first = alice.session.receive(codec.encode(deliver), net.now)
     second = alice.session.receive(codec.encode(deliver), net.now)
     assert len(first) == 1 and second == []
@@ -315,14 +317,18 @@ def test_error_budget_stops_answering_a_garbage_flood(net):
     assert len(net.raw(peer, [b"garbage"])) == 1  # the budget refills
 
 
-def test_failed_handoff_tells_the_sender(net):
+def test_handoff_to_a_vanished_recipient_is_kept_for_its_next_login(net):
     alice = net.join("alice")
-    net.join("bob")
+    bob = net.join("bob")
     message_id = alice.session.send_text("bob", "hello", net.now)
     out = net.core.handle_frames(alice.peer, alice.session.data_to_send()[0], net.now)
     deliver = next(o for o in out if isinstance(o.message, Deliver))
     follow_up = net.core.send_failed(deliver, unreachable=True, now=net.now)
     net.route([o for o in out if o is not deliver] + follow_up)
-    assert [f.id for f in alice.take(MessageFailed)] == [message_id]
+    assert [a.id for a in alice.take(MessageAccepted)] == [message_id]
     assert net.core.registry.by_key("bob") is None
     assert PresenceChanged("bob", False, net.now) in alice.take(PresenceChanged)
+    bob.connected = False
+    net.reconnect(bob)
+    assert [m.id for m in bob.take(IncomingMessage)] == [message_id]
+    assert [d.id for d in alice.take(MessageDelivered)] == [message_id]

@@ -63,8 +63,8 @@ from mangogram_proto.messages import (
     Who,
 )
 from mangogram_proto.names import name_key, validate_name
+from mangogram_proto.ratelimit import TokenBucket
 
-from .ratelimit import TokenBucket
 from .registry import Registry, Session
 from .store import MemoryStore, Store, StoredMessage
 

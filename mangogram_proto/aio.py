@@ -64,6 +64,16 @@ class AsyncConnection:
         self.session.request_online(wall_clock_ms())
         self._wakeup.set()
 
+    def mark_read(self, broker_id: str) -> None:
+        """Tell the sender of message `broker_id` that our user has seen it."""
+        self.session.mark_read(broker_id, wall_clock_ms())
+        self._wakeup.set()
+
+    def request_history(self, peer: str, limit: int, before: str | None = None) -> None:
+        """Ask for a page of the conversation with `peer`; it arrives as `HistoryReceived`."""
+        self.session.request_history(peer, limit, before, wall_clock_ms())
+        self._wakeup.set()
+
     def stop(self) -> None:
         """Leave the broker (waiting up to 1 s for GOODBYE) and make `run()` return."""
         self._stopping = True

@@ -26,6 +26,7 @@ from .errors import BrokerRefused, ErrorCode, RemoteProtocolError
 from .events import (
     ConnectionLost,
     Event,
+    HistoryReceived,
     IncomingMessage,
     LoggedIn,
     LoginRefused,
@@ -71,6 +72,7 @@ class Client:
         self._results: dict[str, MessageAccepted | MessageFailed] = {}
         self._waiting: set[str] = set()
         self._online: tuple[str, ...] | None = None
+        self._history: HistoryReceived | None = None
         self._refused: LoginRefused | None = None
         self._logged_in: LoggedIn | None = None
 
@@ -177,6 +179,27 @@ class Client:
         assert self._online is not None
         return self._online
 
+    def history(
+        self, peer: str, limit: int = 50, before: str | None = None, timeout: float = 5.0
+    ) -> HistoryReceived:
+        """A page of the conversation with `peer`, newest first, older than broker id
+        `before`. Page on with `before=page.items[-1].broker_id` while `page.more`.
+
+        Raises:
+            TimeoutError: no answer within `timeout` seconds.
+        """
+        self._history = None
+        self.session.request_history(peer, limit, before, self._clock())
+        if not self._pump(timeout, lambda: self._history is not None):
+            raise TimeoutError("no answer to HISTORY")
+        assert self._history is not None
+        return self._history
+
+    def mark_read(self, message: IncomingMessage) -> None:
+        """Tell the sender its message was read (shown to a person)."""
+        self.session.mark_read(message.broker_id, self._clock())
+        self._flush()
+
     def poll(self, timeout: float = 0.0) -> None:
         """Do pending network work (heartbeats, receipts) for up to `timeout` seconds."""
         self._pump(timeout, lambda: False)
@@ -264,6 +287,8 @@ class Client:
             self._results[event.id] = event
         elif isinstance(event, OnlineUsers):
             self._online = event.users
+        elif isinstance(event, HistoryReceived):
+            self._history = event
         elif isinstance(event, LoggedIn):
             self._logged_in = event
             self._backoff.reset()

@@ -69,11 +69,14 @@ from .messages import (
     Who,
 )
 from .names import name_key
+from .ratelimit import TokenBucket
 
 MAX_OUTBOX = 10_000
 # Texts on the wire awaiting ACCEPTED; more wait in the outbox. Keeps a reconnect's
 # resend of a long outbox inside the socket's high-water mark.
 MAX_IN_FLIGHT = 256
+# The share of the broker's announced send rate the session allows itself.
+PACE_FRACTION = 0.9
 
 # Refusals after which resending the same message cannot help.
 _FINAL_SEND_ERRORS = frozenset(
@@ -134,6 +137,8 @@ class ClientSession:
         self._stream_mark: int | None = None
         self._above_mark: set[int] = set()
         self._in_flight = 0
+        self._pace: TokenBucket | None = None
+        self._pace_until = 0
         self._last_received = 0
         self._last_sent = 0
         self._hold_until = 0
@@ -213,6 +218,8 @@ class ClientSession:
             deadline = min(deadline, self._last_sent + self.heartbeat_interval_ms)
             if self._hold_until and any(not p.transmitted for p in self._outbox.values()):
                 deadline = min(deadline, self._hold_until)
+            if self._pace_until:
+                deadline = min(deadline, self._pace_until)
         return deadline
 
     def tick(self, now: int) -> list[Event]:
@@ -287,19 +294,34 @@ class ClientSession:
     def _flush_outbox(self, now: int) -> None:
         if self.state is not State.ONLINE or now < self._hold_until:
             return
+        self._pace_until = 0
         for pending in self._outbox.values():
             if self._in_flight >= MAX_IN_FLIGHT:
                 return
-            if not pending.transmitted:
-                pending.transmitted = True
-                self._in_flight += 1
-                self._queue(pending.send, now)
+            if pending.transmitted:
+                continue
+            # Stay under the broker's announced rate: a refusal would let later texts
+            # overtake the refused one, and order matters.
+            if self._pace is not None:
+                wait = self._pace.wait_ms(now)
+                if wait:
+                    self._pace_until = now + wait
+                    return
+                self._pace.take(now)
+            pending.transmitted = True
+            self._in_flight += 1
+            self._queue(pending.send, now)
 
     def _on_welcome(self, welcome: Welcome, now: int) -> list[Event]:
         resumed = self._has_logged_in
         self.state = State.ONLINE
         self._has_logged_in = True
         self._resume_token = welcome.resume_token
+        if self.limits != welcome.limits or self._pace is None:
+            limits = welcome.limits
+            rate = max(1.0, limits.rate_per_second * PACE_FRACTION)
+            burst = max(1, int(limits.rate_burst * PACE_FRACTION))
+            self._pace = TokenBucket(rate, burst, now)
         self.limits = welcome.limits
         self.name = welcome.name
         self.online = {name_key(n): n for n in welcome.online}

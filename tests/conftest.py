@@ -23,7 +23,13 @@ STARTUP_TIMEOUT_S = 20
 class BrokerProcess:
     """`python broker.py` in a subprocess; its stderr is collected in a thread."""
 
-    def __init__(self, data_dir: Path, *extra: str, bind: str = "tcp://127.0.0.1:*") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *extra: str,
+        bind: str = "tcp://127.0.0.1:*",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.args = [
             sys.executable,
@@ -43,7 +49,7 @@ class BrokerProcess:
         self.lines: list[str] = []
         self._ready = threading.Event()
         self.endpoint = ""
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
             self.args,
             cwd=ROOT,

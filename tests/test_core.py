@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -174,19 +175,43 @@ def test_oversized_body_gets_too_large(net):
     assert error_codes(net.raw(alice.peer, [SIGNATURE, b"SEND", body])) == ["too_large"]
 
 
-def test_rate_limit_answers_with_retry_after_and_session_retries(net):
+def test_broker_rate_limits_a_flood_with_retry_after(net):
     alice = net.join("alice")
     bob = net.join("bob")
-    ids = [alice.session.send_text("bob", f"msg {i}", net.now) for i in range(15)]
+    replies = []
+    for i in range(15):
+        replies += net.raw(alice.peer, codec.encode(Send(f"m{i}", "bob", "flood", net.now)))
+    limited = [o.message for o in replies if isinstance(o.message, Error)]
+    assert len(limited) == 15 - TEST_LIMITS.rate_burst
+    assert all(e.code == "rate_limited" and e.retry_after_ms > 0 for e in limited)
+    assert [e.ref for e in limited] == [f"m{i}" for i in range(10, 15)]
+    assert len(bob.take(IncomingMessage)) == TEST_LIMITS.rate_burst
+
+
+def test_session_paces_itself_under_the_broker_limit_keeping_order(net):
+    alice = net.join("alice")
+    bob = net.join("bob")
+    ids = [alice.session.send_text("bob", f"msg {i}", net.now) for i in range(30)]
+    for _ in range(40):
+        net.advance(250)
+    assert [m.id for m in bob.take(IncomingMessage)] == ids
+    assert alice.take(BrokerError) == []
+    assert alice.session.unacknowledged == ()
+
+
+def test_session_retries_after_rate_limited(net):
+    alice = net.join("alice")
+    bob = net.join("bob")
+    # the broker tightens its limit after alice learned the old one
+    net.core.limits = dataclasses.replace(TEST_LIMITS, rate_per_second=1, rate_burst=2)
+    net.core._send_budgets.clear()
+    ids = [alice.session.send_text("bob", f"msg {i}", net.now) for i in range(4)]
     net.pump()
     limited = [e for e in alice.take(BrokerError) if e.code == "rate_limited"]
     assert limited and all(e.retry_after_ms > 0 for e in limited)
-    assert len(bob.take(IncomingMessage)) == TEST_LIMITS.rate_burst
-    assert len(alice.session.unacknowledged) == 5
-    for _ in range(10):
+    for _ in range(20):
         net.advance(500)
-    received = bob.take(IncomingMessage)
-    assert sorted(m.id for m in received) == sorted(ids[10:])
+    assert sorted(m.id for m in bob.take(IncomingMessage)) == sorted(ids)
     assert alice.session.unacknowledged == ()
 
 

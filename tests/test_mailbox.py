@@ -3,6 +3,8 @@ retention, over the broker core with both stores and no sockets."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from mangogram_broker.core import DELIVERY_WINDOW, BrokerCore, Retention
@@ -161,16 +163,11 @@ def test_a_gap_in_the_stream_is_not_skipped_on_resume():
 
 
 def test_delivery_window_bounds_what_is_in_flight(net):
+    net.core.limits = dataclasses.replace(
+        TEST_LIMITS, max_mailbox=1000, rate_per_second=10_000, rate_burst=10_000
+    )
     register(net, "bob")
     alice = net.join("alice")
-    net.core.limits = TEST_LIMITS.__class__(
-        **{
-            **TEST_LIMITS.__dict__,
-            "max_mailbox": 1000,
-            "rate_per_second": 10_000,
-            "rate_burst": 10_000,
-        }
-    )
     total = DELIVERY_WINDOW + 50
     for i in range(total):
         alice.session.send_text("bob", f"#{i}", net.now)

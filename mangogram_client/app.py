@@ -30,6 +30,7 @@ from .commands import (
     Nothing,
     SendText,
     ShowHelp,
+    ShowHistory,
     SwitchPeer,
     parse_input,
 )
@@ -115,6 +116,10 @@ class ChatApp:
         for line in lines:
             for renderable in self.renderer.render(line):
                 self.console.print(renderable)
+        if self.connection is not None:
+            # Shown in the open conversation means read: tell the senders.
+            for broker_id in self.state.take_reads():
+                self.connection.mark_read(broker_id)
         if self._prompt.app.is_running:
             self._prompt.app.invalidate()
 
@@ -247,6 +252,11 @@ class ChatApp:
             self.show([SystemLine(now, HELP_TEXT)])
         elif isinstance(command, ListUsers):
             connection.request_online()
+        elif isinstance(command, ShowHistory):
+            if self.state.peer is None:
+                self.show([SystemLine(now, "open a conversation first: /to NAME")])
+            else:
+                connection.request_history(self.state.peer, command.count)
         elif isinstance(command, SwitchPeer):
             self.show(self.state.switch_peer(command.name, now))
         elif isinstance(command, SendText):

@@ -6,9 +6,12 @@ from dataclasses import dataclass
 
 HELP_TEXT = (
     "/to NAME  talk to NAME (Tab completes)  ·  @NAME text  one message to NAME  ·  "
+    "/history [N]  the last N messages with the open conversation  ·  "
     "/users  who is online  ·  /help  this  ·  /exit  leave (or Ctrl-D)  ·  "
     "//text  send text starting with /"
 )
+DEFAULT_HISTORY = 20
+MAX_HISTORY = 200
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,11 @@ class SwitchPeer:
 @dataclass(frozen=True)
 class ListUsers:
     pass
+
+
+@dataclass(frozen=True)
+class ShowHistory:
+    count: int = DEFAULT_HISTORY
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class Hint:
     text: str
 
 
-Command = SwitchPeer | ListUsers | ShowHelp | Exit | SendText | Nothing | Hint
+Command = SwitchPeer | ListUsers | ShowHistory | ShowHelp | Exit | SendText | Nothing | Hint
 
 _ALIASES = {
     "to": "to",
@@ -61,6 +69,8 @@ _ALIASES = {
     "who": "users",
     "help": "help",
     "?": "help",
+    "history": "history",
+    "log": "history",
     "exit": "exit",
     "quit": "exit",
 }
@@ -81,6 +91,12 @@ def parse_input(line: str) -> Command:
             if not rest or " " in rest:
                 return Hint("usage: /to NAME")
             return SwitchPeer(rest.lstrip("@"))
+        if command == "history":
+            if not rest:
+                return ShowHistory()
+            if not rest.isdigit() or not 0 < int(rest) <= MAX_HISTORY:
+                return Hint(f"usage: /history [N], N from 1 to {MAX_HISTORY}")
+            return ShowHistory(int(rest))
         if command in ("users", "help", "exit") and rest:
             return Hint(f"/{word} takes no arguments")
         if command == "users":

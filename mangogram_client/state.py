@@ -10,18 +10,21 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 
 from mangogram_proto.events import (
     BrokerError,
     Closed,
     ConnectionLost,
     Event,
+    HistoryReceived,
     IncomingMessage,
     LoggedIn,
     LoginRefused,
     MessageAccepted,
     MessageDelivered,
     MessageFailed,
+    MessageRead,
     OnlineUsers,
     PresenceChanged,
 )
@@ -47,6 +50,11 @@ class _OwnMessage:
     printed: bool = False
 
 
+def clock_time(at_ms: int) -> str:
+    """HH:MM in the viewer's local time."""
+    return datetime.fromtimestamp(at_ms / 1000).strftime("%H:%M")
+
+
 def snippet(text: str) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= SNIPPET_CHARS else flat[: SNIPPET_CHARS - 1] + "…"
@@ -65,6 +73,10 @@ class ChatState:
         self._talked_with: set[str] = set()
         self._heard_from: dict[str, str] = {}
         self._own: dict[str, _OwnMessage] = {}
+        # Broker ids shown but not yet seen in the open conversation, per sender key.
+        self._unseen: dict[str, list[str]] = {}
+        self._reads: list[str] = []
+        self.seen_at: dict[str, int] = {}
 
     # User actions
 
@@ -75,6 +87,7 @@ class ChatState:
         self.peer = shown
         self._talked_with.add(key)
         unread = self.unread.pop(key, 0)
+        self._reads += self._unseen.pop(key, [])
         status = "online" if key in self.online else "offline"
         extra = f", {unread} unread above" if unread else ""
         return [SystemLine(now, f"talking to {shown} ({status}{extra})")]
@@ -94,6 +107,11 @@ class ChatState:
             if not own.printed and own.print_at <= now:
                 lines.append(self._print_own(message_id, own))
         return lines
+
+    def take_reads(self) -> list[str]:
+        """Broker ids the user has now seen in the open conversation: send READ for each."""
+        reads, self._reads = self._reads, []
+        return reads
 
     def next_due(self) -> int | None:
         waiting = [o.print_at for o in self._own.values() if not o.printed]
@@ -116,6 +134,11 @@ class ChatState:
             return self._failed(event, now)
         if isinstance(event, PresenceChanged):
             return self._presence(event, now)
+        if isinstance(event, MessageRead):
+            self.seen_at[name_key(event.by)] = event.read_at
+            return []
+        if isinstance(event, HistoryReceived):
+            return self._history(event, now)
         if isinstance(event, OnlineUsers):
             self.online = {name_key(n): n for n in event.users}
             return [SystemLine(now, self.online_summary())]
@@ -164,6 +187,9 @@ class ChatState:
         parts.append(
             ("bold", f"{self.me} → {self.peer}" if self.peer else "no conversation: /to NAME")
         )
+        seen = self.seen_at.get(name_key(self.peer)) if self.peer else None
+        if seen is not None:
+            parts.append(("", f" (seen {clock_time(seen)})"))
         count = len([k for k in self.online if k != name_key(self.me)])
         parts.append(("", f"  ·  {count} online"))
         if self.unread:
@@ -195,6 +221,9 @@ class ChatState:
         elsewhere = name_key(self.peer) != key
         if elsewhere:
             self.unread[key] += 1
+            self._unseen.setdefault(key, []).append(message.broker_id)
+        else:
+            self._reads.append(message.broker_id)
         lines.append(
             ChatLine(
                 at_ms=message.sent_at,
@@ -203,7 +232,7 @@ class ChatState:
                 text=message.text,
                 own=False,
                 elsewhere=elsewhere,
-                delayed=now - message.accepted_at > DELAYED_AFTER_MS,
+                delayed=message.delayed or now - message.accepted_at > DELAYED_AFTER_MS,
             )
         )
         return lines
@@ -242,6 +271,32 @@ class ChatState:
             return [self._print_own(event.id, own), reason]
         del self._own[event.id]
         return [SystemLine(now, f"✗ “{snippet(own.text)}” — {event.message}", "error")]
+
+    def _history(self, event: HistoryReceived, now: int) -> list[Line]:
+        if not event.items:
+            return [SystemLine(now, f"no earlier messages with {event.peer}")]
+        me = name_key(self.me)
+        lines: list[Line] = [
+            SystemLine(now, f"history with {event.peer}: last {len(event.items)} messages")
+        ]
+        for item in reversed(event.items):  # the page is newest first
+            own = name_key(item.sender) == me
+            mark: Mark | None = None
+            if own:
+                mark = "delivered" if item.delivered_at is not None else "sent"
+            lines.append(
+                ChatLine(
+                    at_ms=item.sent_at,
+                    sender=item.sender,
+                    peer=item.to if own else item.sender,
+                    text=item.text,
+                    own=own,
+                    mark=mark,
+                )
+            )
+        if event.more:
+            lines.append(SystemLine(now, "(older messages exist: /history with a larger N)"))
+        return lines
 
     def _presence(self, event: PresenceChanged, now: int) -> list[Line]:
         key = name_key(event.name)

@@ -21,7 +21,7 @@ from mangogram_client.app import ChatApp
 from mangogram_client.settings import load_config_file, load_remembered
 from mangogram_proto import Client
 from mangogram_proto.aio import AsyncConnection
-from mangogram_proto.events import IncomingMessage, LoggedIn, PresenceChanged
+from mangogram_proto.events import IncomingMessage, LoggedIn, MessageRead, PresenceChanged
 
 from .conftest import ROOT, BrokerProcess
 
@@ -342,3 +342,25 @@ def test_tab_completes_names_after_to_and_at():
     assert complete("/to ") == ["Mei", "taras_bot", "Тарас"]
     assert complete("hello t") == []
     assert complete("@mei hi") == []
+
+
+def test_history_and_read_receipts_in_the_chat(broker):
+    async def script(app, pipe):
+        peer = AsyncConnection("Тарас", broker.endpoint)
+        peer_task = asyncio.create_task(peer.run())
+        await next_event(peer, LoggedIn)
+        for i in range(3):
+            peer.send_text("Олена", f"давнє {i}")
+        await wait_for(lambda: "давнє 2" in screen_text(app), what="messages")
+        read = await next_event(peer, MessageRead)  # the first one opened the conversation
+        assert read.by == "Олена"
+        pipe.send_text("/history 2\r")
+        await wait_for(lambda: "history with Тарас: last 2" in screen_text(app), what="history")
+        pipe.send_text("/exit\r")
+        peer.stop()
+        await peer_task
+
+    code, screen = run_chat_scenario(broker.endpoint, "Олена", script)
+    assert code == 0
+    history = screen.split("history with Тарас")[1]
+    assert "давнє 1" in history and "давнє 2" in history and "давнє 0" not in history

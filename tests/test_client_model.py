@@ -198,3 +198,60 @@ def test_system_lines_render_for_every_kind():
     text = render_plain(lines, me="Олена", width=60)
     for k in kinds:
         assert f"text {k}" in text
+
+
+def test_history_command_parses_its_count():
+    from mangogram_client.commands import ShowHistory
+
+    assert parse_input("/history") == ShowHistory(20)
+    assert parse_input("/history 5") == ShowHistory(5)
+    assert isinstance(parse_input("/history lots"), Hint)
+    assert isinstance(parse_input("/history 0"), Hint)
+
+
+def test_messages_seen_in_the_open_conversation_are_reported_read():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("Тарас", T)
+    state.on_event(incoming("Тарас", "бачиш?"), T)
+    state.on_event(incoming("Mei", "and me?"), T)
+    assert state.take_reads() == ["b-бачиш?"]
+    assert state.take_reads() == []
+    state.switch_peer("Mei", T)  # opening Mei's conversation shows her message
+    assert state.take_reads() == ["b-and me?"]
+
+
+def test_read_receipt_shows_in_the_toolbar():
+    from mangogram_proto.events import MessageRead
+
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("Тарас", T)
+    state.on_event(MessageRead("m1", "b1", "Тарас", T), T)
+    assert "(seen " in "".join(t for _, t in state.toolbar())
+
+
+def test_history_page_renders_oldest_first_with_own_marks():
+    from mangogram_proto.events import HistoryReceived
+    from mangogram_proto.messages import HistoryItem
+
+    state = ChatState("Олена")
+    logged_in(state)
+    items = (
+        HistoryItem("3", "c", "Тарас", "Олена", "третє", T + 3, T + 3),
+        HistoryItem("2", "b", "Олена", "Тарас", "друге", T + 2, T + 2, delivered_at=T + 2),
+        HistoryItem("1", "a", "Олена", "Тарас", "перше", T + 1, T + 1),
+    )
+    header, *chat, more = state.on_event(HistoryReceived("Тарас", items, True), T + 10)
+    assert "history with Тарас" in header.text
+    assert [c.text for c in chat] == ["перше", "друге", "третє"]
+    assert [c.mark for c in chat] == ["sent", "delivered", None]
+    assert "older messages" in more.text
+
+
+def test_delayed_message_is_marked():
+    state = ChatState("Олена")
+    logged_in(state)
+    message = IncomingMessage("i", "b", "Тарас", "пізно", T, T, seq=1, delayed=True)
+    (_hint, line) = state.on_event(message, T + 1)
+    assert line.delayed

@@ -1,0 +1,1 @@
+"""Benchmarks: they measure speed and report ratios; tests assert behaviour."""

@@ -302,6 +302,8 @@ class ChatState:
         key = name_key(event.name)
         if event.joined:
             self.online[key] = event.name
+            if self.peer is not None and name_key(self.peer) == key:
+                self.peer = event.name  # the spelling the broker registered
         else:
             self.online.pop(key, None)
         # On a busy broker only people we talk to get a line; the rest change the count.

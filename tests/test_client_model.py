@@ -255,3 +255,12 @@ def test_delayed_message_is_marked():
     message = IncomingMessage("i", "b", "Тарас", "пізно", T, T, seq=1, delayed=True)
     (_hint, line) = state.on_event(message, T + 1)
     assert line.delayed
+
+
+def test_open_conversation_takes_the_registered_spelling_when_they_join():
+    state = ChatState("Олена")
+    logged_in(state, online=())
+    state.switch_peer("тарас", T)
+    assert state.peer == "тарас"
+    state.on_event(PresenceChanged("Тарас", True, T), T)
+    assert state.peer == "Тарас"

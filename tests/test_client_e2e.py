@@ -119,6 +119,9 @@ def test_two_people_chat_in_real_terminals(broker, tmux, tmp_path):
         tmux.start(session, command, client_env(tmp_path, session))
     for session, name in people.items():
         tmux.wait_for(session, f"logged in as {name}")
+    # each sees the other online, whoever logged in first
+    tmux.wait_for("olena", r"Тарас is online|online \(1\): Тарас")
+    tmux.wait_for("taras", r"Олена is online|online \(1\): Олена")
     tmux.type("olena", "/to Тарас")
     tmux.wait_for("olena", r"talking to Тарас \(online\)")
     tmux.type("taras", "/to олена")

@@ -28,17 +28,18 @@ RUN pip install --no-cache-dir . \
     && rm -rf build ./*.egg-info
 
 ENV MANGOGRAM_BIND=tcp://0.0.0.0:5555 \
+    MANGOGRAM_KEY_BIND=tcp://0.0.0.0:5556 \
     MANGOGRAM_DATA=/data \
     MANGOGRAM_LOG_LEVEL=INFO
 
 VOLUME ["/data"]
-EXPOSE 5555
+EXPOSE 5555 5556
 USER 10001:10001
 
-# Alive means answering: a PING from a client that has not logged in gets ERROR not_logged_in
-# back. Any reply within 3 s passes. The probe dials the port MANGOGRAM_BIND names.
+# Alive means answering: the broker's plaintext key-discovery port returns its public key
+# (the chat port speaks only CurveZMQ). Any reply within 3 s passes.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os,sys,zmq; s=zmq.Context().socket(zmq.DEALER); s.linger=0; s.connect(os.environ['MANGOGRAM_BIND'].replace('0.0.0.0','127.0.0.1').replace('*','127.0.0.1')); s.send_multipart([b'MGP01',b'PING',b'{}']); r=s.poll(3000); s.close(); sys.exit(0 if r else 1)"]
+    CMD ["python", "-c", "import os,sys,zmq; s=zmq.Context().socket(zmq.DEALER); s.linger=0; s.connect(os.environ['MANGOGRAM_KEY_BIND'].replace('0.0.0.0','127.0.0.1')); s.send_multipart([b'MGK01',b'KEY']); r=s.poll(3000); s.close(); sys.exit(0 if r else 1)"]
 
 # Exec form: python is PID 1 and gets SIGTERM itself; the broker stops cleanly on it.
 CMD ["python", "broker.py"]

@@ -6,12 +6,17 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import zmq
+
+from mangogram_proto.keys import fingerprint, key_endpoint_for
+from mangogram_proto.names import name_key
 
 from .config import parse_config
 from .core import BrokerCore
 from .crashpoints import CrashPoints
+from .security import KEY_FILE, is_loopback_endpoint, load_broker_keys
 from .shell import BrokerServer
 from .store import SqliteStore
 
@@ -38,6 +43,20 @@ def raise_open_file_limit() -> None:
     log.debug("open-file limit raised from %d to %d", soft, target)
 
 
+def release_name(data_dir: Path, name: str) -> int:
+    """Admin: forget which key owns `name`."""
+    store = SqliteStore(data_dir / "mangogram.sqlite3")
+    try:
+        released = store.release_name(name_key(name))
+    finally:
+        store.close()
+    if released:
+        log.info("released %s: the next key to log in with it owns it", name)
+        return 0
+    log.error("%s is not owned by any key", name)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     logging.basicConfig(
@@ -58,18 +77,43 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    if config.release_name is not None:
+        return release_name(config.data_dir, config.release_name)
+    keys = None
+    key_bind = None
+    if config.plaintext:
+        if not is_loopback_endpoint(config.bind):
+            log.error("plaintext mode is allowed only on a loopback address, not %s", config.bind)
+            return 2
+        log.warning("PLAINTEXT MODE: no encryption and no identity checks; development only")
+    else:
+        keys, created = load_broker_keys(config.data_dir)
+        if created:
+            log.info("created the broker's key pair in %s", config.data_dir / KEY_FILE)
+        log.info("public key %s (fingerprint %s)", keys.public, fingerprint(keys.public))
+        key_bind = config.key_bind or key_endpoint_for(config.bind)
     raise_open_file_limit()
     crash_points = CrashPoints(os.environ.get("MANGOGRAM_CRASH_AT"))
     store = SqliteStore(config.data_dir / "mangogram.sqlite3", config.durability)
     try:
-        core = BrokerCore(config.limits, store=store, retention=config.retention)
+        core = BrokerCore(
+            config.limits,
+            store=store,
+            retention=config.retention,
+            require_keys=keys is not None,
+            max_sessions=config.max_sessions,
+        )
         try:
-            server = BrokerServer(core, config.bind, crash_points=crash_points)
+            server = BrokerServer(
+                core, config.bind, crash_points=crash_points, keys=keys, key_bind=key_bind
+            )
         except zmq.ZMQError as exc:
             log.error("cannot listen on %s: %s", config.bind, exc)
             return 2
         if stop_requested:
             server.stop()
+        if server.key_endpoint:
+            log.info("key discovery on %s", server.key_endpoint)
         log.info(
             "MangoGram broker listening on %s (data in %s, durability %s)",
             server.endpoint,

@@ -62,6 +62,10 @@ class BrokerConfig:
     limits: Limits
     durability: Durability
     retention: Retention
+    plaintext: bool
+    key_bind: str | None
+    max_sessions: int
+    release_name: str | None
 
 
 def _env_name(flag: str) -> str:
@@ -97,6 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
         str,
         "full: fsync every commit, an ack means on disk; normal: survives a broker crash,"
         " not a power cut",
+    )
+    add("--max-sessions", 20_000, int, "most users online at once; more get server_full")
+    add(
+        "--key-bind",
+        "",
+        str,
+        "endpoint answering key-discovery requests in plaintext (default: --bind's port + 1)",
+    )
+    parser.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        default=os.environ.get("MANGOGRAM_INSECURE_PLAINTEXT", "") not in ("", "0"),
+        help="development only: no encryption and no identity; refused unless --bind is a"
+        " loopback address [MANGOGRAM_INSECURE_PLAINTEXT=1]",
+    )
+    parser.add_argument(
+        "--release-name",
+        metavar="NAME",
+        help="admin: free NAME from the key that owns it (so a user who lost their key can"
+        " register it again), then exit; works while the broker runs",
     )
     add("--retention-days", 0, int, "delete confirmed messages older than this (0: keep)")
     add(
@@ -138,4 +162,8 @@ def parse_config(argv: list[str] | None = None) -> BrokerConfig:
         limits=Limits(**values),
         durability=args.durability,
         retention=retention,
+        plaintext=args.insecure_plaintext,
+        key_bind=args.key_bind or None,
+        max_sessions=args.max_sessions,
+        release_name=args.release_name,
     )

@@ -24,6 +24,8 @@ class Session:
     # messages await their RECEIPT.
     cursor: int = 0
     in_flight: int = 0
+    # The authenticated CurveZMQ public key it logged in with (None in plaintext mode).
+    user_key: str | None = None
 
 
 class Registry:

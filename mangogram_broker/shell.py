@@ -20,15 +20,18 @@ from zmq.utils.monitor import parse_monitor_message
 
 from mangogram_proto import codec
 from mangogram_proto.constants import FRAME_COUNT
+from mangogram_proto.keys import KeyPair
 from mangogram_proto.messages import Accepted, Deliver, Receipt, Welcome
 
 from .core import BrokerCore, Outgoing
 from .crashpoints import CrashPoints
+from .security import ZAP_ENDPOINT, key_reply, zap_reply
 
 log = logging.getLogger(__name__)
 
 # Messages handled per loop turn before housekeeping gets a look in.
 BATCH = 512
+SEND_QUEUE_PER_PEER = 1000
 TICK_MS = 100
 
 
@@ -47,8 +50,13 @@ class BrokerServer:
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         clock: Callable[[], int] = wall_clock_ms,
         crash_points: CrashPoints | None = None,
+        keys: KeyPair | None = None,
+        key_bind: str | None = None,
     ) -> None:
+        """`keys`: serve CurveZMQ with this key pair (None: plaintext, development only);
+        `key_bind`: where to answer key-discovery requests (with `keys`)."""
         self._crash = crash_points or CrashPoints(None)
+        self._keys = keys
         self.core = core
         self._clock = clock
         self._context = context or zmq.Context.instance()
@@ -57,6 +65,26 @@ class BrokerServer:
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.MAXMSGSIZE, core.limits.max_frame_bytes)
+        # A peer that stops reading gets at most this many queued messages, then sends to
+        # it fail (EAGAIN) and what it has not confirmed stays in the store.
+        self._router.setsockopt(zmq.SNDHWM, SEND_QUEUE_PER_PEER)
+        self._zap: zmq.Socket[bytes] | None = None
+        self._key_socket: zmq.Socket[bytes] | None = None
+        self.key_endpoint: str | None = None
+        if keys is not None:
+            # The ZAP handler must exist before the first handshake, in this context.
+            self._zap = self._context.socket(zmq.REP)
+            self._zap.setsockopt(zmq.LINGER, 0)
+            self._zap.bind(ZAP_ENDPOINT)
+            self._router.setsockopt(zmq.CURVE_SERVER, 1)
+            self._router.setsockopt(zmq.CURVE_SECRETKEY, keys.secret.encode("ascii"))
+            self._router.setsockopt(zmq.CURVE_PUBLICKEY, keys.public.encode("ascii"))
+            if key_bind is not None:
+                self._key_socket = self._context.socket(zmq.ROUTER)
+                self._key_socket.setsockopt(zmq.LINGER, 0)
+                self._key_socket.setsockopt(zmq.MAXMSGSIZE, 256)
+                self._key_socket.bind(key_bind)
+                self.key_endpoint = self._key_socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._router.bind(bind)
         self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -72,11 +100,18 @@ class BrokerServer:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
+        for extra in (self._zap, self._key_socket):
+            if extra is not None:
+                poller.register(extra, zmq.POLLIN)
         next_expiry = self._clock() + TICK_MS
         try:
             while not self._stopping:
                 ready = dict(poller.poll(TICK_MS))
                 outgoing: list[Outgoing] = []
+                if self._zap is not None and self._zap in ready:
+                    self._answer_zap()
+                if self._key_socket is not None and self._key_socket in ready:
+                    self._answer_key_requests()
                 if self._monitor in ready:
                     outgoing += self._drain_monitor()
                 if self._router in ready:
@@ -94,7 +129,32 @@ class BrokerServer:
         finally:
             self.close()
 
+    def _answer_zap(self) -> None:
+        while True:
+            try:
+                request = self._zap.recv_multipart(zmq.NOBLOCK)  # type: ignore[union-attr]
+            except zmq.Again:
+                return
+            self._zap.send_multipart(zap_reply(request))  # type: ignore[union-attr]
+
+    def _answer_key_requests(self) -> None:
+        assert self._key_socket is not None and self._keys is not None
+        for _ in range(BATCH):
+            try:
+                request = self._key_socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reply = key_reply(request, self._keys.public)
+            if reply is not None:
+                try:
+                    self._key_socket.send_multipart(reply, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    log.debug("key request dropped: the asker is not reading")
+
     def close(self) -> None:
+        for extra in (self._zap, self._key_socket):
+            if extra is not None:
+                extra.close(linger=0)
         self._router.disable_monitor()
         self._monitor.close(linger=0)
         self._router.close(linger=0)
@@ -109,13 +169,26 @@ class BrokerServer:
             frames, extra = self._recv_rest()
             peer = first.bytes
             now = self._clock()
+            user_key, address = self._credentials(first)
             outgoing += self._note_connection(peer, first, now)
             if extra:
                 log.info("dropped %d surplus frames from %s", extra, peer.hex())
             if len(frames) > 1 and frames[1] == Receipt.COMMAND.encode():
                 self._crash.reached("before_receipt")
-            outgoing += self.core.handle_frames(peer, frames, now)
+            outgoing += self.core.handle_frames(peer, frames, now, user_key, address)
         return outgoing
+
+    def _credentials(self, frame: zmq.Frame) -> tuple[str | None, str]:
+        """The authenticated key (ZAP User-Id) and IP address a message came with."""
+        user_key: str | None = None
+        address = ""
+        try:
+            if self._keys is not None:
+                user_key = str(frame.get("User-Id")) or None
+            address = str(frame.get("Peer-Address"))
+        except zmq.ZMQError:
+            pass  # no such property: fail closed on the key, no address for limits
+        return user_key, address
 
     def _recv_rest(self) -> tuple[list[bytes], int]:
         # A hostile peer can send a million empty frames; keep only what could be valid.

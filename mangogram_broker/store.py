@@ -69,6 +69,9 @@ class Store(Protocol):
         self, key: str, peer_key: str, before: int | None, limit: int
     ) -> list[StoredMessage]: ...
     def prune(self, now: int, max_age_ms: int | None, keep_per_user: int | None) -> int: ...
+    def name_owner(self, key: str) -> str | None: ...
+    def claim_name(self, key: str, public_key: str, now: int) -> None: ...
+    def release_name(self, key: str) -> bool: ...
     def commit(self) -> None: ...
     def close(self) -> None: ...
 
@@ -81,7 +84,17 @@ class MemoryStore:
         self._messages: dict[int, StoredMessage] = {}
         self._by_client: dict[tuple[str, str], int] = {}
         self._last_seq: dict[str, int] = {}
+        self._owners: dict[str, str] = {}
         self._next_id = 1
+
+    def name_owner(self, key: str) -> str | None:
+        return self._owners.get(key)
+
+    def claim_name(self, key: str, public_key: str, now: int) -> None:
+        self._owners[key] = public_key
+
+    def release_name(self, key: str) -> bool:
+        return self._owners.pop(key, None) is not None
 
     def remember_user(self, key: str, name: str, now: int) -> None:
         self._users[key] = name
@@ -244,6 +257,14 @@ _SCHEMA = [
         last_seq INTEGER NOT NULL
     );
     """,
+    # version 2: names belong to the CurveZMQ key that first registered them
+    """
+    CREATE TABLE name_owners (
+        key TEXT PRIMARY KEY,
+        public_key TEXT NOT NULL,
+        claimed_ms INTEGER NOT NULL
+    );
+    """,
 ]
 
 _COLUMNS = (
@@ -275,6 +296,8 @@ class SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # An admin command may write while the broker runs; wait for each other briefly.
+        self._db.execute("PRAGMA busy_timeout=5000")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -324,6 +347,24 @@ class SqliteStore:
 
     def lookup_user(self, key: str) -> str | None:
         return self._users.get(key)
+
+    def name_owner(self, key: str) -> str | None:
+        # Not cached: an operator may release a name while the broker runs.
+        row = self._db.execute(
+            "SELECT public_key FROM name_owners WHERE key = ?", (key,)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def claim_name(self, key: str, public_key: str, now: int) -> None:
+        self._write().execute(
+            "INSERT INTO name_owners (key, public_key, claimed_ms) VALUES (?, ?, ?)",
+            (key, public_key, now),
+        )
+
+    def release_name(self, key: str) -> bool:
+        removed = self._write().execute("DELETE FROM name_owners WHERE key = ?", (key,)).rowcount
+        self.commit()
+        return bool(removed)
 
     def find(self, sender_key: str, client_id: str) -> StoredMessage | None:
         row = self._db.execute(

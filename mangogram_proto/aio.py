@@ -9,16 +9,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from .backoff import Backoff
 from .constants import DEFAULT_ENDPOINT
 from .errors import RemoteProtocolError
 from .events import ConnectionLost, Event, LoggedIn, LoginRefused
+from .keys import (
+    KeyPair,
+    Security,
+    ServerKeyError,
+    TrustPrompt,
+    handshake_failure_message,
+    resolve_security,
+)
 from .session import ClientSession, State
-from .transport import configure_dealer, wall_clock_ms
+from .transport import WATCHED_EVENTS, HandshakeWatch, configure_dealer, wall_clock_ms
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +48,23 @@ class AsyncConnection:
         endpoint: str = DEFAULT_ENDPOINT,
         *,
         backoff: Backoff | None = None,
+        server_key: str | None = None,
+        identity: KeyPair | Path | None = None,
+        plaintext: bool | None = None,
+        trust_new_server: TrustPrompt | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._security_options: dict[str, Any] = {
+            "server_key": server_key,
+            "identity": identity,
+            "plaintext": plaintext,
+            "trust_new_server": trust_new_server,
+        }
+        self.security: Security | None = None
+        # Set when the connection gave up for good: the broker's key is not the expected one.
+        self.failure: ServerKeyError | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._watch = HandshakeWatch()
         self.session = ClientSession(name)
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.refused: LoginRefused | None = None
@@ -80,14 +106,46 @@ class AsyncConnection:
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Connect, log in and keep the session alive until `stop()` or a refused login."""
+        """Connect, log in and keep the session alive until `stop()`, a refused login, or
+        a broker whose key is not the expected one (then `failure` says why).
+
+        Raises:
+            ServerKeyError: the broker's key could not be learned at all.
+            KeyFileError: our identity file is broken or readable by others.
+        """
         context = zmq.asyncio.Context.instance()
+        # Learning a new server's key is a blocking round trip: keep it off the loop.
+        self.security = await asyncio.to_thread(
+            resolve_security, self.endpoint, **self._security_options
+        )
         try:
             await self._serve(context)
+        except ServerKeyError as exc:
+            self.failure = exc
+            self.session.state = State.CLOSED
+            self.events.put_nowait(LoginRefused("server_key", str(exc)))
         finally:
-            if self._socket is not None:
-                self._socket.close(linger=0)
-                self._socket = None
+            self._close_socket()
+
+    def _close_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.disable_monitor()
+            self._socket.close(linger=0)
+            self._socket = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    async def _check_handshakes(self) -> None:
+        assert self._monitor is not None
+        while await self._monitor.poll(0):
+            event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
+            if self._watch.note(int(event)):
+                raise ServerKeyError(
+                    handshake_failure_message(
+                        self.endpoint, self.security, self._watch.last_failure
+                    )
+                )
 
     async def _serve(self, context: zmq.asyncio.Context) -> None:
         self._open(context)
@@ -107,10 +165,13 @@ class AsyncConnection:
                 self._handle(event, now)
             await self._flush()
             wait_ms = self._wait_ms(now, leave_deadline)
-            if self._socket is None:
+            if self._socket is None or self._monitor is None:
                 await self._sleep_or_wake(wait_ms)
                 continue
-            poll = asyncio.ensure_future(self._socket.poll(wait_ms))
+            poller = zmq.asyncio.Poller()
+            poller.register(self._socket, zmq.POLLIN)
+            poller.register(self._monitor, zmq.POLLIN)
+            poll = asyncio.ensure_future(poller.poll(wait_ms))
             woken = asyncio.ensure_future(self._wakeup.wait())
             await asyncio.wait({poll, woken}, return_when=asyncio.FIRST_COMPLETED)
             woken.cancel()
@@ -118,7 +179,10 @@ class AsyncConnection:
             if not poll.done():
                 poll.cancel()
                 continue
-            if poll.result():
+            ready = dict(poll.result())
+            if self._monitor in ready:
+                await self._check_handshakes()
+            if self._socket in ready:
                 await self._drain()
 
     async def _sleep_or_wake(self, wait_ms: int) -> None:
@@ -134,7 +198,9 @@ class AsyncConnection:
         return min(candidates)
 
     def _open(self, context: zmq.asyncio.Context) -> None:
-        self._socket = configure_dealer(context.socket(zmq.DEALER), self.endpoint)
+        socket = context.socket(zmq.DEALER)
+        self._monitor = socket.get_monitor_socket(WATCHED_EVENTS)
+        self._socket = configure_dealer(socket, self.endpoint, self.security)
         self._reconnect_at = None
         self.session.connect(wall_clock_ms())
 
@@ -173,8 +239,6 @@ class AsyncConnection:
             delay = self._backoff.next_delay_ms()
             log.info("%s; reconnecting in %d ms", event.reason, delay)
             self.reconnecting = True
-            if self._socket is not None:
-                self._socket.close(linger=0)
-                self._socket = None
+            self._close_socket()
             self._reconnect_at = now + delay
         self.events.put_nowait(event)

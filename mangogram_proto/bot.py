@@ -22,12 +22,15 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 from .aio import AsyncConnection
 from .backoff import Backoff
 from .constants import DEFAULT_ENDPOINT
 from .errors import BrokerRefused
 from .events import Event, IncomingMessage, LoggedIn
+from .keys import KeyPair
 from .session import ClientSession
 
 log = logging.getLogger(__name__)
@@ -56,10 +59,18 @@ class Bot:
         endpoint: str = DEFAULT_ENDPOINT,
         *,
         backoff: Backoff | None = None,
+        server_key: str | None = None,
+        identity: KeyPair | Path | None = None,
+        plaintext: bool | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._name = name
         self._backoff = backoff
+        self._security: dict[str, Any] = {
+            "server_key": server_key,
+            "identity": identity,
+            "plaintext": plaintext,
+        }
         self._message_handlers: list[MessageHandler] = []
         self._event_handlers: list[EventHandler] = []
         self._connection: AsyncConnection | None = None
@@ -113,8 +124,11 @@ class Bot:
 
         Raises:
             BrokerRefused: the broker refused the bot's name.
+            ServerKeyError: the broker's key is unknown or not the expected one.
         """
-        connection = AsyncConnection(self._name, self.endpoint, backoff=self._backoff)
+        connection = AsyncConnection(
+            self._name, self.endpoint, backoff=self._backoff, **self._security
+        )
         self._connection = connection
         worker = asyncio.create_task(self._run_handlers(connection))
         try:
@@ -122,6 +136,8 @@ class Bot:
         finally:
             worker.cancel()
             await asyncio.gather(worker, return_exceptions=True)
+        if connection.failure is not None:
+            raise connection.failure
         if connection.refused is not None:
             raise BrokerRefused(connection.refused.code, connection.refused.message)
 

@@ -16,9 +16,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from .backoff import Backoff
 from .constants import DEFAULT_ENDPOINT
@@ -34,8 +36,16 @@ from .events import (
     MessageFailed,
     OnlineUsers,
 )
+from .keys import (
+    KeyPair,
+    Security,
+    ServerKeyError,
+    TrustPrompt,
+    handshake_failure_message,
+    resolve_security,
+)
 from .session import ClientSession, State
-from .transport import configure_dealer, wall_clock_ms
+from .transport import WATCHED_EVENTS, HandshakeWatch, configure_dealer, wall_clock_ms
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +69,22 @@ class Client:
         context: zmq.Context[Any] | None = None,
         clock: Callable[[], int] = wall_clock_ms,
         backoff: Backoff | None = None,
+        server_key: str | None = None,
+        identity: KeyPair | Path | None = None,
+        plaintext: bool | None = None,
+        trust_new_server: TrustPrompt | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._security_options: dict[str, Any] = {
+            "server_key": server_key,
+            "identity": identity,
+            "plaintext": plaintext,
+            "trust_new_server": trust_new_server,
+        }
+        self.security: Security | None = None
+        self._security_resolved = False
+        self._monitor: zmq.Socket[bytes] | None = None
+        self._watch = HandshakeWatch()
         self.session = ClientSession(name)
         self._context = context or zmq.Context.instance()
         self._clock = clock
@@ -100,6 +124,7 @@ class Client:
 
         Raises:
             BrokerRefused: the broker refused the name (`name_taken`, `name_invalid`...).
+            ServerKeyError: the broker's key is unknown or not the expected one.
             TimeoutError: no broker answered within `timeout` seconds.
         """
         self._logged_in = None
@@ -119,9 +144,7 @@ class Client:
             self.session.leave(self._clock())
             self._pump(timeout, lambda: self.session.state is State.CLOSED)
         self.session.state = State.CLOSED
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+        self._close_socket()
 
     # Messaging
 
@@ -207,9 +230,36 @@ class Client:
     # The engine
 
     def _open(self, now: int) -> None:
-        self._socket = configure_dealer(self._context.socket(zmq.DEALER), self.endpoint)
+        if not self._security_resolved:
+            self.security = resolve_security(self.endpoint, **self._security_options)
+            self._security_resolved = True
+        socket = self._context.socket(zmq.DEALER)
+        self._monitor = socket.get_monitor_socket(WATCHED_EVENTS)
+        self._socket = configure_dealer(socket, self.endpoint, self.security)
         self._reconnect_at = None
         self.session.connect(now)
+
+    def _close_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.disable_monitor()
+            self._socket.close(linger=0)
+            self._socket = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def _check_handshakes(self) -> None:
+        assert self._monitor is not None
+        while self._monitor.poll(0):
+            event = parse_monitor_message(self._monitor.recv_multipart())["event"]
+            if self._watch.note(int(event)):
+                self._close_socket()
+                self.session.state = State.CLOSED
+                raise ServerKeyError(
+                    handshake_failure_message(
+                        self.endpoint, self.security, self._watch.last_failure
+                    )
+                )
 
     def _flush(self) -> None:
         if self._socket is None:
@@ -239,8 +289,15 @@ class Client:
             expired = wait_ms < 0
             # Even with no time left, take what already arrived (timeout=0 is a poll).
             wait_ms = max(wait_ms, 0)
-            if self._socket is not None and self._socket.poll(wait_ms):
-                self._drain()
+            if self._socket is not None and self._monitor is not None:
+                poller = zmq.Poller()
+                poller.register(self._socket, zmq.POLLIN)
+                poller.register(self._monitor, zmq.POLLIN)
+                ready = dict(poller.poll(wait_ms))
+                if self._monitor in ready:
+                    self._check_handshakes()
+                if self._socket in ready:
+                    self._drain()
             elif self._socket is None and wait_ms:
                 time.sleep(wait_ms / 1000)  # waiting out a reconnect backoff, no socket
             if expired:
@@ -297,9 +354,7 @@ class Client:
         elif isinstance(event, ConnectionLost):
             delay = self._backoff.next_delay_ms()
             log.warning("%s; reconnecting in %d ms", event.reason, delay)
-            if self._socket is not None:
-                self._socket.close(linger=0)
-                self._socket = None
+            self._close_socket()
             self._reconnect_at = now + delay
         self._events.append(event)
 

@@ -20,6 +20,8 @@ class ErrorCode(StrEnum):
     ALREADY_LOGGED_IN = "already_logged_in"
     NAME_INVALID = "name_invalid"
     NAME_TAKEN = "name_taken"
+    NAME_OWNED = "name_owned"
+    SERVER_FULL = "server_full"
     UNKNOWN_RECIPIENT = "unknown_recipient"
     MAILBOX_FULL = "mailbox_full"
     RATE_LIMITED = "rate_limited"

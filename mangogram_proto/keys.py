@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from zmq.utils import z85
 
 # The plaintext key-discovery exchange: request [KEY_SIGNATURE, b"KEY"], answer
 # [KEY_SIGNATURE, b"KEY", public key in Z85].
+log = logging.getLogger(__name__)
+
 KEY_SIGNATURE = b"MGK01"
 KEY_COMMAND = b"KEY"
 
@@ -136,6 +140,8 @@ class KnownServers:
 def key_endpoint_for(endpoint: str) -> str:
     """The key-discovery endpoint beside a broker endpoint: the next TCP port."""
     head, _, port = endpoint.rpartition(":")
+    if port == "*" and head.startswith("tcp://"):
+        return endpoint
     if not port.isdigit() or not head.startswith("tcp://"):
         raise ValueError(f"cannot derive a key endpoint from {endpoint!r}; give it explicitly")
     return f"{head}:{int(port) + 1}"
@@ -168,3 +174,115 @@ def fetch_server_key(
     if not is_valid_key(key):
         raise KeyFileError(f"{key_endpoint} sent a malformed key")
     return key
+
+
+class ServerKeyError(Exception):
+    """The broker's key could not be learned, does not match the pinned one, or the
+    broker refused our handshake. The message says what to do."""
+
+
+@dataclass(frozen=True)
+class Security:
+    """What a client needs for CurveZMQ: whom it trusts and who it is."""
+
+    server_key: str
+    identity: KeyPair
+
+
+def user_config_dir() -> Path:
+    """Where clients keep their identity and pinned keys (MANGOGRAM_CONFIG_DIR wins)."""
+    override = os.environ.get("MANGOGRAM_CONFIG_DIR")
+    if override:
+        return Path(override)
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("mangogram", appauthor=False))
+
+
+def plaintext_requested() -> bool:
+    """True when MANGOGRAM_INSECURE_PLAINTEXT asks for the development mode."""
+    return os.environ.get("MANGOGRAM_INSECURE_PLAINTEXT", "") not in ("", "0")
+
+
+TrustPrompt = Callable[[str, str, str], bool]
+
+
+def resolve_security(
+    endpoint: str,
+    *,
+    server_key: str | None = None,
+    identity: KeyPair | Path | None = None,
+    plaintext: bool | None = None,
+    key_endpoint: str | None = None,
+    trust_new_server: TrustPrompt | None = None,
+    config_dir: Path | None = None,
+) -> Security | None:
+    """Decide how to talk to `endpoint`: None for plaintext (development), else the keys.
+
+    The server key is, in order: `server_key` (or MANGOGRAM_SERVER_KEY); the key pinned for
+    this endpoint in `known_servers`; or, trusted on first use, the key the broker's
+    key-discovery endpoint announces, if `trust_new_server(endpoint, key, fingerprint)`
+    agrees (default: accept and log the fingerprint). A newly trusted key is pinned.
+    The identity is `identity`, else MANGOGRAM_IDENTITY, else `identity.json` in the
+    config dir, created on first use.
+
+    Raises:
+        ServerKeyError: no usable server key.
+        KeyFileError: an identity file is broken or readable by others.
+    """
+    if plaintext is None:
+        plaintext = plaintext_requested()
+    if plaintext:
+        return None
+    directory = config_dir or user_config_dir()
+    if isinstance(identity, KeyPair):
+        pair = identity
+    else:
+        path = identity or Path(os.environ.get("MANGOGRAM_IDENTITY") or directory / "identity.json")
+        pair, created = load_or_create_keypair(Path(path))
+        if created:
+            log.info("created your identity key in %s", path)
+    explicit = server_key or os.environ.get("MANGOGRAM_SERVER_KEY")
+    if explicit:
+        if not is_valid_key(explicit):
+            raise ServerKeyError("the server key must be 40 characters of Z85 text")
+        return Security(explicit, pair)
+    known = KnownServers(directory / "known_servers")
+    pinned = known.lookup(endpoint)
+    if pinned is not None:
+        return Security(pinned, pair)
+    where = key_endpoint or os.environ.get("MANGOGRAM_KEY_ENDPOINT") or key_endpoint_for(endpoint)
+    try:
+        announced = fetch_server_key(where)
+    except (TimeoutError, KeyFileError) as exc:
+        raise ServerKeyError(
+            f"cannot learn the key of {endpoint}: {exc}. Give it with --server-key or"
+            " MANGOGRAM_SERVER_KEY (the broker logs it at start)"
+        ) from exc
+    accept = trust_new_server or _accept_and_log
+    if not accept(endpoint, announced, fingerprint(announced)):
+        raise ServerKeyError(f"you did not trust the key of {endpoint}")
+    known.pin(endpoint, announced)
+    return Security(announced, pair)
+
+
+def _accept_and_log(endpoint: str, key: str, print_: str) -> bool:
+    log.warning("trusting %s on first use: key fingerprint %s (pinned)", endpoint, print_)
+    return True
+
+
+def handshake_failure_message(endpoint: str, security: Security | None, event: int) -> str:
+    """A person-readable account of a failed CurveZMQ handshake."""
+    if security is None:
+        return (
+            f"the broker at {endpoint} requires encryption; drop the plaintext setting"
+            " (MANGOGRAM_INSECURE_PLAINTEXT / --insecure-plaintext)"
+        )
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return f"the broker at {endpoint} refused our key"
+    return (
+        f"the broker at {endpoint} does not hold the expected key"
+        f" {fingerprint(security.server_key)}. If its key really changed, remove its line from"
+        f" {user_config_dir() / 'known_servers'} or pass the new key with --server-key;"
+        " otherwise someone may be impersonating it"
+    )

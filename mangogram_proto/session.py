@@ -90,6 +90,8 @@ _FINAL_SEND_ERRORS = frozenset(
 _LOGIN_ERRORS = frozenset(
     {
         ErrorCode.NAME_TAKEN.value,
+        ErrorCode.NAME_OWNED.value,
+        ErrorCode.SERVER_FULL.value,
         ErrorCode.NAME_INVALID.value,
         ErrorCode.UNSUPPORTED_VERSION.value,
         ErrorCode.ROUTING_ID_REFUSED.value,

@@ -7,6 +7,8 @@ from typing import Any, TypeVar
 
 import zmq
 
+from .keys import Security
+
 SocketT = TypeVar("SocketT", bound=zmq.Socket[Any])
 
 
@@ -15,14 +17,48 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def configure_dealer(socket: SocketT, endpoint: str) -> SocketT:
+HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+def configure_dealer(socket: SocketT, endpoint: str, security: Security | None) -> SocketT:
     """Set a DEALER up for talking to a broker and connect it.
 
-    No routing id is set (the broker refuses client-chosen ones); linger is 0 so a
-    dead broker never blocks closing; reconnects back off up to 2 s.
+    With `security`, CurveZMQ encrypts and authenticates both ends. No routing id is set
+    (the broker refuses client-chosen ones); linger is 0 so a dead broker never blocks
+    closing; reconnects back off up to 2 s.
     """
+    if security is not None:
+        socket.setsockopt(zmq.CURVE_SERVERKEY, security.server_key.encode("ascii"))
+        socket.setsockopt(zmq.CURVE_PUBLICKEY, security.identity.public.encode("ascii"))
+        socket.setsockopt(zmq.CURVE_SECRETKEY, security.identity.secret.encode("ascii"))
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RECONNECT_IVL, 100)
     socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     socket.connect(endpoint)
     return socket
+
+
+WATCHED_EVENTS = HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED
+# One failed handshake can be a broker dying mid-handshake; two in a row are a verdict.
+FAILURES_BEFORE_GIVING_UP = 2
+
+
+class HandshakeWatch:
+    """Reads a socket monitor's events and decides when handshakes keep failing."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.last_failure = 0
+
+    def note(self, event: int) -> bool:
+        """Record one monitor event; True once the client should give up."""
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.failures = 0
+        elif event & HANDSHAKE_FAILURES:
+            self.failures += 1
+            self.last_failure = event
+        return self.failures >= FAILURES_BEFORE_GIVING_UP

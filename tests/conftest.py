@@ -16,6 +16,11 @@ import pytest
 import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Most tests exercise routing, not cryptography: they run the broker and the SDK in the
+# loopback-only plaintext mode. The security tests (test_security.py, test_container.py)
+# remove this and use the encrypted default.
+os.environ["MANGOGRAM_INSECURE_PLAINTEXT"] = "1"
 LISTENING = re.compile(r"listening on (tcp://\S+)")
 STARTUP_TIMEOUT_S = 20
 

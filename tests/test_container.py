@@ -29,6 +29,8 @@ from typing import IO
 import pytest
 import zmq
 
+from mangogram_proto.keys import fetch_server_key
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +39,8 @@ STARTUP_TIMEOUT_S = 15.0
 REPLY_TIMEOUT_MS = 3000
 STOP_TIMEOUT_S = 2.0
 PROBE_TIMEOUT_S = 15.0
-LISTENING = re.compile(r"MangoGram broker listening on (\S+) \(data in (.+)\)")
+LISTENING = re.compile(r"MangoGram broker listening on (\S+) \(data in (.+?)[,)]")
+KEY_DISCOVERY = re.compile(r"key discovery on (\S+)")
 
 
 # The Dockerfile, read just far enough for the instructions we run.
@@ -130,6 +133,7 @@ def free_port() -> int:
 class RunningBroker:
     process: subprocess.Popen[str]
     endpoint: str
+    key_endpoint: str
     data_dir: Path
     stderr: list[str]
 
@@ -170,7 +174,11 @@ def wait_for_line(
 def broker(tmp_path: Path) -> Iterator[RunningBroker]:
     data_dir = tmp_path / "data"
     # Port `*` lets the OS pick a free port with no race; the broker logs the one it got.
-    env = image_environment(MANGOGRAM_BIND="tcp://127.0.0.1:*", MANGOGRAM_DATA=str(data_dir))
+    env = image_environment(
+        MANGOGRAM_BIND="tcp://127.0.0.1:*",
+        MANGOGRAM_KEY_BIND="tcp://127.0.0.1:*",
+        MANGOGRAM_DATA=str(data_dir),
+    )
     process = subprocess.Popen(
         on_this_machine(dockerfile_cmd()),
         cwd=ROOT,
@@ -185,8 +193,9 @@ def broker(tmp_path: Path) -> Iterator[RunningBroker]:
     reader.start()
     seen: list[str] = []
     try:
+        keys = wait_for_line(process, lines, seen, KEY_DISCOVERY, STARTUP_TIMEOUT_S)
         ready = wait_for_line(process, lines, seen, LISTENING, STARTUP_TIMEOUT_S)
-        yield RunningBroker(process, ready.group(1), data_dir, seen)
+        yield RunningBroker(process, ready.group(1), keys.group(1), data_dir, seen)
     finally:
         if process.poll() is None:
             process.kill()
@@ -196,11 +205,17 @@ def broker(tmp_path: Path) -> Iterator[RunningBroker]:
         process.stderr.close()
 
 
-def ping(endpoint: str) -> list[bytes]:
-    """One PING from a client that never logged in; the broker's reply frames."""
+def ping(endpoint: str, key_endpoint: str) -> list[bytes]:
+    """One encrypted PING from a client that never logged in; the broker's reply frames.
+    The broker's key comes from its key-discovery port, as a first-time client learns it."""
+    server_key = fetch_server_key(key_endpoint)
+    public, secret = zmq.curve_keypair()
     context = zmq.Context()
     try:
         with context.socket(zmq.DEALER) as dealer:
+            dealer.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode())
+            dealer.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            dealer.setsockopt(zmq.CURVE_SECRETKEY, secret)
             dealer.setsockopt(zmq.LINGER, 0)
             dealer.setsockopt(zmq.RCVTIMEO, REPLY_TIMEOUT_MS)
             dealer.connect(endpoint)
@@ -210,11 +225,11 @@ def ping(endpoint: str) -> list[bytes]:
         context.term()
 
 
-def run_healthcheck(bind: str) -> subprocess.CompletedProcess[str]:
+def run_healthcheck(key_bind: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         on_this_machine(dockerfile_healthcheck()),
         cwd=ROOT,
-        env=image_environment(MANGOGRAM_BIND=bind),
+        env=image_environment(MANGOGRAM_KEY_BIND=key_bind),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -223,9 +238,9 @@ def run_healthcheck(bind: str) -> subprocess.CompletedProcess[str]:
 
 
 def as_in_container(endpoint: str) -> str:
-    """The image's MANGOGRAM_BIND (tcp://0.0.0.0:5555) moved to the port `endpoint` uses."""
+    """The image's MANGOGRAM_KEY_BIND (tcp://0.0.0.0:5556) moved to `endpoint`'s port."""
     port = endpoint.rsplit(":", 1)[1]
-    return dockerfile_env()["MANGOGRAM_BIND"].rsplit(":", 1)[0] + ":" + port
+    return dockerfile_env()["MANGOGRAM_KEY_BIND"].rsplit(":", 1)[0] + ":" + port
 
 
 # The tests.
@@ -236,7 +251,7 @@ def test_image_cmd_starts_a_broker_that_answers_and_stops_cleanly_on_sigterm(
 ) -> None:
     assert broker.endpoint.startswith("tcp://127.0.0.1:")
 
-    frames = ping(broker.endpoint)
+    frames = ping(broker.endpoint, broker.key_endpoint)
 
     assert len(frames) == 3, frames
     assert frames[0] == b"MGP01"
@@ -252,11 +267,13 @@ def test_image_environment_points_the_broker_at_the_volume_and_all_interfaces() 
     env = dockerfile_env()
 
     assert env["MANGOGRAM_BIND"] == "tcp://0.0.0.0:5555"
+    assert env["MANGOGRAM_KEY_BIND"] == "tcp://0.0.0.0:5556"
+    assert "MANGOGRAM_INSECURE_PLAINTEXT" not in env  # the image encrypts
     assert env["MANGOGRAM_DATA"] == "/data"
 
 
 def test_healthcheck_passes_against_a_live_broker(broker: RunningBroker) -> None:
-    result = run_healthcheck(as_in_container(broker.endpoint))
+    result = run_healthcheck(as_in_container(broker.key_endpoint))
 
     assert result.returncode == 0, result.stderr
 

@@ -113,6 +113,6 @@ def test_schema_is_versioned(tmp_path):
     path = tmp_path / "v.sqlite3"
     SqliteStore(path).close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import TextIO
 
 from mangogram_proto import BrokerRefused, Client, LocalProtocolError
+from mangogram_proto.keys import KeyFileError, ServerKeyError
 from mangogram_proto.events import IncomingMessage, MessageAccepted, MessageFailed
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ def send_one(server: str, name: str, to: str, text: str) -> int:
     except BrokerRefused as exc:
         print(f"mangogram: {exc.message}", file=sys.stderr)
         return 1
-    except (TimeoutError, LocalProtocolError) as exc:
+    except (TimeoutError, LocalProtocolError, ServerKeyError, KeyFileError) as exc:
         print(f"mangogram: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -71,7 +72,7 @@ def listen(server: str, name: str, as_json: bool, out: TextIO = sys.stdout) -> i
     except BrokerRefused as exc:
         print(f"mangogram: {exc.message}", file=sys.stderr)
         return 1
-    except TimeoutError as exc:
+    except (TimeoutError, ServerKeyError, KeyFileError) as exc:
         print(f"mangogram: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -101,6 +102,6 @@ def send_lines(server: str, name: str, to: str, lines: Iterable[str]) -> int:
     except BrokerRefused as exc:
         print(f"mangogram: {exc.message}", file=sys.stderr)
         return 1
-    except TimeoutError as exc:
+    except (TimeoutError, ServerKeyError, KeyFileError) as exc:
         print(f"mangogram: {exc}", file=sys.stderr)
         return 1

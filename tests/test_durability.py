@@ -171,7 +171,7 @@ def listener(broker: BrokerProcess, tmp_path: Path) -> subprocess.Popen:
         [sys.executable, str(ROOT / "client.py"), "--server", broker.endpoint,
          "--name", "logger", "--listen", "--json"],
         env={"MANGOGRAM_CONFIG_DIR": str(tmp_path / "cfg"), "PATH": "/usr/bin:/bin",
-             "PYTHONPATH": str(ROOT)},
+             "PYTHONPATH": str(ROOT), "MANGOGRAM_INSECURE_PLAINTEXT": "1"},
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, encoding="utf-8",
     )  # fmt: skip

@@ -71,7 +71,7 @@ from mangogram_proto.names import name_key, validate_name
 from mangogram_proto.ratelimit import TokenBucket
 
 from .registry import Registry, Session
-from .store import MemoryStore, Store, StoredMessage
+from .store import MemoryStore, Store, StoredMessage, parse_broker_id
 
 log = logging.getLogger(__name__)
 
@@ -366,8 +366,8 @@ class BrokerCore:
                 session.peer,
                 now,
                 ErrorCode.MAILBOX_FULL,
-                f"{recipient_name}'s mailbox is full ({self.limits.max_mailbox} waiting);"
-                " try again later",
+                f"{recipient_name}'s mailbox is full ({self.limits.max_mailbox} messages"
+                " waiting); it must be read before more can be sent",
                 send.id,
             )
         stored = self.store.append(
@@ -401,25 +401,27 @@ class BrokerCore:
         return out + self._fill_window(session, now, delayed=False)
 
     def _read(self, session: Session, read: Read, now: int) -> list[Outgoing]:
+        # Seen implies received: confirm it first, in case the RECEIPT is still on its way.
+        out = self._receipt(session, Receipt(read.broker_id), now)
         message = self.store.mark_read(session.key, read.broker_id, now)
         if message is None:
-            return []
+            return out
         sender = self.registry.by_key(message.sender_key)
         if sender is None:
-            return []
+            return out
         seen = Seen(message.client_id, message.broker_id, session.name, now)
-        return [Outgoing(sender.peer, seen)]
+        return [*out, Outgoing(sender.peer, seen)]
 
     def _history(self, session: Session, request: History, now: int) -> list[Outgoing]:
         if request.limit <= 0:
             return self._error(session.peer, now, ErrorCode.MALFORMED, "limit must be positive")
         before: int | None = None
         if request.before is not None:
-            if not request.before.isdigit() or len(request.before) > 18:
+            before = parse_broker_id(request.before)
+            if before is None:
                 return self._error(
                     session.peer, now, ErrorCode.MALFORMED, "before must be a broker id"
                 )
-            before = int(request.before)
         limit = min(request.limit, self.limits.max_history_page)
         # The requester is always one side: nobody can read a conversation they are not in.
         rows = self.store.history(session.key, name_key(request.peer), before, limit + 1)

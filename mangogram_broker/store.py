@@ -22,6 +22,14 @@ from typing import Any, Literal, Protocol
 Durability = Literal["full", "normal"]
 
 
+def parse_broker_id(text: str) -> int | None:
+    """The message number in a broker id, or None if `text` is not one. Only ASCII
+    digits count: str.isdigit() also accepts "²" and "١", which int() then refuses."""
+    if not (0 < len(text) <= 18 and text.isascii() and text.isdigit()):
+        return None
+    return int(text)
+
+
 @dataclass(frozen=True)
 class StoredMessage:
     broker_id: str
@@ -145,9 +153,10 @@ class MemoryStore:
         return found[:limit]
 
     def _get(self, recipient_key: str, broker_id: str) -> StoredMessage | None:
-        if not broker_id.isdigit():
+        number = parse_broker_id(broker_id)
+        if number is None:
             return None
-        message = self._messages.get(int(broker_id))
+        message = self._messages.get(number)
         if message is None or message.recipient_key != recipient_key:
             return None
         return message
@@ -169,7 +178,7 @@ class MemoryStore:
         message = self._get(recipient_key, broker_id)
         if message is None or message.read_at is not None:
             return None
-        read = replace(message, read_at=now, delivered_at=message.delivered_at or now)
+        read = replace(message, read_at=now)
         self._messages[int(broker_id)] = read
         return read
 
@@ -419,11 +428,12 @@ class SqliteStore:
         return [_row(r) for r in rows]
 
     def _get(self, recipient_key: str, broker_id: str) -> StoredMessage | None:
-        if not broker_id.isdigit() or len(broker_id) > 18:
+        number = parse_broker_id(broker_id)
+        if number is None:
             return None
         row = self._db.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE id = ? AND recipient_key = ?",
-            (int(broker_id), recipient_key),
+            (number, recipient_key),
         ).fetchone()
         return _row(row) if row else None
 
@@ -447,12 +457,8 @@ class SqliteStore:
         message = self._get(recipient_key, broker_id)
         if message is None or message.read_at is not None:
             return None
-        delivered = message.delivered_at or now
-        self._write().execute(
-            "UPDATE messages SET read_at = ?, delivered_at = ? WHERE id = ?",
-            (now, delivered, int(broker_id)),
-        )
-        return replace(message, read_at=now, delivered_at=delivered)
+        self._write().execute("UPDATE messages SET read_at = ? WHERE id = ?", (now, int(broker_id)))
+        return replace(message, read_at=now)
 
     def receipts_owed(self, sender_key: str, limit: int) -> list[StoredMessage]:
         rows = self._db.execute(

@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from typing import TextIO
 
 from mangogram_proto import BrokerRefused, Client, LocalProtocolError
-from mangogram_proto.keys import KeyFileError, ServerKeyError
 from mangogram_proto.events import IncomingMessage, MessageAccepted, MessageFailed
+from mangogram_proto.keys import KeyFileError, ServerKeyError
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,7 @@ retention, over the broker core with both stores and no sockets."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -275,3 +276,29 @@ def test_keep_per_user_keeps_the_newest_confirmed(tmp_path):
         store.append("a", "a", "b", "b", "unconfirmed", "t", 9, 9)
         assert store.prune(1000, None, 2) == 3
         assert [m.text for m in store.history("a", "b", None, 10)] == ["t", "t4", "t3"]
+
+
+@pytest.mark.parametrize("bad", ["²", "١", "9" * 100])
+def test_odd_digit_broker_ids_get_no_crash(net, bad):
+    alice = net.join("alice")
+    for frames in (
+        [b"MGP01", b"RECEIPT", json.dumps({"broker_id": bad}).encode()],
+        [b"MGP01", b"READ", json.dumps({"broker_id": bad}).encode()],
+        [b"MGP01", b"HISTORY", json.dumps({"peer": "bob", "limit": 5, "before": bad}).encode()],
+    ):
+        net.raw(alice.peer, frames)  # must not raise
+    assert net.core.registry.by_key("alice") is not None
+
+
+def test_read_before_receipt_still_confirms_and_tells_the_sender(net):
+    alice = net.join("alice")
+    bob = net.join("bob")
+    message_id = alice.session.send_text("bob", "hi", net.now)
+    out = net.core.handle_frames(alice.peer, alice.session.data_to_send()[0], net.now)
+    (deliver,) = [o.message for o in out if isinstance(o.message, Deliver)]
+    net.route([o for o in out if not isinstance(o.message, Deliver)])
+    read = [b"MGP01", b"READ", json.dumps({"broker_id": deliver.broker_id}).encode()]
+    net.raw(bob.peer, read)
+    assert [d.id for d in alice.take(MessageDelivered)] == [message_id]
+    assert [r.id for r in alice.take(MessageRead)] == [message_id]
+    assert net.store.unconfirmed_count("bob") == 0

@@ -68,11 +68,18 @@ def test_receipts_owed_until_notified(store):
     assert store.receipts_owed("a", 10) == []
 
 
-def test_read_implies_delivered(store):
+def test_read_is_recorded_once(store):
     m = put(store, "a", "b", "x")
     read = store.mark_read("b", m.broker_id, 7)
-    assert read.read_at == 7 and read.delivered_at == 7
+    assert read.read_at == 7
     assert store.mark_read("b", m.broker_id, 8) is None
+
+
+@pytest.mark.parametrize("bad", ["²", "١٢", "9" * 40, "-1", "", "1.5", " 1"])
+def test_non_ascii_or_huge_broker_ids_are_refused_not_crashing(store, bad):
+    put(store, "a", "b", "x")
+    assert store.confirm("b", bad, 5) is None
+    assert store.mark_read("b", bad, 5) is None
 
 
 def test_users_are_remembered(store):

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
@@ -19,6 +21,15 @@ from rich.console import Console
 
 from mangogram_proto.aio import AsyncConnection
 from mangogram_proto.events import Closed, Event, LoggedIn, LoginRefused
+from mangogram_proto.keys import (
+    KeyFileError,
+    KnownServers,
+    fetch_server_key,
+    fingerprint,
+    key_endpoint_for,
+    plaintext_requested,
+    user_config_dir,
+)
 from mangogram_proto.names import name_key
 from mangogram_proto.transport import wall_clock_ms
 
@@ -90,7 +101,9 @@ class ChatApp:
         output: Output | None = None,
         remember: bool = True,
         ask_server: bool = False,
+        security: dict[str, Any] | None = None,
     ) -> None:
+        self._security = dict(security or {})
         self.server = server
         self._ask_server = ask_server
         self.name = name
@@ -102,6 +115,7 @@ class ChatApp:
         self.connection: AsyncConnection | None = None
         self._remember = remember
         self._closing = False
+        self.exit_code = 0
         self._patch_stdout = input is None
         self._prompt: PromptSession[str] = PromptSession(
             input=input,
@@ -129,7 +143,7 @@ class ChatApp:
         with context:
             connection, runner = await self._log_in()
             if connection is None or runner is None:
-                return 0
+                return self.exit_code
             pump = asyncio.create_task(self._pump_events(connection))
             try:
                 if self.initial_peer:
@@ -163,9 +177,11 @@ class ChatApp:
                 if not self.name:
                     continue
             self.show([SystemLine(wall_clock_ms(), f"connecting to {self.server} as {self.name}…")])
-            connection = AsyncConnection(self.name, self.server)
+            if not await self._trust_server():
+                return None, None
+            connection = AsyncConnection(self.name, self.server, **self._security)
             runner = asyncio.create_task(connection.run())
-            outcome = await self._await_login(connection)
+            outcome = await self._await_login(connection, runner)
             if isinstance(outcome, LoggedIn):
                 self.connection = connection
                 self.state.me = outcome.name
@@ -174,8 +190,9 @@ class ChatApp:
                 if self._remember:
                     save_remembered(self.server, outcome.name)
                 return connection, runner
-            await runner
-            if outcome is None:
+            with contextlib.suppress(Exception):
+                await runner
+            if outcome is None or connection.failure is not None:
                 return None, None
             self.show(
                 [SystemLine(wall_clock_ms(), f"{outcome.message} — try another name", "error")]
@@ -183,11 +200,57 @@ class ChatApp:
             self.default_name = self.name
             self.name = None
 
-    async def _await_login(self, connection: AsyncConnection) -> LoggedIn | LoginRefused | None:
+    async def _trust_server(self) -> bool:
+        """First connection to an encrypted broker: show its key's fingerprint and let the
+        user decide before pinning it (like ssh does for a new host)."""
+        if self._security.get("plaintext") or plaintext_requested():
+            return True
+        if self._security.get("server_key") or os.environ.get("MANGOGRAM_SERVER_KEY"):
+            return True
+        known = KnownServers(user_config_dir() / "known_servers")
+        if known.lookup(self.server) is not None:
+            return True
+        try:
+            key = await asyncio.to_thread(fetch_server_key, key_endpoint_for(self.server))
+        except (TimeoutError, KeyFileError, ValueError) as exc:
+            self.show(
+                [SystemLine(wall_clock_ms(), f"cannot learn the server's key: {exc}", "error")]
+            )
+            self.exit_code = 1
+            return False
+        self.show(
+            [
+                SystemLine(
+                    wall_clock_ms(),
+                    f"first connection to {self.server}; its key fingerprint is"
+                    f" {fingerprint(key)}. Compare it with the one the broker printed at start.",
+                )
+            ]
+        )
+        try:
+            answer = await self._prompt.prompt_async("trust this server and remember it? [y/N] ")
+        except (EOFError, KeyboardInterrupt):
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            self.show([SystemLine(wall_clock_ms(), "not trusted; nothing was sent", "error")])
+            self.exit_code = 1
+            return False
+        known.pin(self.server, key)
+        return True
+
+    async def _await_login(
+        self, connection: AsyncConnection, runner: asyncio.Task[None]
+    ) -> LoggedIn | LoginRefused | None:
         hinted = False
         loop = asyncio.get_running_loop()
         started = loop.time()
         while True:
+            if runner.done() and connection.events.empty():
+                error = runner.exception()
+                if error is not None:
+                    self.show([SystemLine(wall_clock_ms(), str(error), "error")])
+                    self.exit_code = 1
+                return None
             try:
                 event = await asyncio.wait_for(connection.events.get(), 1.0)
             except TimeoutError:
@@ -208,6 +271,9 @@ class ChatApp:
                 connection.stop()
                 raise
             if isinstance(event, LoggedIn | LoginRefused):
+                if connection.failure is not None:
+                    self.show([SystemLine(wall_clock_ms(), str(connection.failure), "error")])
+                    self.exit_code = 1
                 return event
 
     async def _pump_events(self, connection: AsyncConnection) -> None:

@@ -11,6 +11,13 @@ from pathlib import Path
 
 from mangogram_proto.bot import use_selector_loop_on_windows
 from mangogram_proto.constants import DEFAULT_ENDPOINT
+from mangogram_proto.keys import (
+    KeyFileError,
+    fingerprint,
+    load_or_create_keypair,
+    save_keypair,
+    user_config_dir,
+)
 
 from .settings import config_dir, load_config_file, load_remembered
 
@@ -19,6 +26,26 @@ interactive commands: /to NAME, @NAME text, /users, /help, /exit (or Ctrl-D / Ct
 settings: flags win over MANGOGRAM_SERVER / MANGOGRAM_NAME / MANGOGRAM_TO, which win over
 the config file (%s), which wins over the server and name remembered from last time.
 """
+
+
+def export_identity(source: Path | None, target: Path) -> int:
+    """Copy the identity key pair so the same name can be used on another machine."""
+    path = source or Path(
+        os.environ.get("MANGOGRAM_IDENTITY") or user_config_dir() / "identity.json"
+    )
+    try:
+        pair, _created = load_or_create_keypair(path)
+        save_keypair(target, pair)
+    except (KeyFileError, OSError) as exc:
+        print(f"mangogram: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"identity {fingerprint(pair.public)} written to {target}; keep it secret. On the other"
+        f" machine: client.py --identity {target.name} (or copy it to identity.json in its config"
+        " dir)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="your user name (asked for if missing)")
     parser.add_argument("--to", help="whom to talk to (opens that conversation)")
     parser.add_argument("--config", type=Path, help="config file (TOML with server, name, to)")
+    parser.add_argument(
+        "--server-key",
+        help="the broker's public key (Z85, as the broker logs it); default: the key pinned"
+        " for this server, or learned on first use after you check its fingerprint"
+        " [MANGOGRAM_SERVER_KEY]",
+    )
+    parser.add_argument(
+        "--identity",
+        type=Path,
+        help="your key pair file (default: identity.json in the config dir, created on first"
+        " run) [MANGOGRAM_IDENTITY]",
+    )
+    parser.add_argument(
+        "--export-identity",
+        metavar="FILE",
+        type=Path,
+        help="copy your identity to FILE (mode 0600) to use your name on another machine;"
+        " then exit",
+    )
+    parser.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="development only: talk to a plaintext broker on loopback"
+        " [MANGOGRAM_INSECURE_PLAINTEXT=1]",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--send", metavar="TEXT", help="send TEXT to --to and exit once accepted")
     mode.add_argument("--listen", action="store_true", help="print incoming messages; no prompt")
@@ -52,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     to = args.to or os.environ.get("MANGOGRAM_TO") or config.get("to")
     if args.json and not args.listen:
         parser.error("--json goes with --listen")
+    if args.export_identity is not None:
+        return export_identity(args.identity, args.export_identity)
+    security = {
+        "server_key": args.server_key,
+        "identity": args.identity,
+        "plaintext": True if args.insecure_plaintext else None,
+    }
 
     from . import scripting
 
@@ -59,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         if not name:
             parser.error("--name (or MANGOGRAM_NAME) is required without a terminal")
         if args.listen:
-            return scripting.listen(server, name, args.json)
+            return scripting.listen(server, name, args.json, security)
         if not to:
             parser.error("--to (or MANGOGRAM_TO) is required to send")
         if args.send is not None:
-            return scripting.send_one(server, name, to, args.send)
-        return scripting.send_lines(server, name, to, sys.stdin)
+            return scripting.send_one(server, name, to, args.send, security)
+        return scripting.send_lines(server, name, to, sys.stdin, security)
 
     from .app import ChatApp
 

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 from collections.abc import Iterable
-from typing import TextIO
+from typing import Any, TextIO
 
 from mangogram_proto import BrokerRefused, Client, LocalProtocolError
 from mangogram_proto.events import IncomingMessage, MessageAccepted, MessageFailed
@@ -18,10 +18,10 @@ log = logging.getLogger(__name__)
 ACK_TIMEOUT_S = 30.0
 
 
-def send_one(server: str, name: str, to: str, text: str) -> int:
+def send_one(server: str, name: str, to: str, text: str, security: dict[str, Any]) -> int:
     """Send `text` and exit 0 only once the broker acknowledged it."""
     try:
-        with Client(name, server) as client:
+        with Client(name, server, **security) as client:
             client.send(to, text, wait=True, timeout=ACK_TIMEOUT_S)
     except BrokerRefused as exc:
         print(f"mangogram: {exc.message}", file=sys.stderr)
@@ -46,7 +46,9 @@ def message_json(message: IncomingMessage) -> str:
     )
 
 
-def listen(server: str, name: str, as_json: bool, out: TextIO = sys.stdout) -> int:
+def listen(
+    server: str, name: str, as_json: bool, security: dict[str, Any], out: TextIO = sys.stdout
+) -> int:
     """Print every incoming message (one JSON object per line with `as_json`) until
     SIGINT/SIGTERM."""
     stopping = False
@@ -58,7 +60,7 @@ def listen(server: str, name: str, as_json: bool, out: TextIO = sys.stdout) -> i
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        with Client(name, server) as client:
+        with Client(name, server, **security) as client:
             print(f"listening as {client.name}", file=sys.stderr, flush=True)
             while not stopping:
                 message = client.receive(timeout=0.2)
@@ -78,10 +80,12 @@ def listen(server: str, name: str, as_json: bool, out: TextIO = sys.stdout) -> i
     return 0
 
 
-def send_lines(server: str, name: str, to: str, lines: Iterable[str]) -> int:
+def send_lines(
+    server: str, name: str, to: str, lines: Iterable[str], security: dict[str, Any]
+) -> int:
     """Send each non-empty line as a message to `to`; exit 0 once all were accepted."""
     try:
-        with Client(name, server) as client:
+        with Client(name, server, **security) as client:
             pending: set[str] = set()
             for line in lines:
                 text = line.rstrip("\r\n")

@@ -13,24 +13,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
+from mangogram_proto.keys import user_config_dir
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "mangogram"
-
 
 def config_dir() -> Path:
-    """The user config dir (`MANGOGRAM_CONFIG_DIR` overrides, e.g. for tests)."""
-    override = os.environ.get("MANGOGRAM_CONFIG_DIR")
-    if override:
-        return Path(override)
-    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False))
+    """The user config dir (`MANGOGRAM_CONFIG_DIR` overrides, e.g. for tests); the SDK keeps
+    the identity and pinned server keys there too."""
+    return user_config_dir()
 
 
 @dataclass

@@ -271,7 +271,12 @@ class BrokerCore:
             resumed = True
             log.info("%s resumed on a new connection", holder.name)
         session = Session(
-            peer=peer, key=key, name=name, resume_token=self._new_token(), last_seen_ms=now
+            peer=peer,
+            key=key,
+            name=name,
+            resume_token=self._new_token(),
+            last_seen_ms=now,
+            user_key=user_key,
         )
         others = self._online_names()
         self.registry.register(session)

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # remove this and use the encrypted default.
 os.environ["MANGOGRAM_INSECURE_PLAINTEXT"] = "1"
 LISTENING = re.compile(r"listening on (tcp://\S+)")
+PUBLIC_KEY = re.compile(r"public key (\S{40}) \(fingerprint (\S+)\)")
+KEY_DISCOVERY = re.compile(r"key discovery on (tcp://\S+)")
 STARTUP_TIMEOUT_S = 20
 
 
@@ -54,6 +56,9 @@ class BrokerProcess:
         self.lines: list[str] = []
         self._ready = threading.Event()
         self.endpoint = ""
+        self.public_key = ""
+        self.fingerprint = ""
+        self.key_endpoint = ""
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
             self.args,
@@ -75,6 +80,10 @@ class BrokerProcess:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line)
+            if key := PUBLIC_KEY.search(line):
+                self.public_key, self.fingerprint = key.group(1), key.group(2)
+            if discovery := KEY_DISCOVERY.search(line):
+                self.key_endpoint = discovery.group(1)
             match = LISTENING.search(line)
             if match and not self.endpoint:
                 self.endpoint = match.group(1)

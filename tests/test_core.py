@@ -357,3 +357,17 @@ def test_handoff_to_a_vanished_recipient_is_kept_for_its_next_login(net):
     net.reconnect(bob)
     assert [m.id for m in bob.take(IncomingMessage)] == [message_id]
     assert [d.id for d in alice.take(MessageDelivered)] == [message_id]
+
+
+def test_with_keys_required_identity_is_the_key(net):
+    net.core.require_keys = True
+    peer, other = net.new_peer(), net.new_peer()
+    assert net.core.handle_frames(peer, codec.encode(Login("alice")), net.now, None) == []
+    (welcome,) = net.core.handle_frames(peer, codec.encode(Login("alice")), net.now, "key-A")
+    assert isinstance(welcome.message, Welcome)
+    assert net.core.handle_frames(peer, codec.encode(Ping()), net.now, "key-A")
+    # the same connection speaking with another key is dropped, not served
+    assert net.core.handle_frames(peer, codec.encode(Ping()), net.now, "key-B") == []
+    net.core.disconnected(peer, net.now)
+    refused = net.core.handle_frames(other, codec.encode(Login("ALICE")), net.now, "key-B")
+    assert error_codes(refused) == ["name_owned"]

@@ -3,6 +3,7 @@ chosen points, while real clients stream messages through it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import signal
@@ -153,13 +154,17 @@ def test_crash_mid_login_delivers_the_mailbox_exactly_once(tmp_path, zctx):
             for text in texts:
                 sender.send("receiver", text, wait=True)
         receiver = Client("receiver", endpoint, context=zctx)
-        receiver.login(timeout=10)
-        # the broker died after WELCOME and the first stored message
-        assert crashing.proc.wait(10) == -signal.SIGKILL
-        assert "crash point mid_login reached" in crashing.log_text()
-        brokers.append(BrokerProcess(tmp_path / "data", *FAST, bind=endpoint))
-        shown = [m.text for m in receiver.messages(timeout=5)]
-        receiver.close()
+        try:
+            # The broker dies after handing WELCOME and the first stored message to its
+            # socket; whether they left the machine before the kill is up to chance.
+            with contextlib.suppress(TimeoutError):
+                receiver.login(timeout=3)
+            assert crashing.proc.wait(10) == -signal.SIGKILL
+            assert "crash point mid_login reached" in crashing.log_text()
+            brokers.append(BrokerProcess(tmp_path / "data", *FAST, bind=endpoint))
+            shown = [m.text for m in receiver.messages(timeout=8)]
+        finally:
+            receiver.close()
         assert shown == texts
     finally:
         for broker in brokers:

@@ -4,17 +4,27 @@ It logs in, answers each DELIVER with RECEIPT and then a SEND of the text revers
 and pings while idle. Use it as the template for a bot in any language.
 
     python examples/raw_bot.py --name reverser --endpoint tcp://127.0.0.1:5555
+
+Encryption: it keeps its key pair in --identity (created on first run; the name belongs
+to that key) and takes the broker's key from --server-key, or asks the key-discovery
+port (chat port + 1) and prints the fingerprint. --insecure-plaintext talks to a
+development broker started with the same flag.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import logging
+import os
 import time
 import uuid
+from pathlib import Path
 
 import zmq
+import zmq.utils.z85
 
 SIGNATURE = b"MGP01"
 log = logging.getLogger("raw_bot")
@@ -30,15 +40,53 @@ def send(sock: zmq.Socket, command: str, body: dict) -> int:
     return now_ms()
 
 
+def load_identity(path: Path) -> tuple[bytes, bytes]:
+    """This bot's key pair (Z85), created on first run in a file only we can read."""
+    if path.exists():
+        data = json.loads(path.read_text())
+        return data["public"].encode(), data["secret"].encode()
+    public, secret = zmq.curve_keypair()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"public": public.decode(), "secret": secret.decode()}, handle)
+    return public, secret
+
+
+def discover_server_key(endpoint: str) -> bytes:
+    """Ask the plaintext key-discovery port (chat port + 1) for the broker's public key."""
+    host, _, port = endpoint.rpartition(":")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"{host}:{int(port) + 1}")
+    sock.send_multipart([b"MGK01", b"KEY"])
+    if not sock.poll(3000):
+        raise SystemExit("no key-discovery answer; pass --server-key")
+    key = sock.recv_multipart()[2]
+    sock.close()
+    raw = zmq.utils.z85.decode(key)
+    digest = base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
+    log.warning("using server key with fingerprint SHA256:%s; check it with the operator", digest)
+    return key
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="A MangoGram bot in bare pyzmq.")
     parser.add_argument("--name", default="reverser")
     parser.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
+    parser.add_argument("--server-key", help="the broker's public key (Z85)")
+    parser.add_argument("--identity", type=Path, default=Path("raw_bot_identity.json"))
+    parser.add_argument("--insecure-plaintext", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if not args.insecure_plaintext:
+        public, secret = load_identity(args.identity)
+        server_key = (args.server_key or "").encode() or discover_server_key(args.endpoint)
+        sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
     sock.connect(args.endpoint)
     last_sent = send(sock, "LOGIN", {"name": args.name})
     heartbeat_ms = 2000

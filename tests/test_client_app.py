@@ -364,3 +364,37 @@ def test_history_and_read_receipts_in_the_chat(broker):
     assert code == 0
     history = screen.split("history with Тарас")[1]
     assert "давнє 1" in history and "давнє 2" in history and "давнє 0" not in history
+
+
+def test_first_connection_shows_the_fingerprint_and_asks_before_trusting(tmp_path, monkeypatch):
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    monkeypatch.setenv("MANGOGRAM_CONFIG_DIR", str(tmp_path / "config"))
+    broker = BrokerProcess(tmp_path / "data", env={"MANGOGRAM_INSECURE_PLAINTEXT": "0"})
+    monkeypatch.setenv("MANGOGRAM_KEY_ENDPOINT", broker.key_endpoint)
+    endpoint = broker.endpoint.replace("*", "")
+    try:
+        # ChatApp derives the key port from the chat port, so point it at the real one.
+        monkeypatch.setattr(
+            "mangogram_client.app.key_endpoint_for", lambda _endpoint: broker.key_endpoint
+        )
+
+        async def refuse(app, pipe):
+            await wait_for(lambda: "fingerprint" in screen_text(app), what="fingerprint")
+            pipe.send_text("n\r")
+
+        code, screen = run_chat_scenario(endpoint, "Олена", refuse)
+        assert code == 1 and broker.fingerprint in screen and "not trusted" in screen
+
+        async def accept(app, pipe):
+            await wait_for(lambda: "fingerprint" in screen_text(app), what="fingerprint")
+            pipe.send_text("y\r")
+            await wait_for(lambda: app.state.connection == "online", what="encrypted login")
+            assert app.connection.security.server_key == broker.public_key
+            pipe.send_text("/exit\r")
+
+        code, screen = run_chat_scenario(endpoint, "Олена", accept)
+        assert code == 0 and "logged in as Олена" in screen
+        pinned = (tmp_path / "config" / "known_servers").read_text()
+        assert broker.public_key in pinned
+    finally:
+        broker.kill()

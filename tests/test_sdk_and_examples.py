@@ -18,7 +18,7 @@ from .conftest import ROOT, BrokerProcess
 pytestmark = pytest.mark.sockets
 
 
-def start_bot(script: str, broker: BrokerProcess, name: str) -> subprocess.Popen:
+def start_bot(script: str, broker: BrokerProcess, name: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [
             sys.executable,
@@ -27,6 +27,7 @@ def start_bot(script: str, broker: BrokerProcess, name: str) -> subprocess.Popen
             name,
             "--endpoint",
             broker.endpoint,
+            *extra,
         ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -60,7 +61,8 @@ def stop_bot(bot: subprocess.Popen) -> str:
     ],
 )
 def test_example_bot_answers(broker, zctx, script, text, reply):
-    bot = start_bot(script, broker, "helper")
+    extra = ("--insecure-plaintext",) if script == "raw_bot.py" else ()
+    bot = start_bot(script, broker, "helper", *extra)
     try:
         with Client("Олена", broker.endpoint, context=zctx) as user:
             wait_until_online(user, "helper")
@@ -77,6 +79,26 @@ def test_example_bot_answers(broker, zctx, script, text, reply):
     finally:
         stop_bot(bot)
     assert broker.wait_for_log("helper is offline \\(left")
+
+
+def test_raw_bot_speaks_curvezmq_with_only_the_protocol_document(tmp_path, zctx, monkeypatch):
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    monkeypatch.setenv("MANGOGRAM_CONFIG_DIR", str(tmp_path / "user"))
+    broker = BrokerProcess(tmp_path / "data", env={"MANGOGRAM_INSECURE_PLAINTEXT": "0"})
+    monkeypatch.setenv("MANGOGRAM_KEY_ENDPOINT", broker.key_endpoint)
+    bot = start_bot(
+        "raw_bot.py", broker, "reverser", "--server-key", broker.public_key,
+        "--identity", str(tmp_path / "bot.json"),
+    )  # fmt: skip
+    try:
+        with Client("Олена", broker.endpoint, context=zctx) as user:
+            wait_until_online(user, "reverser")
+            user.send("reverser", "абв", wait=True)
+            answer = user.receive(timeout=10)
+            assert answer is not None and answer.text == "вба"
+    finally:
+        stop_bot(bot)
+        broker.kill()
 
 
 def test_client_logs_in_again_and_resends_after_broker_crash(tmp_path, zctx):

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             retention=config.retention,
             require_keys=keys is not None,
             max_sessions=config.max_sessions,
+            registrations_per_minute=config.registrations_per_minute,
         )
         try:
             server = BrokerServer(

@@ -65,6 +65,7 @@ class BrokerConfig:
     plaintext: bool
     key_bind: str | None
     max_sessions: int
+    registrations_per_minute: int
     release_name: str | None
 
 
@@ -103,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         " not a power cut",
     )
     add("--max-sessions", 20_000, int, "most users online at once; more get server_full")
+    add(
+        "--registrations-per-minute",
+        10,
+        int,
+        "new names one IP address may register per minute (burst: the same number, at least 10)",
+    )
     add(
         "--key-bind",
         "",
@@ -165,5 +172,6 @@ def parse_config(argv: list[str] | None = None) -> BrokerConfig:
         plaintext=args.insecure_plaintext,
         key_bind=args.key_bind or None,
         max_sessions=args.max_sessions,
+        registrations_per_minute=args.registrations_per_minute,
         release_name=args.release_name,
     )

@@ -125,7 +125,9 @@ class BrokerCore:
         token_factory: Callable[[], str] = lambda: secrets.token_urlsafe(18),
         require_keys: bool = False,
         max_sessions: int = 100_000,
+        registrations_per_minute: int = REGISTRATIONS_PER_MINUTE,
     ) -> None:
+        self._registrations_per_minute = registrations_per_minute
         self.limits = limits
         self.require_keys = require_keys
         self.max_sessions = max_sessions
@@ -306,7 +308,8 @@ class BrokerCore:
             )
         bucket = self._registrations.get(address)
         if bucket is None:
-            bucket = TokenBucket(REGISTRATIONS_PER_MINUTE / 60, REGISTRATION_BURST, now)
+            rate = self._registrations_per_minute
+            bucket = TokenBucket(rate / 60, max(REGISTRATION_BURST, rate), now)
             self._registrations[address] = bucket
         retry_after = bucket.take(now)
         if retry_after:

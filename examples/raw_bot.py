@@ -130,7 +130,7 @@ def serve(sock: zmq.Socket, name: str, last_sent: int, heartbeat_ms: int) -> Non
                 log.warning("broker error %s: %s", body["code"], body["message"])
                 if body["code"] == "not_logged_in":
                     last_sent = send(sock, "LOGIN", {"name": name})
-                elif body["code"] in ("name_taken", "name_invalid"):
+                elif body["code"] in ("name_taken", "name_invalid", "name_owned", "server_full"):
                     raise SystemExit(1)
         if now_ms() - last_sent >= heartbeat_ms:
             last_sent = send(sock, "PING", {})

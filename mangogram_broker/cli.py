@@ -10,13 +10,13 @@ from pathlib import Path
 
 import zmq
 
-from mangogram_proto.keys import fingerprint, key_endpoint_for
+from mangogram_proto.keys import KeyFileError, fingerprint, is_loopback_endpoint, key_endpoint_for
 from mangogram_proto.names import name_key
 
 from .config import parse_config
 from .core import BrokerCore
 from .crashpoints import CrashPoints
-from .security import KEY_FILE, is_loopback_endpoint, load_broker_keys
+from .security import KEY_FILE, load_broker_keys
 from .shell import BrokerServer
 from .store import SqliteStore
 
@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    if hasattr(os, "umask"):
+        os.umask(0o077)  # the store holds everyone's mail: no one else may read it
     if config.release_name is not None:
         return release_name(config.data_dir, config.release_name)
     keys = None
@@ -87,11 +89,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         log.warning("PLAINTEXT MODE: no encryption and no identity checks; development only")
     else:
-        keys, created = load_broker_keys(config.data_dir)
+        try:
+            keys, created = load_broker_keys(config.data_dir)
+            key_bind = config.key_bind or key_endpoint_for(config.bind)
+        except (KeyFileError, ValueError) as exc:
+            log.error("%s", exc)
+            return 2
         if created:
             log.info("created the broker's key pair in %s", config.data_dir / KEY_FILE)
         log.info("public key %s (fingerprint %s)", keys.public, fingerprint(keys.public))
-        key_bind = config.key_bind or key_endpoint_for(config.bind)
     raise_open_file_limit()
     crash_points = CrashPoints(os.environ.get("MANGOGRAM_CRASH_AT"))
     store = SqliteStore(config.data_dir / "mangogram.sqlite3", config.durability)

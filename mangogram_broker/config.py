@@ -156,6 +156,8 @@ def parse_config(argv: list[str] | None = None) -> BrokerConfig:
         parser.error(f"unknown log level {args.log_level!r}")
     if args.durability not in ("full", "normal"):
         parser.error("durability must be full or normal")
+    if args.max_sessions <= 0 or args.registrations_per_minute <= 0:
+        parser.error("max-sessions and registrations-per-minute must be positive")
     if args.retention_days < 0 or args.retention_messages < 0:
         parser.error("retention settings must not be negative")
     retention = Retention(

@@ -255,10 +255,15 @@ class BrokerCore:
         except RemoteProtocolError as exc:
             return self._error(peer, now, exc.code, exc.message)
         key = name_key(name)
+        claim = False
         if user_key is not None:
-            refusal = self._check_owner(peer, key, name, user_key, address, now)
-            if refusal is not None:
-                return refusal
+            owner = self.store.name_owner(key)
+            if owner is not None and owner != user_key:
+                log.warning("refused %s: the name belongs to another key", name)
+                return self._error(
+                    peer, now, ErrorCode.NAME_OWNED, f"{name} belongs to another key; pick another"
+                )
+            claim = owner is None
         if len(self.registry) >= self.max_sessions and self.registry.by_key(key) is None:
             return self._error(peer, now, ErrorCode.SERVER_FULL, "the broker is full; try later")
         resumed = False
@@ -269,6 +274,12 @@ class BrokerCore:
                 token.encode("utf-8"), holder.resume_token.encode("utf-8")
             ):
                 return self._error(peer, now, ErrorCode.NAME_TAKEN, f"{holder.name} is online")
+        if claim:
+            # Only a login that will succeed registers the name (and spends the token).
+            refusal = self._claim(peer, key, name, user_key or "", address, now)
+            if refusal is not None:
+                return refusal
+        if holder is not None:
             self.registry.deregister(holder.peer)
             resumed = True
             log.info("%s resumed on a new connection", holder.name)
@@ -294,18 +305,10 @@ class BrokerCore:
             out += self._broadcast(Presence(name, "joined", now), exclude=peer)
         return out
 
-    def _check_owner(
+    def _claim(
         self, peer: bytes, key: str, name: str, user_key: str, address: str, now: int
     ) -> list[Outgoing] | None:
-        """None if `user_key` may use the name (claiming it if new), else the refusal."""
-        owner = self.store.name_owner(key)
-        if owner == user_key:
-            return None
-        if owner is not None:
-            log.warning("refused %s: the name belongs to another key", name)
-            return self._error(
-                peer, now, ErrorCode.NAME_OWNED, f"{name} belongs to another key; pick another"
-            )
+        """Register a new name to `user_key`, within the per-address limit; else refuse."""
         bucket = self._registrations.get(address)
         if bucket is None:
             rate = self._registrations_per_minute

@@ -3,7 +3,6 @@ key into the User-Id stamped on its messages, and the plaintext key-discovery an
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from pathlib import Path
 
@@ -42,19 +41,3 @@ def key_reply(request: list[bytes], public: str) -> list[bytes] | None:
     if len(request) == 3 and request[1:] == [KEY_SIGNATURE, KEY_COMMAND]:
         return [request[0], KEY_SIGNATURE, KEY_COMMAND, public.encode("ascii")]
     return None
-
-
-def is_loopback_endpoint(endpoint: str) -> bool:
-    """True for tcp endpoints on a loopback address (and ipc/inproc, which never leave
-    the machine)."""
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    if not endpoint.startswith("tcp://"):
-        return False
-    host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

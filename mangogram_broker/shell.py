@@ -10,8 +10,10 @@ descriptor (ZMQ_SRCFD of its messages) ties a closed connection to its routing i
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
@@ -33,6 +35,18 @@ log = logging.getLogger(__name__)
 BATCH = 512
 SEND_QUEUE_PER_PEER = 1000
 TICK_MS = 100
+
+
+def unpredictable_routing_ids() -> None:
+    """Seed the C library's random(), which libzmq uses for the first routing id it
+    generates. Unseeded, every broker starts at the same id, so a client could claim the
+    next one in advance and libzmq aborts on the collision; seeded, it must guess among
+    2**32. (libzmq offers no other way to refuse such ids; see docs/security.md.)"""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.srandom(secrets.randbits(32))
+    except (OSError, AttributeError, TypeError):
+        log.debug("could not seed the C library's random(); routing ids stay predictable")
 
 
 def wall_clock_ms() -> int:
@@ -61,6 +75,7 @@ class BrokerServer:
         self._clock = clock
         self._context = context or zmq.Context.instance()
         self._stopping = False
+        unpredictable_routing_ids()
         self._router = self._context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.LINGER, 0)

@@ -211,7 +211,8 @@ class ChatApp:
         if known.lookup(self.server) is not None:
             return True
         try:
-            key = await asyncio.to_thread(fetch_server_key, key_endpoint_for(self.server))
+            where = os.environ.get("MANGOGRAM_KEY_ENDPOINT") or key_endpoint_for(self.server)
+            key = await asyncio.to_thread(fetch_server_key, where)
         except (TimeoutError, KeyFileError, ValueError) as exc:
             self.show(
                 [SystemLine(wall_clock_ms(), f"cannot learn the server's key: {exc}", "error")]

@@ -129,7 +129,14 @@ def main(argv: list[str] | None = None) -> int:
 
     use_selector_loop_on_windows()
     # Ask for what was not given, offering last time's answer (or the default) to accept.
-    app = ChatApp(server, name, peer=to, default_name=remembered.name, ask_server=not given_server)
+    app = ChatApp(
+        server,
+        name,
+        peer=to,
+        default_name=remembered.name,
+        ask_server=not given_server,
+        security=security,
+    )
     try:
         return asyncio.run(app.run())
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -137,6 +138,22 @@ class KnownServers:
         _write_private(self.path, "# MangoGram pinned server keys: endpoint key\n" + text)
 
 
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True for tcp endpoints on a loopback address (and ipc/inproc, which never leave
+    the machine)."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://") :].rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def key_endpoint_for(endpoint: str) -> str:
     """The key-discovery endpoint beside a broker endpoint: the next TCP port."""
     head, _, port = endpoint.rpartition(":")
@@ -233,6 +250,12 @@ def resolve_security(
     if plaintext is None:
         plaintext = plaintext_requested()
     if plaintext:
+        if not is_loopback_endpoint(endpoint):
+            raise ServerKeyError(
+                f"plaintext is for development on this machine only; {endpoint} is not a"
+                " loopback address (unset MANGOGRAM_INSECURE_PLAINTEXT)"
+            )
+        log.warning("talking to %s without encryption (development mode)", endpoint)
         return None
     directory = config_dir or user_config_dir()
     if isinstance(identity, KeyPair):
@@ -282,7 +305,8 @@ def handshake_failure_message(endpoint: str, security: Security | None, event: i
         return f"the broker at {endpoint} refused our key"
     return (
         f"the broker at {endpoint} does not hold the expected key"
-        f" {fingerprint(security.server_key)}. If its key really changed, remove its line from"
-        f" {user_config_dir() / 'known_servers'} or pass the new key with --server-key;"
-        " otherwise someone may be impersonating it"
+        f" {fingerprint(security.server_key)} (or it runs without encryption). If its key"
+        f" really changed, remove its line from {user_config_dir() / 'known_servers'}, or"
+        " pass the new key with --server-key / MANGOGRAM_SERVER_KEY; otherwise someone may"
+        " be impersonating it"
     )

@@ -365,8 +365,13 @@ class ClientSession:
         return True
 
     def _on_error(self, error: Error, now: int) -> list[Event]:
+        if self.state is State.LOGGING_IN and error.code == ErrorCode.RATE_LIMITED.value:
+            # Too many new names from our address: try again after a backoff.
+            self.state = State.DISCONNECTED
+            return [ConnectionLost(f"login rate limited: {error.message}")]
         if self.state is State.LOGGING_IN and error.code in _LOGIN_ERRORS:
-            if self._has_logged_in and error.code == ErrorCode.NAME_TAKEN.value:
+            transient = (ErrorCode.NAME_TAKEN.value, ErrorCode.SERVER_FULL.value)
+            if self._has_logged_in and error.code in transient:
                 # Our old session still holds the name and the token did not match it
                 # (the broker restarted, say): wait for it to expire, then retry.
                 self.state = State.DISCONNECTED

@@ -143,3 +143,17 @@ def dealer(context: zmq.Context, endpoint: str) -> zmq.Socket:
     sock.setsockopt(zmq.SNDTIMEO, 5000)
     sock.connect(endpoint)
     return sock
+
+
+def wait_for_line(stream, text: str, max_lines: int = 20) -> list[str]:
+    """Read a child's output until a line contains `text` (a few warnings may come
+    first); returns the lines read. Fails on end of output."""
+    lines = []
+    for _ in range(max_lines):
+        line = stream.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never came; got {lines}")

@@ -23,7 +23,7 @@ from mangogram_proto import Client
 from mangogram_proto.aio import AsyncConnection
 from mangogram_proto.events import IncomingMessage, LoggedIn, MessageRead, PresenceChanged
 
-from .conftest import ROOT, BrokerProcess
+from .conftest import ROOT, BrokerProcess, wait_for_line
 
 pytestmark = pytest.mark.sockets
 
@@ -189,7 +189,7 @@ def test_listen_json_prints_one_object_per_message(broker, zctx, tmp_path):
         encoding="utf-8",
     )
     try:
-        assert "listening as logger" in listener.stderr.readline()
+        wait_for_line(listener.stderr, "listening as logger")
         with Client("Олена", broker.endpoint, context=zctx) as olena:
             olena.send("logger", "перше", wait=True)
             olena.send("logger", "second ✓", wait=True)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from mangogram_broker.core import BrokerCore, Outgoing
-from mangogram_broker.store import SqliteStore
+from mangogram_broker.store import MemoryStore, SqliteStore
 from mangogram_proto import codec
 from mangogram_proto.constants import SIGNATURE
 from mangogram_proto.errors import ErrorCode
@@ -371,3 +371,36 @@ def test_with_keys_required_identity_is_the_key(net):
     net.core.disconnected(peer, net.now)
     refused = net.core.handle_frames(other, codec.encode(Login("ALICE")), net.now, "key-B")
     assert error_codes(refused) == ["name_owned"]
+
+
+def test_session_cap_answers_server_full_and_claims_nothing():
+    store = MemoryStore()
+    core = BrokerCore(TEST_LIMITS, store=store, require_keys=True, max_sessions=2)
+    for i, name in enumerate(("a", "b")):
+        peer = b"\x00" + (i + 1).to_bytes(4, "big")
+        core.handle_frames(peer, codec.encode(Login(name)), 1, f"key-{name}")
+    refused = core.handle_frames(b"\x00\x00\x00\x00\x09", codec.encode(Login("c")), 1, "key-c")
+    assert error_codes(refused) == ["server_full"]
+    assert store.name_owner("c") is None  # a refused login registers nothing
+
+
+def test_new_names_are_limited_per_address():
+    core = BrokerCore(TEST_LIMITS, store=MemoryStore(), require_keys=True)
+    codes = []
+    for i in range(12):
+        peer = b"\x00" + (i + 1).to_bytes(4, "big")
+        out = core.handle_frames(peer, codec.encode(Login(f"user{i}")), 1, f"k{i}", "10.0.0.1")
+        codes.append(error_codes(out)[0] if error_codes(out) else "ok")
+    assert codes[:10] == ["ok"] * 10 and codes[10:] == ["rate_limited"] * 2
+    elsewhere = core.handle_frames(
+        b"\x00\x00\x00\x01\x00", codec.encode(Login("x")), 1, "kx", "10.0.0.2"
+    )
+    assert error_codes(elsewhere) == []
+
+
+def test_plaintext_to_a_remote_address_is_refused_by_the_sdk():
+    from mangogram_proto.keys import ServerKeyError, resolve_security
+
+    assert resolve_security("tcp://127.0.0.1:5555", plaintext=True) is None
+    with pytest.raises(ServerKeyError, match="loopback"):
+        resolve_security("tcp://192.0.2.10:5555", plaintext=True)

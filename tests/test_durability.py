@@ -18,7 +18,7 @@ import pytest
 from mangogram_proto import Client
 from mangogram_proto.events import MessageAccepted
 
-from .conftest import ROOT, BrokerProcess
+from .conftest import ROOT, BrokerProcess, wait_for_line
 
 pytestmark = pytest.mark.sockets
 
@@ -180,7 +180,7 @@ def listener(broker: BrokerProcess, tmp_path: Path) -> subprocess.Popen:
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, encoding="utf-8",
     )  # fmt: skip
-    assert "listening as logger" in proc.stderr.readline()
+    wait_for_line(proc.stderr, "listening as logger")
     return proc
 
 

@@ -1,0 +1,263 @@
+"""`python -m bench`: MangoGram against the limit and the old design, in one run.
+
+    python -m bench            # N = 1, 10, 100, 1000, latency, memory at 1,000 and 10,000
+    python -m bench --quick    # N = 100 and latency only (under a minute)
+    python -m bench --json     # one JSON object instead of tables
+
+Every system runs in its own process with the same load generator (`bench.load`) in
+another; broker CPU time comes from the OS (psutil). Only loopback addresses are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMS = ("mangogram", "mangogram-normal", "limit", "thread-server")
+# Limits a real deployment keeps are opened up so they do not throttle the load itself.
+BROKER_BENCH_FLAGS = [
+    "--rate-per-second", "1000000000", "--rate-burst", "1000000000",
+    "--registrations-per-minute", "1000000000", "--max-mailbox", "10000000",
+    "--max-sessions", "100000", "--heartbeat-interval-ms", "60000",
+    "--heartbeat-timeout-ms", "600000", "--log-level", "WARNING",
+]  # fmt: skip
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[str]
+    endpoint: str
+    server_key: str | None = None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def start_server(system: str, data_dir: Path) -> Server:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if system.startswith("mangogram"):
+        env.pop("MANGOGRAM_INSECURE_PLAINTEXT", None)
+        durability = "normal" if system == "mangogram-normal" else "full"
+        command = [
+            sys.executable, str(ROOT / "broker.py"), "--bind", "tcp://127.0.0.1:*",
+            "--key-bind", "tcp://127.0.0.1:*", "--data", str(data_dir),
+            "--durability", durability, *BROKER_BENCH_FLAGS[:-2], "--log-level", "INFO",
+        ]  # fmt: skip
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
+                                   stdout=subprocess.DEVNULL, cwd=ROOT)  # fmt: skip
+        assert process.stderr is not None
+        key = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            if not line:
+                break
+            if match := re.search(r"public key (\S{40})", line):
+                key = match.group(1)
+            if match := re.search(r"listening on (tcp://\S+)", line):
+                # Keep draining its log, or a full pipe would stall the broker.
+                threading.Thread(target=drain, args=(process.stderr,), daemon=True).start()
+                return Server(process, match.group(1), key)
+        process.kill()
+        raise RuntimeError("the MangoGram broker did not start")
+    module = "bench.limit_router" if system == "limit" else "bench.thread_server"
+    args = ["tcp://127.0.0.1:*"] if system == "limit" else ["127.0.0.1", "0"]
+    process = subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=ROOT,
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout is not None
+    first = process.stdout.readline().strip()
+    endpoint = first if system == "limit" else "{}:{}".format(*first.split())
+    return Server(process, endpoint)
+
+
+def drain(stream: IO[str]) -> None:
+    for _line in stream:
+        pass
+
+
+def load_command(system: str, server: Server, mode: str, *extra: str) -> list[str]:
+    generator = "mangogram" if system.startswith("mangogram") else system
+    command = [sys.executable, "-m", "bench.load", generator, server.endpoint, mode, *extra]
+    if server.server_key:
+        # "=" form: a Z85 key may begin with "-", which argparse would read as an option.
+        command.append(f"--server-key={server.server_key}")
+    return command
+
+
+def run_load(command: list[str], timeout: float) -> dict[str, object]:
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def measure_throughput(
+    system: str, pairs: int, work: Path, warmup: float, window: float
+) -> dict[str, object]:
+    server = start_server(system, work / f"{system}-{pairs}")
+    try:
+        owner = psutil.Process(server.process.pid)
+        command = load_command(system, server, "throughput", "--pairs", str(pairs),
+                               "--warmup", str(warmup), "--window", str(window))  # fmt: skip
+        load = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        # CPU is sampled over the measured window only: after warm-up, before the end.
+        time.sleep(warmup + 0.05 + login_allowance(system, pairs))
+        before = cpu_seconds(owner)
+        out, err = load.communicate(timeout=300)
+        after = cpu_seconds(owner)
+        if load.returncode != 0:
+            raise RuntimeError(f"load generator failed: {err[-2000:]}")
+        result = json.loads(out.strip().splitlines()[-1])
+    finally:
+        server.stop()
+    delivered = int(result["delivered"])
+    rate = delivered / float(result["window_s"])
+    return {
+        "system": system,
+        "n": pairs,
+        "msgs_per_s": round(rate, 1),
+        "cpu_us_per_msg": round((after - before) * 1e6 / delivered, 1) if delivered else None,
+    }
+
+
+def login_allowance(system: str, pairs: int) -> float:
+    """Rough time the generator spends connecting before its warm-up starts."""
+    if system.startswith("mangogram"):
+        return 0.3 + pairs * 2 * 0.0015
+    return 0.1 + pairs * 0.0005
+
+
+def measure_rtt(system: str, work: Path, count: int) -> dict[str, object]:
+    server = start_server(system, work / f"{system}-rtt")
+    try:
+        result = run_load(load_command(system, server, "rtt", "--count", str(count)), 300)
+    finally:
+        server.stop()
+    samples = sorted(float(s) for s in result["rtt_us"])  # type: ignore[union-attr]
+
+    def at(fraction: float) -> float:
+        return round(samples[min(len(samples) - 1, int(fraction * len(samples)))], 1)
+
+    return {"system": system, "p50_us": at(0.50), "p99_us": at(0.99), "p999_us": at(0.999),
+            "samples": len(samples)}  # fmt: skip
+
+
+def measure_memory(clients: int, work: Path) -> dict[str, object]:
+    server = start_server("mangogram", work / f"memory-{clients}")
+    holders: list[subprocess.Popen[str]] = []
+    try:
+        broker = psutil.Process(server.process.pid)
+        before = broker.memory_info().rss
+        per_process = 2500  # keeps each holder well inside its open-file limit
+        started = time.monotonic()
+        for first in range(0, clients, per_process):
+            size = min(per_process, clients - first)
+            command = load_command("mangogram", server, "idle", "--clients", str(size),
+                                   "--prefix", f"m{first}-")  # fmt: skip
+            holders.append(subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True))  # fmt: skip
+        for holder in holders:
+            assert holder.stdout is not None
+            line = holder.stdout.readline()
+            if not line:
+                raise RuntimeError("an idle-client holder failed")
+        connect_s = time.monotonic() - started
+        time.sleep(0.5)  # let the broker settle its buffers after the login burst
+        after = broker.memory_info().rss
+    finally:
+        for holder in holders:
+            if holder.stdin:
+                holder.stdin.close()
+            holder.wait(30)
+        server.stop()
+    return {
+        "clients": clients,
+        "kb_per_client": round((after - before) / 1024 / clients, 2),
+        "connect_s": round(connect_s, 2),
+    }
+
+
+def ratio(runs: list[dict[str, object]], a: str, b: str, n: int) -> float | None:
+    def rate(system: str) -> float | None:
+        for run in runs:
+            if run["system"] == system and run["n"] == n:
+                return float(run["msgs_per_s"])  # type: ignore[arg-type]
+        return None
+
+    top, bottom = rate(a), rate(b)
+    return round(top / bottom, 3) if top is not None and bottom else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N=100 and latency only")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--sizes", help="comma-separated N values (default 1,10,100,1000)")
+    parser.add_argument("--window", type=float, default=3.0, help="measured seconds per run")
+    parser.add_argument("--no-memory", action="store_true", help="skip the idle-client test")
+    args = parser.parse_args()
+    sizes = [100] if args.quick else [int(n) for n in (args.sizes or "1,10,100,1000").split(",")]
+    warmup = 1.0
+    report: dict[str, object] = {"runs": [], "rtt": [], "memory": []}
+    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+        work = Path(tmp)
+        runs = [measure_throughput(s, n, work, warmup, args.window) for n in sizes for s in SYSTEMS]
+        report["runs"] = runs
+        rtts = [measure_rtt(s, work, 500 if args.quick else 2000) for s in SYSTEMS]
+        report["rtt"] = rtts
+        if not args.quick and not args.no_memory:
+            report["memory"] = [measure_memory(c, work) for c in (1000, 10000)]
+    limit_p99 = next(r["p99_us"] for r in rtts if r["system"] == "limit")
+    mango_p99 = next(r["p99_us"] for r in rtts if r["system"] == "mangogram")
+    report["ratios"] = {
+        "mangogram_to_limit_n100": ratio(runs, "mangogram", "limit", 100),
+        "mangogram_normal_to_limit_n100": ratio(runs, "mangogram-normal", "limit", 100),
+        "mangogram_to_limit_n1000": ratio(runs, "mangogram", "limit", 1000),
+        "mangogram_to_thread_server_n1000": ratio(runs, "mangogram", "thread-server", 1000),
+        "rtt_p99_to_limit": round(float(mango_p99) / float(limit_p99), 3),  # type: ignore[arg-type]
+    }
+    report["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"{'system':18} {'N':>5} {'msgs/s':>10} {'CPU µs/msg':>11}")
+    for run in runs:
+        cpu = str(run["cpu_us_per_msg"])
+        print(f"{run['system']:18} {run['n']:>5} {run['msgs_per_s']:>10} {cpu:>11}")
+    print(f"\n{'round trip':18} {'p50 µs':>9} {'p99 µs':>9} {'p99.9 µs':>9}")
+    for r in rtts:
+        print(f"{r['system']:18} {r['p50_us']:>9} {r['p99_us']:>9} {r['p999_us']:>9}")
+    for m in report["memory"]:  # type: ignore[attr-defined]
+        print(f"\n{m['clients']} idle clients: {m['kb_per_client']} KB each,", end=" ")
+        print(f"connected in {m['connect_s']} s")
+    print("\nratios:", json.dumps(report["ratios"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -71,7 +71,7 @@ from mangogram_proto.names import name_key, validate_name
 from mangogram_proto.ratelimit import TokenBucket
 
 from .registry import Registry, Session
-from .store import MemoryStore, Store, StoredMessage, parse_broker_id
+from .store import DuplicateMessage, MemoryStore, Store, StoredMessage, parse_broker_id
 
 log = logging.getLogger(__name__)
 
@@ -339,10 +339,6 @@ class BrokerCore:
         if problem is not None:
             code, reason = problem
             return self._error(peer, now, code, reason, _ref(send.id))
-        earlier = self.store.find(session.key, send.id)
-        if earlier is not None:
-            log.debug("%s resent %s; acknowledging again", session.name, send.id)
-            return [Outgoing(peer, Accepted(send.id, earlier.broker_id, earlier.accepted_at))]
         bucket = self._send_budgets.get(session.key)
         if bucket is None:
             bucket = TokenBucket(self.limits.rate_per_second, self.limits.rate_burst, now)
@@ -364,6 +360,13 @@ class BrokerCore:
         once if the recipient is online with room in its window."""
         recipient_key = name_key(send.to)
         recipient_name = self.store.lookup_user(recipient_key)
+        if recipient_name is None or (
+            self.store.unconfirmed_count(recipient_key) >= self.limits.max_mailbox
+        ):
+            # A refusal must not hit a resend of a message that is already stored.
+            earlier = self.store.find(session.key, send.id)
+            if earlier is not None:
+                return [self._acknowledge_again(session, send, earlier)]
         if recipient_name is None:
             return self._error(
                 session.peer,
@@ -381,18 +384,37 @@ class BrokerCore:
                 " waiting); it must be read before more can be sent",
                 send.id,
             )
-        stored = self.store.append(
-            session.key, session.name, recipient_key, recipient_name, send.id, send.text,
-            send.sent_at, now,
-        )  # fmt: skip
+        try:
+            stored = self.store.append(
+                session.key, session.name, recipient_key, recipient_name, send.id, send.text,
+                send.sent_at, now,
+            )  # fmt: skip
+        except DuplicateMessage:
+            earlier = self.store.find(session.key, send.id)
+            assert earlier is not None  # the store just said it holds it
+            return [self._acknowledge_again(session, send, earlier)]
         out = [Outgoing(session.peer, Accepted(send.id, stored.broker_id, now))]
         recipient = self.registry.by_key(recipient_key)
-        if recipient is not None:
-            out += self._fill_window(recipient, now, delayed=False)
-        return out
+        if recipient is None:
+            return out
+        if recipient.cursor == stored.seq - 1 and recipient.in_flight < DELIVERY_WINDOW:
+            # The usual case, a recipient that is keeping up: no need to read it back.
+            out.append(Outgoing(recipient.peer, self._deliver(stored, now, delayed=False)))
+            recipient.cursor = stored.seq
+            recipient.in_flight += 1
+            recipient.senders[stored.broker_id] = stored.sender_key
+            return out
+        return out + self._fill_window(recipient, now, delayed=False)
+
+    def _acknowledge_again(self, session: Session, send: Send, earlier: StoredMessage) -> Outgoing:
+        log.debug("%s resent %s; acknowledging again", session.name, send.id)
+        return Outgoing(session.peer, Accepted(send.id, earlier.broker_id, earlier.accepted_at))
 
     def _receipt(self, session: Session, receipt: Receipt, now: int) -> list[Outgoing]:
-        confirmed = self.store.confirm(session.key, receipt.broker_id, now)
+        # Knowing the sender in advance lets one UPDATE also record that it was told.
+        sender_key = session.senders.pop(receipt.broker_id, None)
+        told = sender_key is not None and self.registry.by_key(sender_key) is not None
+        confirmed = self.store.confirm(session.key, receipt.broker_id, now, sender_notified=told)
         if confirmed is None:
             # Unknown, someone else's, or already confirmed (a repeated receipt).
             log.debug("%s: receipt for %s changes nothing", session.name, receipt.broker_id[:64])
@@ -408,7 +430,10 @@ class BrokerCore:
                     Delivered(confirmed.client_id, confirmed.broker_id, session.name, now),
                 )
             )
-            self.store.mark_sender_notified([confirmed.broker_id])
+            if not told:
+                self.store.mark_sender_notified([confirmed.broker_id])
+        if session.cursor >= self.store.last_seq(session.key):
+            return out  # nothing more in the stream: skip the store read
         return out + self._fill_window(session, now, delayed=False)
 
     def _read(self, session: Session, read: Read, now: int) -> list[Outgoing]:
@@ -458,6 +483,7 @@ class BrokerCore:
             out.append(Outgoing(session.peer, self._deliver(message, now, delayed)))
             session.cursor = message.seq
             session.in_flight += 1
+            session.senders[message.broker_id] = message.sender_key
         return out
 
     def _deliver(self, message: StoredMessage, now: int, delayed: bool) -> Deliver:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -24,6 +24,8 @@ class Session:
     # messages await their RECEIPT.
     cursor: int = 0
     in_flight: int = 0
+    # Sender of each message awaiting its RECEIPT (at most the window's worth).
+    senders: dict[str, str] = field(default_factory=dict)
     # The authenticated CurveZMQ public key it logged in with (None in plaintext mode).
     user_key: str | None = None
 

@@ -30,6 +30,10 @@ def parse_broker_id(text: str) -> int | None:
     return int(text)
 
 
+class DuplicateMessage(Exception):
+    """`append` found the sender's message id already stored (a resend)."""
+
+
 @dataclass(frozen=True)
 class StoredMessage:
     broker_id: str
@@ -63,12 +67,18 @@ class Store(Protocol):
         text: str,
         sent_at: int,
         accepted_at: int,
-    ) -> StoredMessage: ...
+    ) -> StoredMessage:
+        """Append to the recipient's stream. Raises DuplicateMessage for a stored id."""
+        ...
+
     def unconfirmed_count(self, recipient_key: str) -> int: ...
     def unconfirmed(
         self, recipient_key: str, after_seq: int, limit: int
     ) -> list[StoredMessage]: ...
-    def confirm(self, recipient_key: str, broker_id: str, now: int) -> StoredMessage | None: ...
+    def confirm(
+        self, recipient_key: str, broker_id: str, now: int, sender_notified: bool = False
+    ) -> StoredMessage | None: ...
+    def last_seq(self, recipient_key: str) -> int: ...
     def confirm_through(self, recipient_key: str, seq: int, now: int) -> None: ...
     def mark_read(self, recipient_key: str, broker_id: str, now: int) -> StoredMessage | None: ...
     def receipts_owed(self, sender_key: str, limit: int) -> list[StoredMessage]: ...
@@ -125,6 +135,8 @@ class MemoryStore:
         sent_at: int,
         accepted_at: int,
     ) -> StoredMessage:
+        if (sender_key, client_id) in self._by_client:
+            raise DuplicateMessage(client_id)
         number = self._next_id
         self._next_id += 1
         seq = self._last_seq.get(recipient_key, 0) + 1
@@ -161,11 +173,16 @@ class MemoryStore:
             return None
         return message
 
-    def confirm(self, recipient_key: str, broker_id: str, now: int) -> StoredMessage | None:
+    def last_seq(self, recipient_key: str) -> int:
+        return self._last_seq.get(recipient_key, 0)
+
+    def confirm(
+        self, recipient_key: str, broker_id: str, now: int, sender_notified: bool = False
+    ) -> StoredMessage | None:
         message = self._get(recipient_key, broker_id)
         if message is None or message.delivered_at is not None:
             return None
-        confirmed = replace(message, delivered_at=now)
+        confirmed = replace(message, delivered_at=now, sender_notified=sender_notified)
         self._messages[int(broker_id)] = confirmed
         return confirmed
 
@@ -313,6 +330,11 @@ class SqliteStore:
         self._migrate()
         self._in_transaction = False
         self._users: dict[str, str] = dict(self._db.execute("SELECT key, name FROM users"))
+        # Hot-path counters kept in memory, read from disk once per recipient. The store is
+        # the only writer, so they cannot go stale.
+        self._last_seq: dict[str, int] = dict(self._db.execute("SELECT * FROM streams"))
+        self._unconfirmed: dict[str, int] = {}
+        self._dirty_streams: set[str] = set()
 
     def _migrate(self) -> None:
         version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
@@ -335,6 +357,13 @@ class SqliteStore:
         return self._db
 
     def commit(self) -> None:
+        if self._dirty_streams:
+            self._write().executemany(
+                "INSERT INTO streams (recipient_key, last_seq) VALUES (?, ?)"
+                " ON CONFLICT(recipient_key) DO UPDATE SET last_seq = excluded.last_seq",
+                [(key, self._last_seq[key]) for key in self._dirty_streams],
+            )
+            self._dirty_streams.clear()
         if self._in_transaction:
             self._db.execute("COMMIT")
             self._in_transaction = False
@@ -342,6 +371,9 @@ class SqliteStore:
     def close(self) -> None:
         self.commit()
         self._db.close()
+
+    def last_seq(self, recipient_key: str) -> int:
+        return self._last_seq.get(recipient_key, 0)
 
     def remember_user(self, key: str, name: str, now: int) -> None:
         if self._users.get(key) == name:
@@ -394,30 +426,36 @@ class SqliteStore:
         accepted_at: int,
     ) -> StoredMessage:
         db = self._write()
-        row = db.execute(
-            "INSERT INTO streams (recipient_key, last_seq) VALUES (?, 1)"
-            " ON CONFLICT(recipient_key) DO UPDATE SET last_seq = last_seq + 1"
-            " RETURNING last_seq",
-            (recipient_key,),
-        ).fetchone()
-        seq = int(row[0])
-        cursor = db.execute(
-            "INSERT INTO messages (recipient_key, seq, sender_key, sender, recipient, client_id,"
-            " text, sent_at, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (recipient_key, seq, sender_key, sender, recipient, client_id, text, sent_at,
-             accepted_at),
-        )  # fmt: skip
+        seq = self._last_seq.get(recipient_key, 0) + 1
+        try:
+            cursor = db.execute(
+                "INSERT INTO messages (recipient_key, seq, sender_key, sender, recipient,"
+                " client_id, text, sent_at, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (recipient_key, seq, sender_key, sender, recipient, client_id, text, sent_at,
+                 accepted_at),
+            )  # fmt: skip
+        except sqlite3.IntegrityError as exc:
+            # The unique (sender, id) index is the idempotency check: no lookup beforehand.
+            raise DuplicateMessage(client_id) from exc
+        # The stream position is written once per commit, not once per message.
+        self._last_seq[recipient_key] = seq
+        self._dirty_streams.add(recipient_key)
+        if recipient_key in self._unconfirmed:
+            self._unconfirmed[recipient_key] += 1
         return StoredMessage(
             str(cursor.lastrowid), seq, sender_key, sender, recipient_key, recipient, client_id,
             text, sent_at, accepted_at,
         )  # fmt: skip
 
     def unconfirmed_count(self, recipient_key: str) -> int:
-        row = self._db.execute(
-            "SELECT count(*) FROM messages WHERE recipient_key = ? AND delivered_at IS NULL",
-            (recipient_key,),
-        ).fetchone()
-        return int(row[0])
+        count = self._unconfirmed.get(recipient_key)
+        if count is None:
+            row = self._db.execute(
+                "SELECT count(*) FROM messages WHERE recipient_key = ? AND delivered_at IS NULL",
+                (recipient_key,),
+            ).fetchone()
+            count = self._unconfirmed[recipient_key] = int(row[0])
+        return count
 
     def unconfirmed(self, recipient_key: str, after_seq: int, limit: int) -> list[StoredMessage]:
         rows = self._db.execute(
@@ -437,14 +475,27 @@ class SqliteStore:
         ).fetchone()
         return _row(row) if row else None
 
-    def confirm(self, recipient_key: str, broker_id: str, now: int) -> StoredMessage | None:
-        message = self._get(recipient_key, broker_id)
-        if message is None or message.delivered_at is not None:
+    def confirm(
+        self, recipient_key: str, broker_id: str, now: int, sender_notified: bool = False
+    ) -> StoredMessage | None:
+        number = parse_broker_id(broker_id)
+        if number is None:
             return None
-        self._write().execute(
-            "UPDATE messages SET delivered_at = ? WHERE id = ?", (now, int(broker_id))
+        row = (
+            self._write()
+            .execute(
+                "UPDATE messages SET delivered_at = ?, sender_notified = ?"
+                " WHERE id = ? AND recipient_key = ? AND delivered_at IS NULL"
+                f" RETURNING {_COLUMNS}",
+                (now, int(sender_notified), number, recipient_key),
+            )
+            .fetchone()
         )
-        return replace(message, delivered_at=now)
+        if row is None:
+            return None
+        if recipient_key in self._unconfirmed:
+            self._unconfirmed[recipient_key] -= 1
+        return _row(row)
 
     def confirm_through(self, recipient_key: str, seq: int, now: int) -> None:
         self._write().execute(
@@ -452,6 +503,7 @@ class SqliteStore:
             " AND delivered_at IS NULL",
             (now, recipient_key, seq),
         )
+        self._unconfirmed.pop(recipient_key, None)  # recount on next use
 
     def mark_read(self, recipient_key: str, broker_id: str, now: int) -> StoredMessage | None:
         message = self._get(recipient_key, broker_id)

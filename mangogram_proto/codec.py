@@ -11,6 +11,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar, Union
 
 from .constants import FRAME_COUNT, SIGNATURE, SIGNATURE_PREFIX
@@ -27,19 +28,46 @@ _COMMANDS: dict[bytes, type[Message]] = {
 T = TypeVar("T")
 
 
+# One encoder and decoder for the process: json.dumps/loads with options build new ones
+# on every call, which the broker's hot path can feel.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def encode(message: Message) -> list[bytes]:
     """Turn a message into the frames to send.
 
     Raises:
         LocalProtocolError: a field holds a value the protocol cannot carry (our bug).
     """
-    body = _to_json_value(message)
+    command, names, nested = _shape(type(message))
+    if nested:
+        body = _to_json_value(message)
+    else:
+        # Flat messages: tuples of strings serialize as JSON arrays as they are.
+        body = {n: v for n in names if (v := getattr(message, n)) is not None}
     try:
-        data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        payload = data.encode("utf-8")
+        payload = _ENCODER.encode(body).encode("utf-8")
     except (ValueError, UnicodeEncodeError) as exc:
         raise LocalProtocolError(ErrorCode.MALFORMED, f"cannot encode {message!r}: {exc}") from exc
-    return [SIGNATURE, message.COMMAND.encode("ascii"), payload]
+    return [SIGNATURE, command, payload]
+
+
+_SHAPES: dict[type, tuple[bytes, tuple[str, ...], bool]] = {}
+
+
+def _shape(cls: type) -> tuple[bytes, tuple[str, ...], bool]:
+    """A message class's command frame, field names, and whether it nests objects."""
+    shape = _SHAPES.get(cls)
+    if shape is None:
+        hints = typing.get_type_hints(cls)
+        nested = any(
+            dataclasses.is_dataclass(h)
+            or any(dataclasses.is_dataclass(a) for a in typing.get_args(h))
+            for h in hints.values()
+        )
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        shape = _SHAPES[cls] = (cls.COMMAND.encode("ascii"), names, nested)  # type: ignore[attr-defined]
+    return shape
 
 
 def decode(frames: list[bytes], max_body_bytes: int | None = None) -> Message:
@@ -72,7 +100,7 @@ def decode(frames: list[bytes], max_body_bytes: int | None = None) -> Message:
         )
     try:
         text = payload.decode("utf-8")
-        body = json.loads(text, parse_constant=_reject_constant)
+        body = _DECODER.decode(text)
     except UnicodeDecodeError as exc:
         raise RemoteProtocolError(ErrorCode.MALFORMED, f"body is not UTF-8: {exc}") from exc
     except (ValueError, RecursionError) as exc:
@@ -80,8 +108,10 @@ def decode(frames: list[bytes], max_body_bytes: int | None = None) -> Message:
     if not isinstance(body, dict):
         raise RemoteProtocolError(ErrorCode.MALFORMED, "body must be a JSON object")
     ref = body.get("id") if isinstance(body.get("id"), str) else None
+    # Strictly decoded UTF-8 cannot hold surrogates; only a JSON \u escape can make one.
+    may_hold_surrogates = b"\\ud" in payload or b"\\uD" in payload
     try:
-        return _from_json_object(cls, body)
+        return _from_json_object(cls, body, may_hold_surrogates)
     except RemoteProtocolError as exc:
         exc.ref = _safe_ref(ref)
         raise
@@ -96,6 +126,9 @@ def _safe_ref(ref: str | None) -> str | None:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _has_surrogate(text: str) -> bool:
@@ -118,76 +151,109 @@ def _to_json_value(value: Any) -> Any:
     return value
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+Converter = Callable[[Any, str, bool], Any]
+_PLANS: dict[type, tuple[tuple[str, bool, Converter], ...]] = {}
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
-    return hints
+def _plan(cls: type) -> tuple[tuple[str, bool, Converter], ...]:
+    """How to read each field of `cls`: (name, required, converter), built once."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        hints = typing.get_type_hints(cls)
+        plan = tuple(
+            (
+                field.name,
+                field.default is dataclasses.MISSING
+                and field.default_factory is dataclasses.MISSING,
+                _converter(hints[field.name]),
+            )
+            for field in dataclasses.fields(cls)
+        )
+        _PLANS[cls] = plan
+    return plan
 
 
-def _from_json_object(cls: type[T], body: dict[str, Any]) -> T:
-    hints = _hints(cls)
+def _from_json_object(cls: type[T], body: dict[str, Any], surrogates: bool) -> T:
     kwargs: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if field.name not in body or body[field.name] is None:
-            has_default = (
-                field.default is not dataclasses.MISSING
-                or field.default_factory is not dataclasses.MISSING
-            )
-            if has_default:
-                continue
-            raise RemoteProtocolError(
-                ErrorCode.MALFORMED, f"{cls.__name__}: field '{field.name}' is required"
-            )
-        kwargs[field.name] = _convert(hints[field.name], body[field.name], field.name)
+    for name, required, convert in _plan(cls):
+        value = body.get(name)
+        if value is None:
+            if required:
+                raise RemoteProtocolError(
+                    ErrorCode.MALFORMED, f"{cls.__name__}: field '{name}' is required"
+                )
+            continue
+        kwargs[name] = convert(value, name, surrogates)
     return cls(**kwargs)
 
 
-def _convert(hint: Any, value: Any, where: str) -> Any:
+def _converter(hint: Any) -> Converter:
+    """A function that checks one JSON value against `hint` and returns the field value."""
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
-        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        if value is None:
-            return None
-        return _convert(options[0], value, where)
+        (inner,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return _converter(inner)
     if origin is Literal:
         allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise _type_error(where, " or ".join(repr(a) for a in allowed), value)
-        return value
+
+        def literal(value: Any, where: str, _s: bool) -> Any:
+            if value not in allowed:
+                raise _type_error(where, " or ".join(repr(a) for a in allowed), value)
+            return value
+
+        return literal
     if origin is tuple:
         (item_hint, _ellipsis) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise _type_error(where, "array", value)
-        return tuple(_convert(item_hint, item, f"{where}[]") for item in value)
+        item = _converter(item_hint)
+
+        def array(value: Any, where: str, surrogates: bool) -> Any:
+            if not isinstance(value, list):
+                raise _type_error(where, "array", value)
+            return tuple(item(v, f"{where}[]", surrogates) for v in value)
+
+        return array
     if hint is bool:
-        if not isinstance(value, bool):
-            raise _type_error(where, "true or false", value)
-        return value
+        return _boolean
     if hint is str:
-        if not isinstance(value, str):
-            raise _type_error(where, "string", value)
-        if _has_surrogate(value):
-            raise RemoteProtocolError(
-                ErrorCode.MALFORMED, f"field '{where}' holds an unpaired surrogate"
-            )
-        return value
+        return _string
     if hint is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise _type_error(where, "integer", value)
-        if not _INT_MIN <= value <= _INT_MAX:
-            raise RemoteProtocolError(
-                ErrorCode.MALFORMED, f"field '{where}' is outside the 64-bit range"
-            )
-        return value
+        return _integer
     if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise _type_error(where, "object", value)
-        return _from_json_object(hint, value)  # type: ignore[arg-type]
+        cls = hint
+
+        def obj(value: Any, where: str, surrogates: bool) -> Any:
+            if not isinstance(value, dict):
+                raise _type_error(where, "object", value)
+            return _from_json_object(cls, value, surrogates)  # type: ignore[arg-type]
+
+        return obj
     raise LocalProtocolError(ErrorCode.INTERNAL, f"codec cannot handle type {hint!r}")
+
+
+def _boolean(value: Any, where: str, _s: bool) -> Any:
+    if not isinstance(value, bool):
+        raise _type_error(where, "true or false", value)
+    return value
+
+
+def _string(value: Any, where: str, surrogates: bool) -> Any:
+    if not isinstance(value, str):
+        raise _type_error(where, "string", value)
+    if surrogates and _has_surrogate(value):
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED, f"field '{where}' holds an unpaired surrogate"
+        )
+    return value
+
+
+def _integer(value: Any, where: str, _s: bool) -> Any:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _type_error(where, "integer", value)
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED, f"field '{where}' is outside the 64-bit range"
+        )
+    return value
 
 
 def _type_error(where: str, expected: str, value: Any) -> RemoteProtocolError:

@@ -123,3 +123,12 @@ def test_schema_is_versioned(tmp_path):
     assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
+
+
+def test_a_stored_id_cannot_be_appended_twice(store):
+    from mangogram_broker.store import DuplicateMessage
+
+    first = put(store, "a", "b", "same")
+    with pytest.raises(DuplicateMessage):
+        put(store, "a", "b", "same")
+    assert put(store, "c", "b", "same").seq == first.seq + 1  # ids are per sender

@@ -24,6 +24,9 @@ Theory of operation
   stream order, marked delayed. LOGIN's `resume_from` confirms everything up to it.
 * Message ids are idempotent per sender, across restarts: a repeated id is acknowledged
   again with the same broker id and not stored or delivered twice.
+* Presence (PRESENCE, WELCOME's online list) reaches every online user while at most
+  `PRESENCE_BROADCAST_LIMIT` are online, and only contacts (people with stored messages
+  to or from the user) beyond that.
 * A session ends by LEAVE, by its connection closing (`disconnected`), by silence longer
   than the heartbeat timeout (`expire`), or when a send to it finds it unreachable
   (`send_failed`). Each end tells the other online users it left.
@@ -82,6 +85,9 @@ REGISTRATION_BURST = 10
 ERROR_RATE_PER_SECOND = 5
 ERROR_BURST = 20
 PRUNE_EVERY_MS = 60_000
+# Up to this many users online, everyone hears of everyone (a team, a small community);
+# beyond it joins and leaves go only to contacts, or a login storm would cost O(N^2).
+PRESENCE_BROADCAST_LIMIT = 500
 
 
 @dataclass(frozen=True)
@@ -290,8 +296,9 @@ class BrokerCore:
             resume_token=self._new_token(),
             last_seen_ms=now,
             user_key=user_key,
+            contacts=self.store.contacts(key),
         )
-        others = self._online_names()
+        others = self._visible_online(session)
         self.registry.register(session)
         self.store.remember_user(key, name, now)
         log.info("%s logged in (%d online)", name, len(self.registry))
@@ -302,7 +309,7 @@ class BrokerCore:
         out += self._fill_window(session, now, delayed=True)
         out += self._owed_receipts(session)
         if not resumed:
-            out += self._broadcast(Presence(name, "joined", now), exclude=peer)
+            out += self._tell_presence(session, Presence(name, "joined", now))
         return out
 
     def _claim(
@@ -394,9 +401,11 @@ class BrokerCore:
             assert earlier is not None  # the store just said it holds it
             return [self._acknowledge_again(session, send, earlier)]
         out = [Outgoing(session.peer, Accepted(send.id, stored.broker_id, now))]
+        session.contacts.add(recipient_key)
         recipient = self.registry.by_key(recipient_key)
         if recipient is None:
             return out
+        recipient.contacts.add(session.key)
         if recipient.cursor == stored.seq - 1 and recipient.in_flight < DELIVERY_WINDOW:
             # The usual case, a recipient that is keeping up: no need to read it back.
             out.append(Outgoing(recipient.peer, self._deliver(stored, now, delayed=False)))
@@ -540,15 +549,27 @@ class BrokerCore:
     def _online_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in sorted(self.registry, key=lambda s: s.key))
 
-    def _broadcast(self, message: BrokerMessage, exclude: bytes) -> list[Outgoing]:
-        return [Outgoing(s.peer, message) for s in self.registry if s.peer != exclude]
+    def _visible_online(self, session: Session) -> tuple[str, ...]:
+        """Who a user logging in is told is online (see PRESENCE_BROADCAST_LIMIT)."""
+        if len(self.registry) < PRESENCE_BROADCAST_LIMIT:
+            return self._online_names()
+        online = (self.registry.by_key(k) for k in session.contacts)
+        return tuple(sorted(s.name for s in online if s is not None))
+
+    def _tell_presence(self, session: Session, presence: Presence) -> list[Outgoing]:
+        if len(self.registry) <= PRESENCE_BROADCAST_LIMIT:
+            targets = [s for s in self.registry if s.peer != session.peer]
+        else:
+            found = (self.registry.by_key(k) for k in session.contacts)
+            targets = [s for s in found if s is not None and s.peer != session.peer]
+        return [Outgoing(s.peer, presence) for s in targets]
 
     def _end_session(self, peer: bytes, now: int, why: str) -> list[Outgoing]:
         session = self.registry.deregister(peer)
         if session is None:
             return []
         log.info("%s is offline (%s; %d online)", session.name, why, len(self.registry))
-        return self._broadcast(Presence(session.name, "left", now), exclude=peer)
+        return self._tell_presence(session, Presence(session.name, "left", now))
 
     def _error(
         self,

@@ -26,6 +26,8 @@ class Session:
     in_flight: int = 0
     # Sender of each message awaiting its RECEIPT (at most the window's worth).
     senders: dict[str, str] = field(default_factory=dict)
+    # Name keys of the people this user has exchanged messages with.
+    contacts: set[str] = field(default_factory=set)
     # The authenticated CurveZMQ public key it logged in with (None in plaintext mode).
     user_key: str | None = None
 

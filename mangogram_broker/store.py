@@ -79,6 +79,10 @@ class Store(Protocol):
         self, recipient_key: str, broker_id: str, now: int, sender_notified: bool = False
     ) -> StoredMessage | None: ...
     def last_seq(self, recipient_key: str) -> int: ...
+    def contacts(self, key: str) -> set[str]:
+        """Name keys of everyone `key` has exchanged messages with (as stored)."""
+        ...
+
     def confirm_through(self, recipient_key: str, seq: int, now: int) -> None: ...
     def mark_read(self, recipient_key: str, broker_id: str, now: int) -> StoredMessage | None: ...
     def receipts_owed(self, sender_key: str, limit: int) -> list[StoredMessage]: ...
@@ -175,6 +179,10 @@ class MemoryStore:
 
     def last_seq(self, recipient_key: str) -> int:
         return self._last_seq.get(recipient_key, 0)
+
+    def contacts(self, key: str) -> set[str]:
+        found = {m.recipient_key for m in self._messages.values() if m.sender_key == key}
+        return found | {m.sender_key for m in self._messages.values() if m.recipient_key == key}
 
     def confirm(
         self, recipient_key: str, broker_id: str, now: int, sender_notified: bool = False
@@ -374,6 +382,14 @@ class SqliteStore:
 
     def last_seq(self, recipient_key: str) -> int:
         return self._last_seq.get(recipient_key, 0)
+
+    def contacts(self, key: str) -> set[str]:
+        rows = self._db.execute(
+            "SELECT DISTINCT recipient_key FROM messages WHERE sender_key = ?"
+            " UNION SELECT DISTINCT sender_key FROM messages WHERE recipient_key = ?",
+            (key, key),
+        )
+        return {str(row[0]) for row in rows}
 
     def remember_user(self, key: str, name: str, now: int) -> None:
         if self._users.get(key) == name:

@@ -404,3 +404,28 @@ def test_plaintext_to_a_remote_address_is_refused_by_the_sdk():
     assert resolve_security("tcp://127.0.0.1:5555", plaintext=True) is None
     with pytest.raises(ServerKeyError, match="loopback"):
         resolve_security("tcp://192.0.2.10:5555", plaintext=True)
+
+
+def test_on_a_busy_broker_presence_goes_to_contacts_only(net, monkeypatch):
+    import mangogram_broker.core as core_module
+
+    monkeypatch.setattr(core_module, "PRESENCE_BROADCAST_LIMIT", 2)
+    alice = net.join("alice")
+    dave = net.join("dave")
+    alice.session.send_text("dave", "we are contacts now", net.now)
+    net.pump()
+    bob = net.join("bob")
+    carol = net.join("carol")
+    for client in (alice, bob, carol):
+        client.take(PresenceChanged)
+    dave.session.leave(net.now)
+    net.pump()
+    assert [p.name for p in alice.take(PresenceChanged)] == ["dave"]
+    assert bob.take(PresenceChanged) == [] and carol.take(PresenceChanged) == []
+    again = net.join("dave")
+    (welcome,) = again.take(LoggedIn)
+    assert welcome.online == ("alice",)  # only contacts are listed on a busy broker
+    alice.session.request_online(net.now)
+    net.pump()
+    (everyone,) = alice.take(OnlineUsers)
+    assert set(everyone.users) == {"alice", "bob", "carol", "dave"}  # WHO still lists all

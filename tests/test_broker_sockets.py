@@ -247,6 +247,14 @@ def test_malformed_input_is_answered_and_honest_clients_still_served(broker, zct
     attacker.close()
 
 
+def test_frame_just_under_the_transport_limit_gets_an_answer(broker, zctx):
+    near = dealer(zctx, broker.endpoint)
+    near.send_multipart([SIGNATURE, b"LOGIN", b"x" * (65536 - 1)])
+    reply = recv(near)
+    assert isinstance(reply, Error) and reply.code == "too_large"  # the body limit speaks
+    near.close()
+
+
 def test_oversized_frame_drops_only_that_connection(broker, zctx):
     honest = raw_login(zctx, broker, "honest")
     attacker = dealer(zctx, broker.endpoint)

@@ -429,3 +429,31 @@ def test_on_a_busy_broker_presence_goes_to_contacts_only(net, monkeypatch):
     net.pump()
     (everyone,) = alice.take(OnlineUsers)
     assert set(everyone.users) == {"alice", "bob", "carol", "dave"}  # WHO still lists all
+
+
+@pytest.mark.parametrize(
+    "field,size,code",
+    [
+        ("id", 64, None),
+        ("id", 65, "malformed"),
+        ("body", TEST_LIMITS.max_body_bytes, None),
+        ("body", TEST_LIMITS.max_body_bytes + 1, "too_large"),
+        ("name", TEST_LIMITS.max_name_chars, None),
+        ("name", TEST_LIMITS.max_name_chars + 1, "name_invalid"),
+    ],
+)
+def test_each_limit_just_under_and_just_over(net, field, size, code):
+    alice = net.join("alice")
+    net.join("bob")
+    if field == "name":
+        replies = net.raw(net.new_peer(), codec.encode(Login("n" * size)))
+    elif field == "id":
+        replies = net.raw(alice.peer, codec.encode(Send("i" * size, "bob", "hi", 1)))
+    else:
+        base = json.dumps({"id": "m1", "to": "bob", "text": "", "sent_at": 1, "pad": ""})
+        body = base.replace('"pad": ""', '"pad": "' + "p" * (size - len(base)) + '"')
+        body = body.replace('"text": ""', '"text": "x"')
+        body = body.replace('"pad": "p', '"pad": "', 1)
+        assert len(body.encode()) == size
+        replies = net.raw(alice.peer, [SIGNATURE, b"SEND", body.encode()])
+    assert error_codes(replies) == ([code] if code else [])

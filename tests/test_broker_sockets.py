@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -354,3 +355,22 @@ def test_broker_refuses_a_busy_port_clearly(broker, tmp_path):
     )
     assert proc.returncode == 2
     assert "cannot listen" in proc.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc (Linux)")
+def test_broker_raises_its_open_file_limit(tmp_path):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the broker inherits this
+    try:
+        process = BrokerProcess(tmp_path / "data")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        limits = Path(f"/proc/{process.proc.pid}/limits").read_text()
+        (line,) = [row for row in limits.splitlines() if row.startswith("Max open files")]
+        wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        assert int(line.split()[3]) >= wanted > 256
+    finally:
+        process.kill()

@@ -221,6 +221,7 @@ def main() -> None:
     parser.add_argument("--sizes", help="comma-separated N values (default 1,10,100,1000)")
     parser.add_argument("--window", type=float, default=3.0, help="measured seconds per run")
     parser.add_argument("--no-memory", action="store_true", help="skip the idle-client test")
+    parser.add_argument("--rtt-count", type=int, help="round trips per system (default 2000)")
     args = parser.parse_args()
     sizes = [100] if args.quick else [int(n) for n in (args.sizes or "1,10,100,1000").split(",")]
     warmup = 1.0
@@ -229,7 +230,8 @@ def main() -> None:
         work = Path(tmp)
         runs = [measure_throughput(s, n, work, warmup, args.window) for n in sizes for s in SYSTEMS]
         report["runs"] = runs
-        rtts = [measure_rtt(s, work, 500 if args.quick else 2000) for s in SYSTEMS]
+        count = args.rtt_count or (500 if args.quick else 2000)
+        rtts = [measure_rtt(s, work, count) for s in SYSTEMS]
         report["rtt"] = rtts
         if not args.quick and not args.no_memory:
             report["memory"] = [measure_memory(c, work) for c in (1000, 10000)]

@@ -1,0 +1,35 @@
+"""The benchmark runs end to end and reports what README promises. It measures nothing
+here: speeds are for `python -m bench`, never asserted in a test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def test_bench_reports_every_system_with_ratios():
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--sizes", "10", "--window", "0.5", "--no-memory",
+         "--rtt-count", "40", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    systems = {"mangogram", "mangogram-normal", "limit", "thread-server"}
+    assert {run["system"] for run in report["runs"]} == systems
+    assert all(run["n"] == 10 and run["msgs_per_s"] > 0 for run in report["runs"])
+    assert {r["system"] for r in report["rtt"]} == systems
+    assert all(r["p50_us"] <= r["p99_us"] <= r["p999_us"] for r in report["rtt"])
+    assert set(report["ratios"]) >= {
+        "mangogram_to_limit_n100",
+        "mangogram_to_limit_n1000",
+        "mangogram_to_thread_server_n1000",
+        "rtt_p99_to_limit",
+    }

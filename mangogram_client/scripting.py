@@ -6,7 +6,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 from mangogram_proto import BrokerRefused, Client, LocalProtocolError
@@ -18,18 +18,26 @@ log = logging.getLogger(__name__)
 ACK_TIMEOUT_S = 30.0
 
 
-def send_one(server: str, name: str, to: str, text: str, security: dict[str, Any]) -> int:
-    """Send `text` and exit 0 only once the broker acknowledged it."""
+def reporting_failures(work: Callable[[], int]) -> int:
+    """Run a script mode; what went wrong becomes one line on stderr and exit code 1."""
     try:
-        with Client(name, server, **security) as client:
-            client.send(to, text, wait=True, timeout=ACK_TIMEOUT_S)
+        return work()
     except BrokerRefused as exc:
         print(f"mangogram: {exc.message}", file=sys.stderr)
-        return 1
     except (TimeoutError, LocalProtocolError, ServerKeyError, KeyFileError) as exc:
         print(f"mangogram: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return 1
+
+
+def send_one(server: str, name: str, to: str, text: str, security: dict[str, Any]) -> int:
+    """Send `text` and exit 0 only once the broker acknowledged it."""
+
+    def work() -> int:
+        with Client(name, server, **security) as client:
+            client.send(to, text, wait=True, timeout=ACK_TIMEOUT_S)
+        return 0
+
+    return reporting_failures(work)
 
 
 def message_json(message: IncomingMessage) -> str:
@@ -59,7 +67,8 @@ def listen(
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    try:
+
+    def work() -> int:
         with Client(name, server, **security) as client:
             print(f"listening as {client.name}", file=sys.stderr, flush=True)
             while not stopping:
@@ -71,20 +80,17 @@ def listen(
                 else:
                     out.write(f"{message.sender}: {message.text}\n")
                 out.flush()
-    except BrokerRefused as exc:
-        print(f"mangogram: {exc.message}", file=sys.stderr)
-        return 1
-    except (TimeoutError, ServerKeyError, KeyFileError) as exc:
-        print(f"mangogram: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return reporting_failures(work)
 
 
 def send_lines(
     server: str, name: str, to: str, lines: Iterable[str], security: dict[str, Any]
 ) -> int:
     """Send each non-empty line as a message to `to`; exit 0 once all were accepted."""
-    try:
+
+    def work() -> int:
         with Client(name, server, **security) as client:
             pending: set[str] = set()
             for line in lines:
@@ -103,9 +109,5 @@ def send_lines(
                         failed += 1
                         print(f"mangogram: {event.message}", file=sys.stderr)
             return 1 if failed else 0
-    except BrokerRefused as exc:
-        print(f"mangogram: {exc.message}", file=sys.stderr)
-        return 1
-    except (TimeoutError, ServerKeyError, KeyFileError) as exc:
-        print(f"mangogram: {exc}", file=sys.stderr)
-        return 1
+
+    return reporting_failures(work)

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -23,13 +22,19 @@ from .events import ConnectionLost, Event, LoggedIn, LoginRefused
 from .keys import (
     KeyPair,
     Security,
+    SecurityRequest,
     ServerKeyError,
     TrustPrompt,
     handshake_failure_message,
-    resolve_security,
 )
 from .session import ClientSession, State
-from .transport import WATCHED_EVENTS, HandshakeWatch, configure_dealer, wall_clock_ms
+from .transport import (
+    WATCHED_EVENTS,
+    HandshakeWatch,
+    close_with_monitor,
+    configure_dealer,
+    wall_clock_ms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +59,7 @@ class AsyncConnection:
         trust_new_server: TrustPrompt | None = None,
     ) -> None:
         self.endpoint = endpoint
-        self._security_options: dict[str, Any] = {
-            "server_key": server_key,
-            "identity": identity,
-            "plaintext": plaintext,
-            "trust_new_server": trust_new_server,
-        }
+        self._security_request = SecurityRequest(server_key, identity, plaintext, trust_new_server)
         self.security: Security | None = None
         # Set when the connection gave up for good: the broker's key is not the expected one.
         self.failure: ServerKeyError | None = None
@@ -115,9 +115,7 @@ class AsyncConnection:
         """
         context = zmq.asyncio.Context.instance()
         # Learning a new server's key is a blocking round trip: keep it off the loop.
-        self.security = await asyncio.to_thread(
-            resolve_security, self.endpoint, **self._security_options
-        )
+        self.security = await asyncio.to_thread(self._security_request.resolve, self.endpoint)
         try:
             await self._serve(context)
         except ServerKeyError as exc:
@@ -128,13 +126,9 @@ class AsyncConnection:
             self._close_socket()
 
     def _close_socket(self) -> None:
-        if self._socket is not None:
-            self._socket.disable_monitor()
-            self._socket.close(linger=0)
-            self._socket = None
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-            self._monitor = None
+        close_with_monitor(self._socket, self._monitor)
+        self._socket = None
+        self._monitor = None
 
     async def _check_handshakes(self) -> None:
         assert self._monitor is not None

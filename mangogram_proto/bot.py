@@ -23,14 +23,13 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from .aio import AsyncConnection
 from .backoff import Backoff
 from .constants import DEFAULT_ENDPOINT
 from .errors import BrokerRefused
 from .events import Event, IncomingMessage, LoggedIn
-from .keys import KeyPair
+from .keys import KeyPair, SecurityRequest
 from .session import ClientSession
 
 log = logging.getLogger(__name__)
@@ -66,11 +65,7 @@ class Bot:
         self.endpoint = endpoint
         self._name = name
         self._backoff = backoff
-        self._security: dict[str, Any] = {
-            "server_key": server_key,
-            "identity": identity,
-            "plaintext": plaintext,
-        }
+        self._security = SecurityRequest(server_key, identity, plaintext)
         self._message_handlers: list[MessageHandler] = []
         self._event_handlers: list[EventHandler] = []
         self._connection: AsyncConnection | None = None
@@ -126,8 +121,14 @@ class Bot:
             BrokerRefused: the broker refused the bot's name.
             ServerKeyError: the broker's key is unknown or not the expected one.
         """
+        request = self._security
         connection = AsyncConnection(
-            self._name, self.endpoint, backoff=self._backoff, **self._security
+            self._name,
+            self.endpoint,
+            backoff=self._backoff,
+            server_key=request.server_key,
+            identity=request.identity,
+            plaintext=request.plaintext,
         )
         self._connection = connection
         worker = asyncio.create_task(self._run_handlers(connection))

@@ -39,13 +39,19 @@ from .events import (
 from .keys import (
     KeyPair,
     Security,
+    SecurityRequest,
     ServerKeyError,
     TrustPrompt,
     handshake_failure_message,
-    resolve_security,
 )
 from .session import ClientSession, State
-from .transport import WATCHED_EVENTS, HandshakeWatch, configure_dealer, wall_clock_ms
+from .transport import (
+    WATCHED_EVENTS,
+    HandshakeWatch,
+    close_with_monitor,
+    configure_dealer,
+    wall_clock_ms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +81,7 @@ class Client:
         trust_new_server: TrustPrompt | None = None,
     ) -> None:
         self.endpoint = endpoint
-        self._security_options: dict[str, Any] = {
-            "server_key": server_key,
-            "identity": identity,
-            "plaintext": plaintext,
-            "trust_new_server": trust_new_server,
-        }
+        self._security_request = SecurityRequest(server_key, identity, plaintext, trust_new_server)
         self.security: Security | None = None
         self._security_resolved = False
         self._monitor: zmq.Socket[bytes] | None = None
@@ -231,7 +232,7 @@ class Client:
 
     def _open(self, now: int) -> None:
         if not self._security_resolved:
-            self.security = resolve_security(self.endpoint, **self._security_options)
+            self.security = self._security_request.resolve(self.endpoint)
             self._security_resolved = True
         socket = self._context.socket(zmq.DEALER)
         self._monitor = socket.get_monitor_socket(WATCHED_EVENTS)
@@ -240,13 +241,9 @@ class Client:
         self.session.connect(now)
 
     def _close_socket(self) -> None:
-        if self._socket is not None:
-            self._socket.disable_monitor()
-            self._socket.close(linger=0)
-            self._socket = None
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-            self._monitor = None
+        close_with_monitor(self._socket, self._monitor)
+        self._socket = None
+        self._monitor = None
 
     def _check_handshakes(self) -> None:
         assert self._monitor is not None

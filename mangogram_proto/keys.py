@@ -289,6 +289,25 @@ def resolve_security(
     return Security(announced, pair)
 
 
+@dataclass(frozen=True)
+class SecurityRequest:
+    """What a caller asked for (see `resolve_security`); `resolve` looks the keys up."""
+
+    server_key: str | None = None
+    identity: KeyPair | Path | None = None
+    plaintext: bool | None = None
+    trust_new_server: TrustPrompt | None = None
+
+    def resolve(self, endpoint: str) -> Security | None:
+        return resolve_security(
+            endpoint,
+            server_key=self.server_key,
+            identity=self.identity,
+            plaintext=self.plaintext,
+            trust_new_server=self.trust_new_server,
+        )
+
+
 def _accept_and_log(endpoint: str, key: str, print_: str) -> bool:
     log.warning("trusting %s on first use: key fingerprint %s (pinned)", endpoint, print_)
     return True

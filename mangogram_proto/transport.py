@@ -62,3 +62,12 @@ class HandshakeWatch:
             self.failures += 1
             self.last_failure = event
         return self.failures >= FAILURES_BEFORE_GIVING_UP
+
+
+def close_with_monitor(socket: zmq.Socket[Any] | None, monitor: zmq.Socket[Any] | None) -> None:
+    """Close a DEALER and its handshake monitor without waiting for anything."""
+    if socket is not None:
+        socket.disable_monitor()
+        socket.close(linger=0)
+    if monitor is not None:
+        monitor.close(linger=0)

@@ -241,10 +241,17 @@ class BrokerCore:
 
     def send_failed(self, failed: Outgoing, unreachable: bool, now: int) -> list[Outgoing]:
         """The shell could not send `failed`: the peer is gone (`unreachable`) or its
-        queue is full. A DELIVER stays unconfirmed in the store, so it is delivered at the
-        recipient's next login; a gone peer's session ends."""
+        queue is full. A DELIVER stays unconfirmed in the store; for a live session the
+        window forgets it was sent, so the next fill offers it again. A gone peer's session
+        ends (its mail waits for the next login)."""
         if unreachable:
             return self._end_session(failed.peer, now, "unreachable")
+        message = failed.message
+        session = self.registry.by_peer(failed.peer)
+        in_flight = session.senders if session is not None else {}
+        if isinstance(message, Deliver) and in_flight.pop(message.broker_id, None) is not None:
+            assert session is not None
+            session.cursor = min(session.cursor, message.seq - 1)
         return []
 
     # Commands
@@ -302,10 +309,12 @@ class BrokerCore:
         self.registry.register(session)
         self.store.remember_user(key, name, now)
         log.info("%s logged in (%d online)", name, len(self.registry))
-        out = [Outgoing(peer, Welcome(name, now, session.resume_token, self.limits, others))]
         if login.resume_from is not None and login.resume_from > 0:
             # The client has everything up to here, whatever receipts got lost.
             self.store.confirm_through(key, login.resume_from, now)
+        mark = self.store.confirmed_through(key)
+        welcome = Welcome(name, now, session.resume_token, self.limits, others, mark)
+        out = [Outgoing(peer, welcome)]
         out += self._fill_window(session, now, delayed=True)
         out += self._owed_receipts(session)
         if not resumed:
@@ -406,11 +415,10 @@ class BrokerCore:
         if recipient is None:
             return out
         recipient.contacts.add(session.key)
-        if recipient.cursor == stored.seq - 1 and recipient.in_flight < DELIVERY_WINDOW:
+        if recipient.cursor == stored.seq - 1 and len(recipient.senders) < DELIVERY_WINDOW:
             # The usual case, a recipient that is keeping up: no need to read it back.
             out.append(Outgoing(recipient.peer, self._deliver(stored, now, delayed=False)))
             recipient.cursor = stored.seq
-            recipient.in_flight += 1
             recipient.senders[stored.broker_id] = stored.sender_key
             return out
         return out + self._fill_window(recipient, now, delayed=False)
@@ -428,8 +436,6 @@ class BrokerCore:
             # Unknown, someone else's, or already confirmed (a repeated receipt).
             log.debug("%s: receipt for %s changes nothing", session.name, receipt.broker_id[:64])
             return []
-        if confirmed.seq <= session.cursor:
-            session.in_flight = max(0, session.in_flight - 1)
         out: list[Outgoing] = []
         sender = self.registry.by_key(confirmed.sender_key)
         if sender is not None:
@@ -483,16 +489,21 @@ class BrokerCore:
 
     def _fill_window(self, session: Session, now: int, delayed: bool) -> list[Outgoing]:
         """Send the session's next unconfirmed messages, up to the window."""
-        room = DELIVERY_WINDOW - session.in_flight
+        room = DELIVERY_WINDOW - len(session.senders)
         if room <= 0:
             return []
-        batch = self.store.unconfirmed(session.key, session.cursor, room)
+        # Over-fetch by what is in flight: after a failed hand-off the cursor moved back,
+        # and messages still awaiting their receipt are skipped, not sent twice.
+        batch = self.store.unconfirmed(session.key, session.cursor, room + len(session.senders))
         out = []
         for message in batch:
+            session.cursor = max(session.cursor, message.seq)
+            if message.broker_id in session.senders:
+                continue
             out.append(Outgoing(session.peer, self._deliver(message, now, delayed)))
-            session.cursor = message.seq
-            session.in_flight += 1
             session.senders[message.broker_id] = message.sender_key
+            if len(session.senders) >= DELIVERY_WINDOW:
+                break
         return out
 
     def _deliver(self, message: StoredMessage, now: int, delayed: bool) -> Deliver:

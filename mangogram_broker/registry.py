@@ -20,11 +20,10 @@ class Session:
     name: str
     resume_token: str
     last_seen_ms: int
-    # Delivery window: the highest stream seq sent on this connection, and how many sent
-    # messages await their RECEIPT.
+    # Delivery window: the highest stream seq sent on this connection.
     cursor: int = 0
-    in_flight: int = 0
-    # Sender of each message awaiting its RECEIPT (at most the window's worth).
+    # Sender of each message handed to this connection and awaiting its RECEIPT: its size
+    # is what is in flight (at most the window).
     senders: dict[str, str] = field(default_factory=dict)
     # Name keys of the people this user has exchanged messages with.
     contacts: set[str] = field(default_factory=set)

@@ -15,6 +15,7 @@ import errno
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import zmq
@@ -109,6 +110,8 @@ class BrokerServer:
         self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._peer_by_fd: dict[int, bytes] = {}
         self._fd_by_peer: dict[bytes, int] = {}
+        # Disconnect events still to come for descriptors already seen reused.
+        self._stale_disconnects: Counter[int] = Counter()
 
     def stop(self) -> None:
         """Ask the loop to finish; safe to call from a signal handler."""
@@ -233,8 +236,10 @@ class BrokerServer:
         outgoing: list[Outgoing] = []
         old_peer = self._peer_by_fd.get(fd)
         if old_peer is not None and old_peer != peer:
-            # The descriptor was reused, so the old connection is closed.
+            # The descriptor was reused, so the old connection is closed; its disconnect
+            # event is still on its way and must not end the new connection.
             self._fd_by_peer.pop(old_peer, None)
+            self._stale_disconnects[fd] += 1
             outgoing = self.core.disconnected(old_peer, now)
         self._peer_by_fd[fd] = peer
         self._fd_by_peer[peer] = fd
@@ -249,6 +254,11 @@ class BrokerServer:
                 return outgoing
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 fd = int(event["value"])
+                if self._stale_disconnects[fd]:
+                    self._stale_disconnects[fd] -= 1
+                    if not self._stale_disconnects[fd]:
+                        del self._stale_disconnects[fd]
+                    continue
                 peer = self._peer_by_fd.pop(fd, None)
                 if peer is not None:
                     self._fd_by_peer.pop(peer, None)

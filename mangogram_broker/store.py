@@ -79,6 +79,10 @@ class Store(Protocol):
         self, recipient_key: str, broker_id: str, now: int, sender_notified: bool = False
     ) -> StoredMessage | None: ...
     def last_seq(self, recipient_key: str) -> int: ...
+    def confirmed_through(self, recipient_key: str) -> int:
+        """The highest seq up to which every message of the stream is confirmed."""
+        ...
+
     def contacts(self, key: str) -> set[str]:
         """Name keys of everyone `key` has exchanged messages with (as stored)."""
         ...
@@ -179,6 +183,10 @@ class MemoryStore:
 
     def last_seq(self, recipient_key: str) -> int:
         return self._last_seq.get(recipient_key, 0)
+
+    def confirmed_through(self, recipient_key: str) -> int:
+        waiting = [m.seq for m in self._stream(recipient_key) if m.delivered_at is None]
+        return min(waiting) - 1 if waiting else self.last_seq(recipient_key)
 
     def contacts(self, key: str) -> set[str]:
         found = {m.recipient_key for m in self._messages.values() if m.sender_key == key}
@@ -382,6 +390,13 @@ class SqliteStore:
 
     def last_seq(self, recipient_key: str) -> int:
         return self._last_seq.get(recipient_key, 0)
+
+    def confirmed_through(self, recipient_key: str) -> int:
+        row = self._db.execute(
+            "SELECT min(seq) FROM messages WHERE recipient_key = ? AND delivered_at IS NULL",
+            (recipient_key,),
+        ).fetchone()
+        return int(row[0]) - 1 if row[0] is not None else self.last_seq(recipient_key)
 
     def contacts(self, key: str) -> set[str]:
         rows = self._db.execute(

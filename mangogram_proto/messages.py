@@ -110,7 +110,9 @@ class Leave:
 @dataclass(frozen=True)
 class Welcome:
     """Login succeeded. `name` is the display form the broker registered. Stored messages
-    follow as DELIVER; `resume_from` in LOGIN says where this client's stream stopped."""
+    follow as DELIVER; `resume_from` in LOGIN says where this client's stream stopped.
+    `stream_mark`: every message of our stream up to this seq is confirmed, so a fresh
+    client starts counting from here."""
 
     COMMAND: ClassVar[str] = "WELCOME"
     name: str
@@ -118,6 +120,7 @@ class Welcome:
     resume_token: str
     limits: Limits
     online: tuple[str, ...] = ()
+    stream_mark: int = 0
 
 
 @dataclass(frozen=True)

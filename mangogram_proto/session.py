@@ -296,6 +296,7 @@ class ClientSession:
     def _flush_outbox(self, now: int) -> None:
         if self.state is not State.ONLINE or now < self._hold_until:
             return
+        self._hold_until = 0  # the hold is over; a past deadline would make drivers spin
         self._pace_until = 0
         for pending in self._outbox.values():
             if self._in_flight >= MAX_IN_FLIGHT:
@@ -328,6 +329,14 @@ class ClientSession:
         self.name = welcome.name
         self.online = {name_key(n): n for n in welcome.online}
         self._hold_until = 0
+        if self._stream_mark is None or welcome.stream_mark > self._stream_mark:
+            # Anchor on the broker's word, never on the first seq seen: a message that
+            # failed to reach us would otherwise fall below the mark and be lost.
+            self._stream_mark = welcome.stream_mark
+            self._above_mark = {seq for seq in self._above_mark if seq > welcome.stream_mark}
+            while self._stream_mark + 1 in self._above_mark:
+                self._stream_mark += 1
+                self._above_mark.discard(self._stream_mark)
         self._flush_outbox(now)
         return [
             LoggedIn(welcome.name, welcome.server_time, welcome.limits, welcome.online, resumed)
@@ -354,8 +363,7 @@ class ClientSession:
     def _note_seq(self, seq: int) -> bool:
         """Record stream position `seq`; False if it was seen before (a redelivery)."""
         if self._stream_mark is None:
-            # The first message of a fresh client: the broker sends its oldest first.
-            self._stream_mark = seq - 1
+            self._stream_mark = 0  # WELCOME sets it; this only guards a broken broker
         if seq <= self._stream_mark or seq in self._above_mark:
             return False
         self._above_mark.add(seq)

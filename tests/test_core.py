@@ -457,3 +457,18 @@ def test_each_limit_just_under_and_just_over(net, field, size, code):
         assert len(body.encode()) == size
         replies = net.raw(alice.peer, [SIGNATURE, b"SEND", body.encode()])
     assert error_codes(replies) == ([code] if code else [])
+
+
+def test_a_rate_limit_hold_that_has_passed_schedules_no_past_deadline(net):
+    alice = net.join("alice")
+    net.join("bob")
+    pending = alice.session.send_text("bob", "x", net.now)
+    alice.session.data_to_send()
+    limited = Error("rate_limited", "slow down", ref=pending, retry_after_ms=100)
+    alice.session.receive(codec.encode(limited), net.now)
+    later = net.now + 1000
+    for i in range(400):  # more than the in-flight cap, so some always wait
+        alice.session.send_text("bob", f"queued {i}", later)
+    alice.session.tick(later)
+    deadline = alice.session.next_deadline()
+    assert deadline is not None and deadline >= later  # a past deadline spins the driver

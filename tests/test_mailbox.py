@@ -19,7 +19,7 @@ from mangogram_proto.events import (
     MessageFailed,
     MessageRead,
 )
-from mangogram_proto.messages import Deliver, Send
+from mangogram_proto.messages import Deliver, Send, Welcome
 from mangogram_proto.session import ClientSession
 
 from .harness import TEST_LIMITS, Network
@@ -302,3 +302,32 @@ def test_read_before_receipt_still_confirms_and_tells_the_sender(net):
     assert [d.id for d in alice.take(MessageDelivered)] == [message_id]
     assert [r.id for r in alice.take(MessageRead)] == [message_id]
     assert net.store.unconfirmed_count("bob") == 0
+
+
+def test_a_handoff_refused_by_a_full_queue_is_offered_again_and_never_lost(net):
+    alice = net.join("alice")
+    bob = net.join("bob")
+    first = alice.session.send_text("bob", "one", net.now)
+    out = net.core.handle_frames(alice.peer, alice.session.data_to_send()[0], net.now)
+    (deliver,) = [o for o in out if isinstance(o.message, Deliver)]
+    # bob's queue is full: the hand-off fails, bob's connection lives on
+    net.route(net.core.send_failed(deliver, unreachable=False, now=net.now))
+    net.route([o for o in out if o is not deliver])
+    second = alice.session.send_text("bob", "two", net.now)
+    net.pump()
+    assert [m.id for m in bob.take(IncomingMessage)] == [first, second]
+    assert net.store.unconfirmed_count("bob") == 0
+
+
+def test_a_fresh_client_starts_from_the_brokers_mark_not_from_what_it_saw_first():
+    session = ClientSession("bob")
+    session.connect(1)
+    session.data_to_send()
+    welcome = Welcome("bob", 1, "token", TEST_LIMITS, (), stream_mark=3)
+    session.receive(codec.encode(welcome), 2)
+    session.receive(codec.encode(Deliver("m5", "5", "a", "t", 1, 2, seq=5)), 3)
+    session.connect(4)
+    (login,) = [codec.decode(f) for f in session.data_to_send() if f[1] == b"LOGIN"]
+    assert login.resume_from == 3  # seq 4 never arrived: it must not be confirmed
+    shown = session.receive(codec.encode(Deliver("m4", "4", "a", "t", 1, 2, seq=4)), 5)
+    assert [e.seq for e in shown] == [4]  # arriving late, it is still shown

@@ -312,7 +312,7 @@ class BrokerCore:
         if login.resume_from is not None and login.resume_from > 0:
             # The client has everything up to here, whatever receipts got lost.
             self.store.confirm_through(key, login.resume_from, now)
-        mark = self.store.confirmed_through(key)
+        mark = self.store.confirmed_through(key) or None  # absent on the wire means 0
         welcome = Welcome(name, now, session.resume_token, self.limits, others, mark)
         out = [Outgoing(peer, welcome)]
         out += self._fill_window(session, now, delayed=True)

@@ -112,7 +112,7 @@ class Welcome:
     """Login succeeded. `name` is the display form the broker registered. Stored messages
     follow as DELIVER; `resume_from` in LOGIN says where this client's stream stopped.
     `stream_mark`: every message of our stream up to this seq is confirmed, so a fresh
-    client starts counting from here."""
+    client starts counting from here (absent: 0, nothing confirmed yet)."""
 
     COMMAND: ClassVar[str] = "WELCOME"
     name: str
@@ -120,7 +120,7 @@ class Welcome:
     resume_token: str
     limits: Limits
     online: tuple[str, ...] = ()
-    stream_mark: int = 0
+    stream_mark: int | None = None
 
 
 @dataclass(frozen=True)

@@ -329,11 +329,12 @@ class ClientSession:
         self.name = welcome.name
         self.online = {name_key(n): n for n in welcome.online}
         self._hold_until = 0
-        if self._stream_mark is None or welcome.stream_mark > self._stream_mark:
+        anchor = welcome.stream_mark or 0
+        if self._stream_mark is None or anchor > self._stream_mark:
             # Anchor on the broker's word, never on the first seq seen: a message that
             # failed to reach us would otherwise fall below the mark and be lost.
-            self._stream_mark = welcome.stream_mark
-            self._above_mark = {seq for seq in self._above_mark if seq > welcome.stream_mark}
+            self._stream_mark = anchor
+            self._above_mark = {seq for seq in self._above_mark if seq > anchor}
             while self._stream_mark + 1 in self._above_mark:
                 self._stream_mark += 1
                 self._above_mark.discard(self._stream_mark)

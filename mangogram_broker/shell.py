@@ -15,7 +15,6 @@ import errno
 import logging
 import secrets
 import time
-from collections import Counter
 from collections.abc import Callable
 
 import zmq
@@ -26,6 +25,7 @@ from mangogram_proto.constants import FRAME_COUNT
 from mangogram_proto.keys import KeyPair
 from mangogram_proto.messages import Accepted, Deliver, Receipt, Welcome
 
+from .connections import ConnectionTable
 from .core import BrokerCore, Outgoing
 from .crashpoints import CrashPoints
 from .security import ZAP_ENDPOINT, key_reply, zap_reply
@@ -108,10 +108,7 @@ class BrokerServer:
         self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._router.bind(bind)
         self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._peer_by_fd: dict[int, bytes] = {}
-        self._fd_by_peer: dict[bytes, int] = {}
-        # Disconnect events still to come for descriptors already seen reused.
-        self._stale_disconnects: Counter[int] = Counter()
+        self._connections = ConnectionTable()
 
     def stop(self) -> None:
         """Ask the loop to finish; safe to call from a signal handler."""
@@ -231,19 +228,8 @@ class BrokerServer:
             fd = frame.get(zmq.SRCFD)
         except zmq.ZMQError:
             return []
-        if self._fd_by_peer.get(peer) == fd:
-            return []
-        outgoing: list[Outgoing] = []
-        old_peer = self._peer_by_fd.get(fd)
-        if old_peer is not None and old_peer != peer:
-            # The descriptor was reused, so the old connection is closed; its disconnect
-            # event is still on its way and must not end the new connection.
-            self._fd_by_peer.pop(old_peer, None)
-            self._stale_disconnects[fd] += 1
-            outgoing = self.core.disconnected(old_peer, now)
-        self._peer_by_fd[fd] = peer
-        self._fd_by_peer[peer] = fd
-        return outgoing
+        gone = self._connections.seen(peer, int(fd))
+        return self.core.disconnected(gone, now) if gone is not None else []
 
     def _drain_monitor(self) -> list[Outgoing]:
         outgoing: list[Outgoing] = []
@@ -253,15 +239,8 @@ class BrokerServer:
             except zmq.Again:
                 return outgoing
             if event["event"] == zmq.EVENT_DISCONNECTED:
-                fd = int(event["value"])
-                if self._stale_disconnects[fd]:
-                    self._stale_disconnects[fd] -= 1
-                    if not self._stale_disconnects[fd]:
-                        del self._stale_disconnects[fd]
-                    continue
-                peer = self._peer_by_fd.pop(fd, None)
+                peer = self._connections.closed(int(event["value"]))
                 if peer is not None:
-                    self._fd_by_peer.pop(peer, None)
                     outgoing += self.core.disconnected(peer, self._clock())
 
     def _send_all(self, outgoing: list[Outgoing], now: int, retry: bool = True) -> None:

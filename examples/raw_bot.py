@@ -73,7 +73,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="A MangoGram bot in bare pyzmq.")
     parser.add_argument("--name", default="reverser")
     parser.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
-    parser.add_argument("--server-key", help="the broker's public key (Z85)")
+    parser.add_argument(
+        "--server-key", help="the broker's public key (Z85); write --server-key=KEY"
+    )
     parser.add_argument("--identity", type=Path, default=Path("raw_bot_identity.json"))
     parser.add_argument("--insecure-plaintext", action="store_true")
     args = parser.parse_args()

@@ -92,9 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def glue_key_values(argv: list[str]) -> list[str]:
+    """Join `--server-key VALUE` into `--server-key=VALUE`: a Z85 key can begin with "-",
+    which argparse would otherwise take for an option."""
+    glued: list[str] = []
+    values = iter(argv)
+    for arg in values:
+        if arg == "--server-key":
+            glued.append(f"--server-key={next(values, '')}")
+        else:
+            glued.append(arg)
+    return glued
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(glue_key_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     config = load_config_file(args.config)
     remembered = load_remembered()

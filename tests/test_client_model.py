@@ -264,3 +264,11 @@ def test_open_conversation_takes_the_registered_spelling_when_they_join():
     assert state.peer == "тарас"
     state.on_event(PresenceChanged("Тарас", True, T), T)
     assert state.peer == "Тарас"
+
+
+def test_a_server_key_starting_with_a_dash_is_not_taken_for_an_option():
+    from mangogram_client.cli import build_parser, glue_key_values
+
+    key = "-" + "a" * 39
+    args = build_parser().parse_args(glue_key_values(["--server-key", key, "--name", "x"]))
+    assert args.server_key == key and args.name == "x"

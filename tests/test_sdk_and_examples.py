@@ -87,7 +87,8 @@ def test_raw_bot_speaks_curvezmq_with_only_the_protocol_document(tmp_path, zctx,
     broker = BrokerProcess(tmp_path / "data", env={"MANGOGRAM_INSECURE_PLAINTEXT": "0"})
     monkeypatch.setenv("MANGOGRAM_KEY_ENDPOINT", broker.key_endpoint)
     bot = start_bot(
-        "raw_bot.py", broker, "reverser", "--server-key", broker.public_key,
+        # "=": a Z85 key may begin with "-", which argparse would take for an option
+        "raw_bot.py", broker, "reverser", f"--server-key={broker.public_key}",
         "--identity", str(tmp_path / "bot.json"),
     )  # fmt: skip
     try:

@@ -14,7 +14,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar, Union
 
-from .constants import FRAME_COUNT, SIGNATURE, SIGNATURE_PREFIX
+from .constants import FRAME_COUNT, MAX_ID_CHARS, SIGNATURE, SIGNATURE_PREFIX
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .messages import BROKER_COMMANDS, CLIENT_COMMANDS, Message
 
@@ -119,7 +119,7 @@ def decode(frames: list[bytes], max_body_bytes: int | None = None) -> Message:
 
 def _safe_ref(ref: str | None) -> str | None:
     # The ref is echoed back in ERROR, so it must itself be sendable.
-    if ref is None or len(ref) > 256 or _has_surrogate(ref):
+    if ref is None or not 0 < len(ref) <= MAX_ID_CHARS or _has_surrogate(ref):
         return None
     return ref
 

@@ -269,7 +269,7 @@ def test_text_typed_while_broker_is_down_is_sent_once_after_reconnect(tmp_path, 
         deadline = time.monotonic() + 10
         while received is None and time.monotonic() < deadline:
             received = taras.receive(timeout=0)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # lets the app's loop run; bounded by the deadline
         assert received is not None and received.text == "написано без зв'язку"
         await wait_for(lambda: "reconnected" in screen_text(app), what="reconnected line")
         pipe.send_text("/exit\r")

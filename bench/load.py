@@ -13,18 +13,18 @@ ratios between systems are fair even where the generator itself limits the rate.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import selectors
 import socket
 import sys
 import time
-import uuid
 from collections.abc import Callable
 
 import zmq
 
 PAYLOAD = "x" * 100  # 100-byte texts
-SIGNATURE = b"MGP01"
+SIGNATURE = b"MGP02"
 
 
 class Client:
@@ -82,13 +82,15 @@ class MangoClient(Client):
             self.sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
         self.sock.connect(endpoint)
         self.online = False
+        self.ids = itertools.count(1)  # unique per sender, as the protocol asks
+        self.mark = 0  # highest stream seq held; the broker delivers in order here
         self.sock.send_multipart([SIGNATURE, b"LOGIN", json.dumps({"name": name}).encode()])
 
     def fileno_or_socket(self) -> object:
         return self.sock
 
     def send_text(self, to: Client, text: str) -> None:
-        body = {"id": uuid.uuid4().hex, "to": to.name, "text": text, "sent_at": 0}
+        body = {"id": str(next(self.ids)), "to": to.name, "text": text, "sent_at": 0}
         self.sock.send_multipart([SIGNATURE, b"SEND", json.dumps(body).encode()])
 
     def ping(self) -> None:
@@ -100,11 +102,13 @@ class MangoClient(Client):
             try:
                 _signature, command, body = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                if texts:  # one cumulative receipt for everything this call took in
+                    receipt = json.dumps({"seq": self.mark}).encode()
+                    self.sock.send_multipart([SIGNATURE, b"RECEIPT", receipt])
                 return texts
             if command == b"DELIVER":
                 message = json.loads(body)
-                receipt = json.dumps({"broker_id": message["broker_id"]}).encode()
-                self.sock.send_multipart([SIGNATURE, b"RECEIPT", receipt])
+                self.mark = max(self.mark, message["seq"])
                 texts.append(message["text"])
             elif command == b"WELCOME":
                 self.online = True

@@ -1,7 +1,8 @@
 """A bot written with bare pyzmq and docs/protocol.md only: no MangoGram code imported.
 
-It logs in, answers each DELIVER with RECEIPT and then a SEND of the text reversed,
-and pings while idle. Use it as the template for a bot in any language.
+It logs in, answers each new DELIVER with a SEND of the text reversed, confirms what
+it holds with a cumulative RECEIPT, and pings while idle. Use it as the template for a
+bot in any language.
 
     python examples/raw_bot.py --name reverser --endpoint tcp://127.0.0.1:5555
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import zmq
 import zmq.utils.z85
 
-SIGNATURE = b"MGP01"
+SIGNATURE = b"MGP02"
 log = logging.getLogger("raw_bot")
 
 
@@ -108,19 +109,52 @@ def leave(sock: zmq.Socket) -> None:
             return
 
 
+class Stream:
+    """Our position in the stream of messages the broker numbers for us: `mark` is the
+    highest seq up to which we hold everything (what RECEIPT confirms); messages that
+    arrive beyond a gap wait in `above` until it fills."""
+
+    def __init__(self) -> None:
+        self.mark = 0
+        self.above: set[int] = set()
+
+    def start(self, stream_mark: int) -> None:
+        self.mark = max(self.mark, stream_mark)
+        self.advance()
+
+    def is_new(self, seq: int) -> bool:
+        """Record `seq`; False for a message we already had (a redelivery)."""
+        if seq <= self.mark or seq in self.above:
+            return False
+        self.above.add(seq)
+        self.advance()
+        return True
+
+    def advance(self) -> None:
+        while self.mark + 1 in self.above:
+            self.mark += 1
+            self.above.discard(self.mark)
+
+
 def serve(sock: zmq.Socket, name: str, last_sent: int, heartbeat_ms: int) -> None:
+    stream = Stream()
     while True:
         if sock.poll(heartbeat_ms // 2):
             frames = sock.recv_multipart()
             if len(frames) != 3 or frames[0] != SIGNATURE:
-                log.warning("ignoring a message that is not MGP01")
+                log.warning("ignoring a message that is not MGP02")
                 continue
             command, body = frames[1].decode(), json.loads(frames[2])
             if command == "WELCOME":
                 heartbeat_ms = body["limits"]["heartbeat_interval_ms"]
+                stream.start(body.get("stream_mark", 0))
                 log.info("logged in as %s", body["name"])
             elif command == "DELIVER":
-                send(sock, "RECEIPT", {"broker_id": body["broker_id"]})
+                new = stream.is_new(body["seq"])
+                # Confirm even a repeat: the broker resends until it hears a RECEIPT.
+                send(sock, "RECEIPT", {"seq": stream.mark})
+                if not new:
+                    continue
                 reply = {
                     "id": uuid.uuid4().hex,
                     "to": body["sender"],

@@ -15,13 +15,16 @@ Theory of operation
 * Every command but LOGIN and LEAVE needs a session; anything else gets `not_logged_in`,
   which is also how a reconnected client learns it must log in again.
 * SEND is routed with `deliver_or_store`: the message is appended to the recipient's
-  stream in the store (so it survives everything), ACCEPTED goes to the sender, and an
-  online recipient gets DELIVER at once. Nothing is acknowledged before the shell commits
-  the store, which it does once per loop turn, before sending anything.
+  stream in the store (so it survives everything), an online recipient gets DELIVER at
+  once, and ACCEPTED goes to the sender. Nothing is acknowledged before the shell commits
+  the store, which it does once per loop turn, before sending anything. The shell merges
+  one turn's ACCEPTEDs (and DELIVEREDs) for a peer with `coalesce`.
 * A recipient's stream is delivered through a window of `DELIVERY_WINDOW` unconfirmed
-  messages; each RECEIPT confirms one, tells its sender DELIVERED and opens the window.
-  Whatever is unconfirmed when a session ends is delivered again at the next login, in
-  stream order, marked delayed. LOGIN's `resume_from` confirms everything up to it.
+  messages. RECEIPT is cumulative: it confirms the stream through a seq (never beyond
+  what this connection was sent), tells each sender DELIVERED for its messages (or owes
+  it until the sender logs in) and opens the window. Whatever is unconfirmed when a
+  session ends is delivered again at the next login, in stream order, marked delayed.
+  LOGIN's `resume_from` confirms everything up to it in the same way.
 * Message ids are idempotent per sender, across restarts: a repeated id is acknowledged
   again with the same broker id and not stored or delivered twice.
 * Presence (PRESENCE, WELCOME's online list) reaches every online user while at most
@@ -38,8 +41,10 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TypeGuard
 
 from mangogram_proto import codec
 from mangogram_proto.constants import MAX_ID_CHARS
@@ -88,6 +93,8 @@ PRUNE_EVERY_MS = 60_000
 # Up to this many users online, everyone hears of everyone (a team, a small community);
 # beyond it joins and leaves go only to contacts, or a login storm would cost O(N^2).
 PRESENCE_BROADCAST_LIMIT = 500
+# Ids per merged ACCEPTED or DELIVERED, which keeps those bodies far below frame limits.
+MAX_IDS_PER_ACK = 256
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,46 @@ class Retention:
 def _ref(client_id: str) -> str | None:
     """The client id to echo in an ERROR, if it is a sane one."""
     return client_id if 0 < len(client_id) <= MAX_ID_CHARS else None
+
+
+def coalesce(outgoing: list[Outgoing]) -> list[Outgoing]:
+    """Merge acknowledgements that follow each other for one peer: ACCEPTEDs with the same
+    time, DELIVEREDs with the same recipient and time. Order per peer is kept: a merge
+    only extends the peer's latest message."""
+    merged: list[Outgoing] = []
+    latest: dict[bytes, int] = {}  # peer -> index in merged of its latest message
+    extra: dict[int, tuple[list[str], list[str]]] = {}  # ids and broker ids merged in
+    for out in outgoing:
+        message = out.message
+        at = latest.get(out.peer)
+        if at is not None and isinstance(message, Accepted | Delivered):
+            first = merged[at].message
+            if _mergeable(first, message):
+                ids, broker_ids = extra.setdefault(at, ([], []))
+                if len(first.ids) + len(ids) + len(message.ids) <= MAX_IDS_PER_ACK:
+                    ids += message.ids
+                    broker_ids += message.broker_ids
+                    continue
+        latest[out.peer] = len(merged)
+        merged.append(out)
+    for at, (ids, broker_ids) in extra.items():
+        first = merged[at].message
+        assert isinstance(first, Accepted | Delivered)  # only those get extras
+        whole = replace(
+            first, ids=first.ids + tuple(ids), broker_ids=first.broker_ids + tuple(broker_ids)
+        )
+        merged[at] = Outgoing(merged[at].peer, whole)
+    return merged
+
+
+def _mergeable(first: BrokerMessage, then: Accepted | Delivered) -> TypeGuard[Accepted | Delivered]:
+    if isinstance(then, Accepted):
+        return isinstance(first, Accepted) and first.accepted_at == then.accepted_at
+    return (
+        isinstance(first, Delivered)
+        and first.to == then.to
+        and first.delivered_at == then.delivered_at
+    )
 
 
 def is_generated_routing_id(peer: bytes) -> bool:
@@ -248,8 +295,8 @@ class BrokerCore:
             return self._end_session(failed.peer, now, "unreachable")
         message = failed.message
         session = self.registry.by_peer(failed.peer)
-        in_flight = session.senders if session is not None else {}
-        if isinstance(message, Deliver) and in_flight.pop(message.broker_id, None) is not None:
+        in_flight = session.in_flight if session is not None else {}
+        if isinstance(message, Deliver) and in_flight.pop(message.seq, None) is not None:
             assert session is not None
             session.cursor = min(session.cursor, message.seq - 1)
         return []
@@ -309,12 +356,13 @@ class BrokerCore:
         self.registry.register(session)
         self.store.remember_user(key, name, now)
         log.info("%s logged in (%d online)", name, len(self.registry))
+        told: list[Outgoing] = []
         if login.resume_from is not None and login.resume_from > 0:
             # The client has everything up to here, whatever receipts got lost.
-            self.store.confirm_through(key, login.resume_from, now)
+            told = self._confirm(session, login.resume_from, now)
         mark = self.store.confirmed_through(key) or None  # absent on the wire means 0
         welcome = Welcome(name, now, session.resume_token, self.limits, others, mark)
-        out = [Outgoing(peer, welcome)]
+        out = [Outgoing(peer, welcome), *told]
         out += self._fill_window(session, now, delayed=True)
         out += self._owed_receipts(session)
         if not resumed:
@@ -409,59 +457,84 @@ class BrokerCore:
             earlier = self.store.find(session.key, send.id)
             assert earlier is not None  # the store just said it holds it
             return [self._acknowledge_again(session, send, earlier)]
-        out = [Outgoing(session.peer, Accepted(send.id, stored.broker_id, now))]
+        accepted = Outgoing(session.peer, Accepted((send.id,), (stored.broker_id,), now))
         session.contacts.add(recipient_key)
         recipient = self.registry.by_key(recipient_key)
         if recipient is None:
-            return out
+            return [accepted]
         recipient.contacts.add(session.key)
-        if recipient.cursor == stored.seq - 1 and len(recipient.senders) < DELIVERY_WINDOW:
+        if recipient.cursor == stored.seq - 1 and len(recipient.in_flight) < DELIVERY_WINDOW:
             # The usual case, a recipient that is keeping up: no need to read it back.
-            out.append(Outgoing(recipient.peer, self._deliver(stored, now, delayed=False)))
+            # DELIVER goes first: the recipient is the one waiting.
+            deliver = Outgoing(recipient.peer, self._deliver(stored, now, delayed=False))
             recipient.cursor = stored.seq
-            recipient.senders[stored.broker_id] = stored.sender_key
-            return out
-        return out + self._fill_window(recipient, now, delayed=False)
+            recipient.in_flight[stored.seq] = stored
+            return [deliver, accepted]
+        return [*self._fill_window(recipient, now, delayed=False), accepted]
 
     def _acknowledge_again(self, session: Session, send: Send, earlier: StoredMessage) -> Outgoing:
         log.debug("%s resent %s; acknowledging again", session.name, send.id)
-        return Outgoing(session.peer, Accepted(send.id, earlier.broker_id, earlier.accepted_at))
+        return Outgoing(
+            session.peer, Accepted((send.id,), (earlier.broker_id,), earlier.accepted_at)
+        )
 
     def _receipt(self, session: Session, receipt: Receipt, now: int) -> list[Outgoing]:
-        # Knowing the sender in advance lets one UPDATE also record that it was told.
-        sender_key = session.senders.pop(receipt.broker_id, None)
-        told = sender_key is not None and self.registry.by_key(sender_key) is not None
-        confirmed = self.store.confirm(session.key, receipt.broker_id, now, sender_notified=told)
-        if confirmed is None:
-            # Unknown, someone else's, or already confirmed (a repeated receipt).
-            log.debug("%s: receipt for %s changes nothing", session.name, receipt.broker_id[:64])
-            return []
-        out: list[Outgoing] = []
-        sender = self.registry.by_key(confirmed.sender_key)
-        if sender is not None:
-            out.append(
-                Outgoing(
-                    sender.peer,
-                    Delivered(confirmed.client_id, confirmed.broker_id, session.name, now),
-                )
-            )
-            if not told:
-                self.store.mark_sender_notified([confirmed.broker_id])
+        # Never beyond what this connection was sent: a client cannot confirm unseen mail.
+        out = self._confirm(session, min(receipt.seq, session.cursor), now)
         if session.cursor >= self.store.last_seq(session.key):
             return out  # nothing more in the stream: skip the store read
         return out + self._fill_window(session, now, delayed=False)
 
+    def _confirm(self, session: Session, through: int, now: int) -> list[Outgoing]:
+        """Confirm `session`'s stream through seq `through` and tell the senders."""
+        key = session.key
+        mark = self.store.confirmed_through(key)
+        through = min(through, self.store.last_seq(key))
+        if through <= mark:
+            return []  # a repeated or stale receipt
+        confirmed = [m for seq, m in session.in_flight.items() if seq <= through]
+        for message in confirmed:
+            del session.in_flight[message.seq]
+        if len(confirmed) < through - mark:
+            # Confirmed without having been sent on this connection (LOGIN's resume_from).
+            known = {m.seq for m in confirmed}
+            confirmed += [
+                m
+                for m in self.store.unconfirmed(key, mark, through - mark)
+                if m.seq <= through and m.seq not in known
+            ]
+        self.store.confirm_through(key, through, now)
+        return self._tell_delivered(session.name, confirmed, now)
+
+    def _tell_delivered(
+        self, recipient: str, messages: list[StoredMessage], now: int
+    ) -> list[Outgoing]:
+        """DELIVERED to each online sender of `messages`; owed to the offline ones."""
+        by_sender: defaultdict[str, list[StoredMessage]] = defaultdict(list)
+        for message in messages:
+            by_sender[message.sender_key].append(message)
+        out: list[Outgoing] = []
+        for sender_key, sent in by_sender.items():
+            sender = self.registry.by_key(sender_key)
+            if sender is None:
+                self.store.owe_receipts(m.broker_id for m in sent)
+                continue
+            for start in range(0, len(sent), MAX_IDS_PER_ACK):
+                chunk = sent[start : start + MAX_IDS_PER_ACK]
+                ids = tuple(m.client_id for m in chunk)
+                broker_ids = tuple(m.broker_id for m in chunk)
+                out.append(Outgoing(sender.peer, Delivered(recipient, now, ids, broker_ids)))
+        return out
+
     def _read(self, session: Session, read: Read, now: int) -> list[Outgoing]:
-        # Seen implies received: confirm it first, in case the RECEIPT is still on its way.
-        out = self._receipt(session, Receipt(read.broker_id), now)
         message = self.store.mark_read(session.key, read.broker_id, now)
         if message is None:
-            return out
+            return []
         sender = self.registry.by_key(message.sender_key)
         if sender is None:
-            return out
+            return []
         seen = Seen(message.client_id, message.broker_id, session.name, now)
-        return [*out, Outgoing(sender.peer, seen)]
+        return [Outgoing(sender.peer, seen)]
 
     def _history(self, session: Session, request: History, now: int) -> list[Outgoing]:
         if request.limit <= 0:
@@ -489,20 +562,21 @@ class BrokerCore:
 
     def _fill_window(self, session: Session, now: int, delayed: bool) -> list[Outgoing]:
         """Send the session's next unconfirmed messages, up to the window."""
-        room = DELIVERY_WINDOW - len(session.senders)
+        in_flight = session.in_flight
+        room = DELIVERY_WINDOW - len(in_flight)
         if room <= 0:
             return []
         # Over-fetch by what is in flight: after a failed hand-off the cursor moved back,
         # and messages still awaiting their receipt are skipped, not sent twice.
-        batch = self.store.unconfirmed(session.key, session.cursor, room + len(session.senders))
+        batch = self.store.unconfirmed(session.key, session.cursor, room + len(in_flight))
         out = []
         for message in batch:
             session.cursor = max(session.cursor, message.seq)
-            if message.broker_id in session.senders:
+            if message.seq in in_flight:
                 continue
             out.append(Outgoing(session.peer, self._deliver(message, now, delayed)))
-            session.senders[message.broker_id] = message.sender_key
-            if len(session.senders) >= DELIVERY_WINDOW:
+            in_flight[message.seq] = message
+            if len(in_flight) >= DELIVERY_WINDOW:
                 break
         return out
 
@@ -519,13 +593,16 @@ class BrokerCore:
         if not owed:
             return []
         self.store.mark_sender_notified(m.broker_id for m in owed)
-        return [
+        out = [
             Outgoing(
                 session.peer,
-                Delivered(m.client_id, m.broker_id, m.recipient, m.delivered_at or m.accepted_at),
+                Delivered(
+                    m.recipient, m.delivered_at or m.accepted_at, (m.client_id,), (m.broker_id,)
+                ),
             )
             for m in owed
         ]
+        return coalesce(out)
 
     def _check_send(self, send: Send) -> tuple[ErrorCode, str] | None:
         limits = self.limits

@@ -10,6 +10,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .store import StoredMessage
+
 
 @dataclass
 class Session:
@@ -22,9 +24,9 @@ class Session:
     last_seen_ms: int
     # Delivery window: the highest stream seq sent on this connection.
     cursor: int = 0
-    # Sender of each message handed to this connection and awaiting its RECEIPT: its size
-    # is what is in flight (at most the window).
-    senders: dict[str, str] = field(default_factory=dict)
+    # Messages handed to this connection and awaiting a RECEIPT, by seq: its size is
+    # what is in flight (at most the window).
+    in_flight: dict[int, StoredMessage] = field(default_factory=dict)
     # Name keys of the people this user has exchanged messages with.
     contacts: set[str] = field(default_factory=set)
     # The authenticated CurveZMQ public key it logged in with (None in plaintext mode).

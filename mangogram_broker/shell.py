@@ -26,14 +26,14 @@ from mangogram_proto.keys import KeyPair
 from mangogram_proto.messages import Accepted, Deliver, Receipt, Welcome
 
 from .connections import ConnectionTable
-from .core import BrokerCore, Outgoing
+from .core import BrokerCore, Outgoing, coalesce
 from .crashpoints import CrashPoints
 from .security import ZAP_ENDPOINT, key_reply, zap_reply
 
 log = logging.getLogger(__name__)
 
 # Messages handled per loop turn before housekeeping gets a look in.
-BATCH = 512
+BATCH = 2048
 _NOBLOCK_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _MORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
@@ -143,7 +143,7 @@ class BrokerServer:
                 if outgoing:
                     if any(isinstance(o.message, Accepted) for o in outgoing):
                         self._crash.reached("after_commit")
-                    self._send_all(outgoing, now)
+                    self._send_all(coalesce(outgoing), now)
                     self.core.store.commit()  # what send failures changed
         finally:
             self.close()
@@ -180,6 +180,9 @@ class BrokerServer:
 
     def _drain_router(self) -> list[Outgoing]:
         outgoing: list[Outgoing] = []
+        # One time for the whole turn: what it accepts shares a time, so its ACCEPTEDs
+        # merge, and the turn is short (it ends with the commit).
+        now = self._clock()
         for _ in range(BATCH):
             try:
                 first = self._router.recv(_NOBLOCK, copy=False)
@@ -187,7 +190,6 @@ class BrokerServer:
                 break
             frames, extra = self._recv_rest()
             peer = first.bytes
-            now = self._clock()
             user_key, address = self._credentials(first)
             outgoing += self._note_connection(peer, first, now)
             if extra:

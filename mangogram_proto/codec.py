@@ -1,6 +1,6 @@
 """Encode messages to ZeroMQ frames and decode frames back, validating everything.
 
-Wire form: exactly three frames — the signature (`MGP01`), the command name in ASCII,
+Wire form: exactly three frames — the signature (`MGP02`), the command name in ASCII,
 and a UTF-8 JSON object holding the message fields. Unknown fields are ignored so newer
 peers can add optional ones; optional fields may be absent or null.
 """

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 1
+# 2: cumulative RECEIPT by seq; ACCEPTED and DELIVERED carry lists of ids.
+PROTOCOL_VERSION = 2
 # Frame 0 of every message: "MGP" plus a two-digit version, in the spirit of Majordomo's MDPC01.
 SIGNATURE_PREFIX = b"MGP"
 SIGNATURE = SIGNATURE_PREFIX + b"%02d" % PROTOCOL_VERSION

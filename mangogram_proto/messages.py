@@ -58,15 +58,17 @@ class Send:
 
 @dataclass(frozen=True)
 class Receipt:
-    """The recipient confirms it received the message the broker numbered `broker_id`."""
+    """The recipient confirms it holds every message of its stream up to `seq`
+    (cumulative: one RECEIPT answers any number of DELIVERs; 0 confirms nothing)."""
 
     COMMAND: ClassVar[str] = "RECEIPT"
-    broker_id: str
+    seq: int
 
 
 @dataclass(frozen=True)
 class Read:
-    """The recipient's user has seen message `broker_id` (a read receipt)."""
+    """The recipient's user has seen message `broker_id` (a read receipt). It does not
+    confirm delivery: that is RECEIPT's job."""
 
     COMMAND: ClassVar[str] = "READ"
     broker_id: str
@@ -125,17 +127,19 @@ class Welcome:
 
 @dataclass(frozen=True)
 class Accepted:
-    """First level ("sent", one tick): the broker took responsibility for message `id`."""
+    """First level ("sent", one tick): the broker took responsibility for the messages
+    `ids`, which it numbered `broker_ids` (same order). One ACCEPTED may cover many SENDs
+    of one loop turn."""
 
     COMMAND: ClassVar[str] = "ACCEPTED"
-    id: str
-    broker_id: str
+    ids: tuple[str, ...]
+    broker_ids: tuple[str, ...]
     accepted_at: int
 
 
 @dataclass(frozen=True)
 class Deliver:
-    """A private message for this client. Confirm it with RECEIPT(broker_id).
+    """A private message for this client. Confirm it with RECEIPT (cumulative, by seq).
 
     `seq` numbers this user's stream (1, 2, 3...) so a client can resume after it;
     `delayed` is set when it waited in the mailbox because we were offline."""
@@ -153,13 +157,14 @@ class Deliver:
 
 @dataclass(frozen=True)
 class Delivered:
-    """Second level ("delivered", two ticks): recipient `to` confirmed message `id`."""
+    """Second level ("delivered", two ticks): recipient `to` confirmed our messages `ids`
+    (numbered `broker_ids`, same order)."""
 
     COMMAND: ClassVar[str] = "DELIVERED"
-    id: str
-    broker_id: str
     to: str
     delivered_at: int
+    ids: tuple[str, ...]
+    broker_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)

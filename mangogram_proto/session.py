@@ -15,7 +15,8 @@ sends whatever `data_to_send()` returns. Time is always passed in (ms since epoc
 Outgoing texts sit in an outbox until ACCEPTED (or refused for good). After a re-login
 every unacknowledged text is sent again with its original id, which the broker treats
 as idempotent. While rate limited, texts wait in the outbox for the retry-after.
-Incoming messages are confirmed with RECEIPT and de-duplicated by broker id.
+Incoming messages are de-duplicated by stream seq and confirmed with one cumulative
+RECEIPT (through the contiguous mark) per batch of frames the driver collects.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ class ClientSession:
         # `_above_mark` holds those received beyond a gap.
         self._stream_mark: int | None = None
         self._above_mark: set[int] = set()
+        self._receipt_due = False
         self._in_flight = 0
         self._pace: TokenBucket | None = None
         self._pace_until = 0
@@ -166,6 +168,7 @@ class ClientSession:
             raise LocalProtocolError(ErrorCode.INTERNAL, "session is closed")
         self.state = State.LOGGING_IN
         self._outgoing.clear()
+        self._receipt_due = False
         for pending in self._outbox.values():
             pending.transmitted = False
         self._in_flight = 0
@@ -207,7 +210,13 @@ class ClientSession:
             self.state = State.CLOSED
 
     def data_to_send(self) -> list[list[bytes]]:
-        """Frames to send, in order. Each call hands them over once."""
+        """Frames to send, in order. Each call hands them over once.
+
+        Call it after feeding in everything that has arrived: the DELIVERs received
+        since the last call are confirmed together by one RECEIPT."""
+        if self._receipt_due and self.state is State.ONLINE:
+            self._receipt_due = False
+            self._queue(Receipt(self._stream_mark or 0), self._last_sent)
         out, self._outgoing = self._outgoing, []
         return out
 
@@ -251,18 +260,13 @@ class ClientSession:
         if isinstance(message, Error):
             return self._on_error(message, now)
         if isinstance(message, Accepted):
-            pending = self._outbox.pop(message.id, None)
-            if pending is None:
-                return []
-            if pending.transmitted:
-                self._in_flight = max(0, self._in_flight - 1)
-            self._flush_outbox(now)
-            return [MessageAccepted(message.id, message.broker_id, message.accepted_at)]
+            return self._on_accepted(message, now)
         if isinstance(message, Deliver):
             return self._on_deliver(message, now)
         if isinstance(message, Delivered):
             return [
-                MessageDelivered(message.id, message.broker_id, message.to, message.delivered_at)
+                MessageDelivered(message_id, broker_id, message.to, message.delivered_at)
+                for message_id, broker_id in zip(message.ids, message.broker_ids, strict=False)
             ]
         if isinstance(message, Seen):
             return [MessageRead(message.id, message.broker_id, message.by, message.read_at)]
@@ -343,9 +347,21 @@ class ClientSession:
             LoggedIn(welcome.name, welcome.server_time, welcome.limits, welcome.online, resumed)
         ]
 
+    def _on_accepted(self, accepted: Accepted, now: int) -> list[Event]:
+        events: list[Event] = []
+        for message_id, broker_id in zip(accepted.ids, accepted.broker_ids, strict=False):
+            pending = self._outbox.pop(message_id, None)
+            if pending is None:
+                continue  # a repeated acknowledgement
+            if pending.transmitted:
+                self._in_flight = max(0, self._in_flight - 1)
+            events.append(MessageAccepted(message_id, broker_id, accepted.accepted_at))
+        self._flush_outbox(now)
+        return events
+
     def _on_deliver(self, deliver: Deliver, now: int) -> list[Event]:
         # Always confirm, even a duplicate: the first receipt may have been lost.
-        self._queue(Receipt(deliver.broker_id), now)
+        self._receipt_due = True
         if not self._note_seq(deliver.seq):
             return []
         return [

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mangogram_broker.core import BrokerCore, Outgoing
+from mangogram_broker.core import BrokerCore, Outgoing, coalesce
 from mangogram_broker.store import MemoryStore, Store
 from mangogram_proto import codec
 from mangogram_proto.events import Event
@@ -85,7 +85,7 @@ class Network:
 
     def route(self, outgoing: list[Outgoing]) -> None:
         self.store.commit()  # as the shell does: nothing goes out before its commit
-        for out in outgoing:
+        for out in coalesce(outgoing):
             client = self.clients.get(out.peer)
             if client is None or not client.connected:
                 self.raw_replies.setdefault(out.peer, []).append(codec.encode(out.message))

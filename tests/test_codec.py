@@ -95,7 +95,7 @@ MALFORMED = [
     ("four frames", [SIGNATURE, b"PING", b"{}", b"{}"], ErrorCode.MALFORMED),
     ("wrong signature", [b"HTTP/1.1", b"PING", b"{}"], ErrorCode.MALFORMED),
     ("empty signature", [b"", b"PING", b"{}"], ErrorCode.MALFORMED),
-    ("future version", [b"MGP02", b"PING", b"{}"], ErrorCode.UNSUPPORTED_VERSION),
+    ("future version", [b"MGP03", b"PING", b"{}"], ErrorCode.UNSUPPORTED_VERSION),
     ("unknown command", [SIGNATURE, b"DANCE", b"{}"], ErrorCode.UNKNOWN_COMMAND),
     ("lowercase command", [SIGNATURE, b"ping", b"{}"], ErrorCode.UNKNOWN_COMMAND),
     ("binary command", [SIGNATURE, b"\xff\xfe", b"{}"], ErrorCode.UNKNOWN_COMMAND),

@@ -219,7 +219,7 @@ def ping(endpoint: str, key_endpoint: str) -> list[bytes]:
             dealer.setsockopt(zmq.LINGER, 0)
             dealer.setsockopt(zmq.RCVTIMEO, REPLY_TIMEOUT_MS)
             dealer.connect(endpoint)
-            dealer.send_multipart([b"MGP01", b"PING", b"{}"])
+            dealer.send_multipart([b"MGP02", b"PING", b"{}"])
             return dealer.recv_multipart()
     finally:
         context.term()
@@ -254,7 +254,7 @@ def test_image_cmd_starts_a_broker_that_answers_and_stops_cleanly_on_sigterm(
     frames = ping(broker.endpoint, broker.key_endpoint)
 
     assert len(frames) == 3, frames
-    assert frames[0] == b"MGP01"
+    assert frames[0] == b"MGP02"
     assert frames[1] == b"ERROR"
     assert json.loads(frames[2])["code"] == "not_logged_in"
     assert (broker.data_dir / "mangogram.sqlite3").exists(), "MANGOGRAM_DATA was not used"

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mangogram_broker.core import BrokerCore, Outgoing
+from mangogram_broker.core import MAX_IDS_PER_ACK, BrokerCore, Outgoing, coalesce
 from mangogram_broker.store import MemoryStore, SqliteStore
 from mangogram_proto import codec
 from mangogram_proto.constants import SIGNATURE
@@ -25,7 +25,18 @@ from mangogram_proto.events import (
     OnlineUsers,
     PresenceChanged,
 )
-from mangogram_proto.messages import Deliver, Error, Login, Ping, Pong, Send, Welcome
+from mangogram_proto.messages import (
+    Accepted,
+    Deliver,
+    Delivered,
+    Error,
+    Login,
+    Ping,
+    Pong,
+    Receipt,
+    Send,
+    Welcome,
+)
 from mangogram_proto.session import State
 
 from .harness import TEST_LIMITS, Network
@@ -295,29 +306,91 @@ def test_broker_restart_makes_session_log_in_again(net):
     assert net.core.registry.by_key("alice") is not None
 
 
-def test_duplicate_delivery_is_shown_once_but_receipted_twice(net):
+def test_duplicate_delivery_is_shown_once_and_still_receipted(net):
     alice = net.join("alice")
     deliver = Deliver("m1", "9", "bob", "hi", 1, 2, 1)
     first = alice.session.receive(codec.encode(deliver), net.now)
     second = alice.session.receive(codec.encode(deliver), net.now)
     assert len(first) == 1 and second == []
+    # Both answered by one cumulative receipt...
     receipts = [f for f in alice.session.data_to_send() if f[1] == b"RECEIPT"]
-    assert len(receipts) == 2
+    assert [codec.decode(r) for r in receipts] == [Receipt(1)]
+    # ...and a later duplicate is confirmed again: the first receipt may have been lost.
+    alice.session.receive(codec.encode(deliver), net.now)
+    receipts = [f for f in alice.session.data_to_send() if f[1] == b"RECEIPT"]
+    assert [codec.decode(r) for r in receipts] == [Receipt(1)]
 
 
-def test_receipt_for_someone_elses_message_is_ignored(net):
+def test_receipt_confirms_only_the_own_stream_and_only_what_was_sent(net):
     alice = net.join("alice")
-    net.join("bob")
+    bob = net.join("bob")
     mallory = net.join("mallory")
+    bob.connected = False  # bob's client takes no part: the test speaks for it
     alice.session.send_text("bob", "secret", net.now)
     out = net.core.handle_frames(alice.peer, alice.session.data_to_send()[0], net.now)
-    (deliver,) = [o.message for o in out if isinstance(o.message, Deliver)]
-    net.route([o for o in out if not isinstance(o.message, Deliver)])
-    receipt = [SIGNATURE, b"RECEIPT", json.dumps({"broker_id": deliver.broker_id}).encode()]
-    net.raw(mallory.peer, receipt)
+    net.route(out)
+    receipt = [SIGNATURE, b"RECEIPT", json.dumps({"seq": 1}).encode()]
+    net.raw(mallory.peer, receipt)  # mallory's stream is empty: nothing to confirm
     assert alice.take(MessageDelivered) == []
-    net.raw(net.core.registry.by_key("bob").peer, receipt)
+    # Bob's client claims far more than it was sent: only seq 1 is confirmed.
+    net.raw(bob.peer, [SIGNATURE, b"RECEIPT", json.dumps({"seq": 99}).encode()])
     assert [d.to for d in alice.take(MessageDelivered)] == ["bob"]
+    alice.session.send_text("bob", "second", net.now)
+    net.pump()
+    assert net.store.confirmed_through("bob") == 1
+    assert net.store.unconfirmed_count("bob") == 1
+
+
+def test_one_receipt_confirms_a_batch_with_one_delivered_per_sender(net):
+    alice = net.join("alice")
+    carol = net.join("carol")
+    bob = net.join("bob")
+    bob.connected = False  # collect what bob is sent, then answer all at once
+    for i in range(3):
+        alice.session.send_text("bob", f"a{i}", net.now)
+        carol.session.send_text("bob", f"c{i}", net.now)
+    net.pump()
+    delivers = [codec.decode(f) for f in net.raw_replies[bob.peer]]
+    assert [d.seq for d in delivers if isinstance(d, Deliver)] == [1, 2, 3, 4, 5, 6]
+    out = net.core.handle_frames(bob.peer, codec.encode(Receipt(6)), net.now)
+    told = {o.peer: o.message for o in out}
+    assert isinstance(told[alice.peer], Delivered) and len(told[alice.peer].ids) == 3
+    assert isinstance(told[carol.peer], Delivered) and len(told[carol.peer].ids) == 3
+    net.route(out)
+    assert sorted(e.to for e in alice.take(MessageDelivered)) == ["bob"] * 3
+    assert net.store.confirmed_through("bob") == 6
+
+
+def test_coalesce_merges_a_turns_acknowledgements_per_peer_keeping_order():
+    a, b = b"\x00aaaa", b"\x00bbbb"
+    turn = [
+        Outgoing(a, Accepted(("m1",), ("1",), 5)),
+        Outgoing(b, Pong(5)),
+        Outgoing(a, Accepted(("m2",), ("2",), 5)),
+        Outgoing(a, Pong(5)),  # later ACCEPTEDs must not jump ahead of this
+        Outgoing(a, Accepted(("m3",), ("3",), 5)),
+        Outgoing(a, Accepted(("m4",), ("4",), 6)),  # another time: its own message
+        Outgoing(b, Delivered("x", 7, ("n1",), ("8",))),
+        Outgoing(b, Delivered("x", 7, ("n2",), ("9",))),
+    ]
+    assert coalesce(turn) == [
+        Outgoing(a, Accepted(("m1", "m2"), ("1", "2"), 5)),
+        Outgoing(b, Pong(5)),
+        Outgoing(a, Pong(5)),
+        Outgoing(a, Accepted(("m3",), ("3",), 5)),
+        Outgoing(a, Accepted(("m4",), ("4",), 6)),
+        Outgoing(b, Delivered("x", 7, ("n1", "n2"), ("8", "9"))),
+    ]
+
+
+def test_coalesce_caps_the_ids_per_message():
+    peer = b"\x00aaaa"
+    turn = [Outgoing(peer, Accepted((f"m{i}",), (str(i),), 5)) for i in range(MAX_IDS_PER_ACK + 1)]
+    merged = coalesce(turn)
+    assert [len(o.message.ids) for o in merged] == [MAX_IDS_PER_ACK, 1]
+    assert [i for o in merged for i in o.message.ids] == [
+        f"m{i}" for i in range(MAX_IDS_PER_ACK + 1)
+    ]
 
 
 def test_who_lists_online_users(net):

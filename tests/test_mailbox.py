@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from mangogram_broker.core import DELIVERY_WINDOW, BrokerCore, Retention
+from mangogram_broker.core import DELIVERY_WINDOW, MAX_IDS_PER_ACK, BrokerCore, Retention
 from mangogram_broker.store import MemoryStore, SqliteStore
 from mangogram_proto import codec
 from mangogram_proto.events import (
@@ -19,7 +19,7 @@ from mangogram_proto.events import (
     MessageFailed,
     MessageRead,
 )
-from mangogram_proto.messages import Deliver, Send, Welcome
+from mangogram_proto.messages import Deliver, Delivered, Login, Receipt, Send, Welcome
 from mangogram_proto.session import ClientSession
 
 from .harness import TEST_LIMITS, Network
@@ -143,15 +143,57 @@ def test_resume_from_confirms_what_the_client_has_so_nothing_repeats(net):
     assert net.store.unconfirmed_count("bob") == 0
 
 
+def test_resume_from_tells_online_senders_at_once_in_bounded_batches(net):
+    net.core.limits = dataclasses.replace(
+        TEST_LIMITS, max_mailbox=1000, rate_per_second=10_000, rate_burst=10_000
+    )
+    register(net, "bob")
+    alice = net.join("alice")
+    total = MAX_IDS_PER_ACK + 44
+    ids = [alice.session.send_text("bob", f"#{i}", net.now) for i in range(total)]
+    net.pump(rounds=1000)
+    assert alice.take(MessageDelivered) == []
+    # Bob's client already holds them all (say, its receipts were lost): it resumes.
+    peer = net.new_peer()
+    login = Login("bob", resume_from=total)
+    out = net.core.handle_frames(peer, codec.encode(login), net.now)
+    told = [o.message for o in out if o.peer == alice.peer and isinstance(o.message, Delivered)]
+    assert [len(d.ids) for d in told] == [MAX_IDS_PER_ACK, 44]
+    assert [i for d in told for i in d.ids] == ids
+    assert not any(isinstance(o.message, Deliver) for o in out)  # nothing comes again
+    net.route(out)
+    assert len(alice.take(MessageDelivered)) == total
+    assert net.store.receipts_owed("alice", 10) == []
+
+
+def online_session(name: str) -> ClientSession:
+    session = ClientSession(name)
+    session.connect(1)
+    session.receive(codec.encode(Welcome(name, 1, "token", TEST_LIMITS)), 1)
+    session.data_to_send()
+    return session
+
+
 def test_duplicate_deliveries_are_dropped_by_stream_position():
-    session = ClientSession("bob")
+    session = online_session("bob")
     deliveries = [Deliver(f"m{i}", str(i), "alice", "t", 1, 2, seq=i) for i in (1, 2, 3)]
     shown = []
     for deliver in deliveries + deliveries[1:]:  # 2 and 3 come again
         shown += session.receive(codec.encode(deliver), 10)
     assert [e.seq for e in shown] == [1, 2, 3]
-    receipts = [f for f in session.data_to_send() if f[1] == b"RECEIPT"]
-    assert len(receipts) == 5
+    receipts = [codec.decode(f) for f in session.data_to_send() if f[1] == b"RECEIPT"]
+    assert receipts == [Receipt(3)]  # one, cumulative
+
+
+def test_a_receipt_never_confirms_past_a_gap():
+    session = online_session("bob")
+    for seq in (1, 2, 4, 5):
+        session.receive(codec.encode(Deliver(f"m{seq}", str(seq), "a", "t", 1, 2, seq)), 10)
+    receipts = [codec.decode(f) for f in session.data_to_send() if f[1] == b"RECEIPT"]
+    assert receipts == [Receipt(2)]
+    session.receive(codec.encode(Deliver("m3", "3", "a", "t", 1, 2, 3)), 11)
+    receipts = [codec.decode(f) for f in session.data_to_send() if f[1] == b"RECEIPT"]
+    assert receipts == [Receipt(5)]
 
 
 def test_a_gap_in_the_stream_is_not_skipped_on_resume():
@@ -271,8 +313,8 @@ def test_retention_removes_old_confirmed_history_but_never_the_unconfirmed(tmp_p
 def test_keep_per_user_keeps_the_newest_confirmed(tmp_path):
     for store in (MemoryStore(), SqliteStore(tmp_path / "k.sqlite3", "normal")):
         for i in range(5):
-            m = store.append("a", "a", "b", "b", f"id{i}", f"t{i}", i, i)
-            store.confirm("b", m.broker_id, 100)
+            store.append("a", "a", "b", "b", f"id{i}", f"t{i}", i, i)
+            store.confirm_through("b", i + 1, 100)
         store.append("a", "a", "b", "b", "unconfirmed", "t", 9, 9)
         assert store.prune(1000, None, 2) == 3
         assert [m.text for m in store.history("a", "b", None, 10)] == ["t", "t4", "t3"]
@@ -282,25 +324,28 @@ def test_keep_per_user_keeps_the_newest_confirmed(tmp_path):
 def test_odd_digit_broker_ids_get_no_crash(net, bad):
     alice = net.join("alice")
     for frames in (
-        [b"MGP01", b"RECEIPT", json.dumps({"broker_id": bad}).encode()],
-        [b"MGP01", b"READ", json.dumps({"broker_id": bad}).encode()],
-        [b"MGP01", b"HISTORY", json.dumps({"peer": "bob", "limit": 5, "before": bad}).encode()],
+        [b"MGP02", b"RECEIPT", json.dumps({"seq": bad}).encode()],
+        [b"MGP02", b"READ", json.dumps({"broker_id": bad}).encode()],
+        [b"MGP02", b"HISTORY", json.dumps({"peer": "bob", "limit": 5, "before": bad}).encode()],
     ):
         net.raw(alice.peer, frames)  # must not raise
     assert net.core.registry.by_key("alice") is not None
 
 
-def test_read_before_receipt_still_confirms_and_tells_the_sender(net):
+def test_read_tells_the_sender_but_only_a_receipt_confirms_delivery(net):
     alice = net.join("alice")
     bob = net.join("bob")
     message_id = alice.session.send_text("bob", "hi", net.now)
     out = net.core.handle_frames(alice.peer, alice.session.data_to_send()[0], net.now)
     (deliver,) = [o.message for o in out if isinstance(o.message, Deliver)]
     net.route([o for o in out if not isinstance(o.message, Deliver)])
-    read = [b"MGP01", b"READ", json.dumps({"broker_id": deliver.broker_id}).encode()]
+    read = [b"MGP02", b"READ", json.dumps({"broker_id": deliver.broker_id}).encode()]
     net.raw(bob.peer, read)
-    assert [d.id for d in alice.take(MessageDelivered)] == [message_id]
     assert [r.id for r in alice.take(MessageRead)] == [message_id]
+    assert alice.take(MessageDelivered) == []
+    assert net.store.unconfirmed_count("bob") == 1
+    net.raw(bob.peer, codec.encode(Receipt(deliver.seq)))
+    assert [d.id for d in alice.take(MessageDelivered)] == [message_id]
     assert net.store.unconfirmed_count("bob") == 0
 
 

@@ -199,7 +199,7 @@ def test_identity_comes_from_the_key_not_the_payload(secure_broker, tmp_path, mo
         mallory.send_multipart(codec.encode(Login("mallory")))
         assert reply(mallory).COMMAND == "WELCOME"
         body = {"id": "x1", "to": "bob", "text": "I am alice", "sent_at": 1, "sender": "alice"}
-        mallory.send_multipart([b"MGP01", b"SEND", json.dumps(body).encode()])
+        mallory.send_multipart([b"MGP02", b"SEND", json.dumps(body).encode()])
         message = bob.receive(timeout=5)
         assert message.sender == "mallory"
         mallory.close()

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from mangogram_broker.store import MemoryStore, SqliteStore
+from mangogram_broker.store import _SCHEMA, MemoryStore, SqliteStore
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -39,33 +39,37 @@ def test_find_by_sender_and_client_id(store):
     assert store.find("b", "my-id") is None
 
 
-def test_confirm_only_by_the_recipient_and_only_once(store):
-    stored = put(store, "a", "b", "x")
-    assert store.confirm("a", stored.broker_id, 5) is None
-    assert store.confirm("b", "not-a-number", 5) is None
-    confirmed = store.confirm("b", stored.broker_id, 5)
-    assert confirmed is not None and confirmed.delivered_at == 5
-    assert store.confirm("b", stored.broker_id, 6) is None
-    assert store.unconfirmed("b", 0, 10) == []
-
-
-def test_unconfirmed_after_a_cursor_in_order(store):
+def test_confirmation_is_a_mark_per_stream_that_only_moves_up(store):
     messages = [put(store, "a", "b", f"x{i}") for i in range(5)]
-    store.confirm("b", messages[1].broker_id, 9)
-    assert [m.seq for m in store.unconfirmed("b", 0, 10)] == [1, 3, 4, 5]
+    put(store, "a", "c", "other")
+    store.confirm_through("b", 2, 9)
+    assert store.confirmed_through("b") == 2
+    assert [m.seq for m in store.unconfirmed("b", 0, 10)] == [3, 4, 5]
     assert [m.seq for m in store.unconfirmed("b", 3, 1)] == [4]
-    store.confirm_through("b", 4, 9)
-    assert [m.seq for m in store.unconfirmed("b", 0, 10)] == [5]
-    assert store.unconfirmed_count("b") == 1
+    assert store.unconfirmed_count("b") == 3
+    store.confirm_through("b", 1, 10)  # a stale receipt changes nothing
+    assert store.confirmed_through("b") == 2
+    store.confirm_through("b", 99, 11)  # never past the end of the stream
+    assert store.confirmed_through("b") == 5
+    assert store.unconfirmed_count("b") == 0
+    assert store.unconfirmed_count("c") == 1  # other streams are untouched
+    confirmed = store.history("b", "a", None, 10)
+    assert [m.delivered_at for m in confirmed] == [11, 11, 11, 9, 9]
+    assert [m.client_id for m in confirmed] == [m.client_id for m in reversed(messages)]
 
 
 def test_receipts_owed_until_notified(store):
     m = put(store, "a", "b", "x")
+    other = put(store, "c", "b", "y")
     assert store.receipts_owed("a", 10) == []
-    store.confirm("b", m.broker_id, 5)
-    assert [o.broker_id for o in store.receipts_owed("a", 10)] == [m.broker_id]
+    store.confirm_through("b", 2, 5)
+    store.owe_receipts([m.broker_id, other.broker_id])
+    store.owe_receipts([m.broker_id])  # owing twice is owing once
+    owed = store.receipts_owed("a", 10)
+    assert [(o.broker_id, o.delivered_at) for o in owed] == [(m.broker_id, 5)]
     store.mark_sender_notified([m.broker_id])
     assert store.receipts_owed("a", 10) == []
+    assert [o.broker_id for o in store.receipts_owed("c", 10)] == [other.broker_id]
 
 
 def test_read_is_recorded_once(store):
@@ -78,7 +82,6 @@ def test_read_is_recorded_once(store):
 @pytest.mark.parametrize("bad", ["²", "١٢", "9" * 40, "-1", "", "1.5", " 1"])
 def test_non_ascii_or_huge_broker_ids_are_refused_not_crashing(store, bad):
     put(store, "a", "b", "x")
-    assert store.confirm("b", bad, 5) is None
     assert store.mark_read("b", bad, 5) is None
 
 
@@ -120,9 +123,61 @@ def test_schema_is_versioned(tmp_path):
     path = tmp_path / "v.sqlite3"
     SqliteStore(path).close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(_SCHEMA) == 3
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
+
+
+def test_a_turn_of_only_confirmations_skips_the_fsync_but_the_next_ack_has_it(tmp_path):
+    path = tmp_path / "sync.sqlite3"
+    store = SqliteStore(path, "full")
+    put(store, "a", "b", "x")
+    store.commit()
+    store.confirm_through("b", 1, 5)
+    store.mark_read("b", "1", 6)
+    store.commit()  # bookkeeping only: committed without waiting for the disk...
+    # ...and the setting is back for the next turn, whose ACCEPTED needs the fsync.
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    put(store, "a", "b", "y")
+    store.commit()
+    store.close()
+    reopened = SqliteStore(path, "full")
+    try:
+        assert reopened.confirmed_through("b") == 1
+        (first, _second) = sorted(reopened.history("b", "a", None, 5), key=lambda m: m.seq)
+        assert (first.delivered_at, first.read_at) == (5, 6)
+    finally:
+        reopened.close()
+
+
+def test_a_version_2_store_migrates_to_stream_marks_and_owed_receipts(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path, isolation_level=None)
+    for script in _SCHEMA[:2]:
+        db.executescript(script)
+    db.execute("PRAGMA user_version=2")
+    rows = [  # seq, delivered_at, sender_notified: 1 confirmed but not told, 2 waiting
+        (1, 50, 0),
+        (2, None, 0),
+        (3, 60, 1),  # confirmed alone (version 2 allowed gaps): delivered again, harmless
+    ]
+    for seq, delivered_at, notified in rows:
+        db.execute(
+            "INSERT INTO messages (recipient_key, seq, sender_key, sender, recipient,"
+            " client_id, text, sent_at, accepted_at, delivered_at, sender_notified)"
+            " VALUES ('b', ?, 'a', 'a', 'b', ?, 't', 1, 1, ?, ?)",
+            (seq, f"id{seq}", delivered_at, notified),
+        )
+    db.execute("INSERT INTO streams VALUES ('b', 3)")
+    db.close()
+    store = SqliteStore(path)
+    try:
+        assert store.confirmed_through("b") == 1
+        assert [m.seq for m in store.unconfirmed("b", 0, 10)] == [2, 3]
+        assert [m.client_id for m in store.receipts_owed("a", 10)] == ["id1"]
+        assert put(store, "a", "b", "new").seq == 4
+    finally:
+        store.close()
 
 
 def test_a_stored_id_cannot_be_appended_twice(store):

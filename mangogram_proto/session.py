@@ -259,6 +259,12 @@ class ClientSession:
             return self._on_welcome(message, now)
         if isinstance(message, Error):
             return self._on_error(message, now)
+        if isinstance(message, Accepted | Delivered) and len(message.ids) != len(
+            message.broker_ids
+        ):
+            raise RemoteProtocolError(
+                ErrorCode.MALFORMED, f"{message.COMMAND}: ids and broker_ids differ in length"
+            )
         if isinstance(message, Accepted):
             return self._on_accepted(message, now)
         if isinstance(message, Deliver):
@@ -266,7 +272,7 @@ class ClientSession:
         if isinstance(message, Delivered):
             return [
                 MessageDelivered(message_id, broker_id, message.to, message.delivered_at)
-                for message_id, broker_id in zip(message.ids, message.broker_ids, strict=False)
+                for message_id, broker_id in zip(message.ids, message.broker_ids, strict=True)
             ]
         if isinstance(message, Seen):
             return [MessageRead(message.id, message.broker_id, message.by, message.read_at)]
@@ -349,7 +355,7 @@ class ClientSession:
 
     def _on_accepted(self, accepted: Accepted, now: int) -> list[Event]:
         events: list[Event] = []
-        for message_id, broker_id in zip(accepted.ids, accepted.broker_ids, strict=False):
+        for message_id, broker_id in zip(accepted.ids, accepted.broker_ids, strict=True):
             pending = self._outbox.pop(message_id, None)
             if pending is None:
                 continue  # a repeated acknowledgement

@@ -11,7 +11,7 @@ from mangogram_broker.core import MAX_IDS_PER_ACK, BrokerCore, Outgoing, coalesc
 from mangogram_broker.store import MemoryStore, SqliteStore
 from mangogram_proto import codec
 from mangogram_proto.constants import SIGNATURE
-from mangogram_proto.errors import ErrorCode
+from mangogram_proto.errors import ErrorCode, RemoteProtocolError
 from mangogram_proto.events import (
     BrokerError,
     Closed,
@@ -37,7 +37,7 @@ from mangogram_proto.messages import (
     Send,
     Welcome,
 )
-from mangogram_proto.session import State
+from mangogram_proto.session import ClientSession, State
 
 from .harness import TEST_LIMITS, Network
 
@@ -381,6 +381,21 @@ def test_coalesce_merges_a_turns_acknowledgements_per_peer_keeping_order():
         Outgoing(a, Accepted(("m4",), ("4",), 6)),
         Outgoing(b, Delivered("x", 7, ("n1", "n2"), ("8", "9"))),
     ]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [Accepted(("m1", "m2"), ("1",), 5), Delivered("bob", 5, ("m1",), ("1", "2"))],
+    ids=["accepted", "delivered"],
+)
+def test_session_refuses_acknowledgements_with_unpaired_ids(message):
+    session = ClientSession("alice", id_factory=lambda: "m1")
+    session.connect(1)
+    session.receive(codec.encode(Welcome("alice", 1, "token", TEST_LIMITS)), 1)
+    session.send_text("bob", "hi", 2)
+    with pytest.raises(RemoteProtocolError):
+        session.receive(codec.encode(message), 3)
+    assert len(session.unacknowledged) == 1  # nothing was taken as acknowledged
 
 
 def test_coalesce_caps_the_ids_per_message():

@@ -593,7 +593,9 @@ class BrokerCore:
         if not owed:
             return []
         self.store.mark_sender_notified(m.broker_id for m in owed)
-        out = [
+        # One per message; the shell's `coalesce` merges neighbours with the same recipient
+        # and time.
+        return [
             Outgoing(
                 session.peer,
                 Delivered(
@@ -602,7 +604,6 @@ class BrokerCore:
             )
             for m in owed
         ]
-        return coalesce(out)
 
     def _check_send(self, send: Send) -> tuple[ErrorCode, str] | None:
         limits = self.limits

@@ -333,6 +333,10 @@ _COLUMNS = (
 )
 
 
+# The same columns read through the join of receipts_owed with messages (alias m).
+_OWED_COLUMNS = ", ".join(f"m.{column.strip()}" for column in _COLUMNS.split(","))
+
+
 def _row(row: tuple[Any, ...]) -> StoredMessage:
     (number, *rest) = row
     return StoredMessage(str(number), *rest)
@@ -574,9 +578,8 @@ class SqliteStore:
 
     def receipts_owed(self, sender_key: str, limit: int) -> list[StoredMessage]:
         self._apply_deferred()
-        columns = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
         rows = self._db.execute(
-            f"SELECT {columns} FROM receipts_owed o JOIN messages m ON m.id = o.message_id"
+            f"SELECT {_OWED_COLUMNS} FROM receipts_owed o JOIN messages m ON m.id = o.message_id"
             " WHERE o.sender_key = ? ORDER BY o.message_id LIMIT ?",
             (sender_key, limit),
         ).fetchall()

@@ -35,8 +35,13 @@ def encode(message: Message) -> list[bytes]:
     Raises:
         LocalProtocolError: a field holds a value the protocol cannot carry (our bug).
     """
-    command, names, nested = _shape(type(message))
-    if nested:
+    command, names, plain, nested = _shape(type(message))
+    body: Any
+    if plain:
+        # No field can be None (absent on the wire), so orjson can walk the dataclass
+        # itself, in field order: the hot path (DELIVER, ACCEPTED, DELIVERED), 5x faster.
+        body = message
+    elif nested:
         body = _to_json_value(message)
     else:
         # Flat messages: tuples of strings serialize as JSON arrays as they are.
@@ -50,21 +55,25 @@ def encode(message: Message) -> list[bytes]:
     return [SIGNATURE, command, payload]
 
 
-_SHAPES: dict[type, tuple[bytes, tuple[str, ...], bool]] = {}
+_SHAPES: dict[type, tuple[bytes, tuple[str, ...], bool, bool]] = {}
 
 
-def _shape(cls: type) -> tuple[bytes, tuple[str, ...], bool]:
-    """A message class's command frame, field names, and whether it nests objects."""
+def _shape(cls: type) -> tuple[bytes, tuple[str, ...], bool, bool]:
+    """A message class's command frame, field names, whether it is plain (no optional
+    field, nothing nested) and whether it nests objects."""
     shape = _SHAPES.get(cls)
     if shape is None:
-        hints = typing.get_type_hints(cls)
+        every_hint = typing.get_type_hints(cls)  # also holds the COMMAND ClassVar
+        hints = {f.name: every_hint[f.name] for f in dataclasses.fields(cls)}
         nested = any(
             dataclasses.is_dataclass(h)
             or any(dataclasses.is_dataclass(a) for a in typing.get_args(h))
             for h in hints.values()
         )
-        names = tuple(f.name for f in dataclasses.fields(cls))
-        shape = _SHAPES[cls] = (cls.COMMAND.encode("ascii"), names, nested)  # type: ignore[attr-defined]
+        optional = any(type(None) in typing.get_args(h) for h in hints.values())
+        names = tuple(hints)
+        command = cls.COMMAND.encode("ascii")  # type: ignore[attr-defined]
+        shape = _SHAPES[cls] = (command, names, not (nested or optional), nested)
     return shape
 
 

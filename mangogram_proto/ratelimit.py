@@ -30,9 +30,10 @@ class TokenBucket:
 
     def take(self, now_ms: int) -> int:
         """Take one token. Returns 0 on success, else the milliseconds until one is free."""
-        elapsed = max(0, now_ms - self._updated_ms)
-        self._updated_ms = max(self._updated_ms, now_ms)
-        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate / 1000.0)
+        elapsed = now_ms - self._updated_ms
+        if elapsed > 0:  # a loop turn shares one time: most calls skip the refill
+            self._updated_ms = now_ms
+            self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate / 1000.0)
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             return 0

@@ -28,6 +28,10 @@ class CrashPoints:
                 raise ValueError(f"MANGOGRAM_CRASH_AT must be POINT:N with POINT in {POINTS}")
             self._target, self._remaining = point, int(count)
 
+    def armed(self, point: str) -> bool:
+        """Whether `point` can crash this process (callers skip their bookkeeping if not)."""
+        return point == self._target
+
     def reached(self, point: str) -> None:
         if point != self._target:
             return

@@ -74,6 +74,9 @@ def test_chat_with_a_peer_shows_messages_marks_and_leaves_cleanly(broker):
         peer_task = asyncio.create_task(peer.run())
         await next_event(peer, LoggedIn)
         await wait_for(lambda: app.state.connection == "online", what="login")
+        # The app may log in before Тарас does and learn of him only from the presence
+        # event that follows; "/to" typed before that rightly says "(offline)".
+        await wait_for(lambda: "Тарас" in app.state.online.values(), what="Тарас's presence")
         pipe.send_text("/to тарас\r")
         await wait_for(lambda: app.state.peer == "Тарас", what="peer switch")
         pipe.send_text("Привіт, Тарасе! 🌻\r")

@@ -178,8 +178,8 @@ def measure_rtt(system: str, work: Path, count: int) -> dict[str, object]:
             "samples": len(samples)}  # fmt: skip
 
 
-def measure_memory(clients: int, work: Path) -> dict[str, object]:
-    server = start_server("mangogram", work / f"memory-{clients}")
+def measure_memory(clients: int, work: Path, system: str = "mangogram") -> dict[str, object]:
+    server = start_server(system, work / f"memory-{system}-{clients}")
     holders: list[subprocess.Popen[str]] = []
     try:
         broker = psutil.Process(server.process.pid)
@@ -188,7 +188,7 @@ def measure_memory(clients: int, work: Path) -> dict[str, object]:
         started = time.monotonic()
         for first in range(0, clients, per_process):
             size = min(per_process, clients - first)
-            command = load_command("mangogram", server, "idle", "--clients", str(size),
+            command = load_command(system, server, "idle", "--clients", str(size),
                                    "--prefix", f"m{first}-")  # fmt: skip
             holders.append(subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, text=True))  # fmt: skip
@@ -245,6 +245,9 @@ def main() -> None:
         report["rtt"] = rtts
         if not args.quick and not args.no_memory:
             report["memory"] = [measure_memory(c, work) for c in (1000, 10000)]
+            # The same idle clients on the bare ROUTER: what libzmq itself keeps per
+            # connection, without encryption, sessions or storage.
+            report["memory_limit"] = [measure_memory(c, work, "limit") for c in (1000, 10000)]
     limit_p99 = next(r["p99_us"] for r in rtts if r["system"] == "limit")
     mango_p99 = next(r["p99_us"] for r in rtts if r["system"] == "mangogram")
     report["ratios"] = {
@@ -254,6 +257,10 @@ def main() -> None:
         "mangogram_to_thread_server_n1000": ratio(runs, "mangogram", "thread-server", 1000),
         "rtt_p99_to_limit": round(float(mango_p99) / float(limit_p99), 3),  # type: ignore[arg-type]
     }
+    memory = {m["clients"]: m["kb_per_client"] for m in report["memory"]}  # type: ignore[attr-defined]
+    bare = {m["clients"]: m["kb_per_client"] for m in report.get("memory_limit", [])}  # type: ignore[attr-defined]
+    if 10000 in memory and bare.get(10000):
+        report["ratios"]["memory_to_limit_10000"] = round(memory[10000] / bare[10000], 3)  # type: ignore[index]
     report["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     if args.json:
         print(json.dumps(report))
@@ -265,9 +272,10 @@ def main() -> None:
     print(f"\n{'round trip':18} {'p50 µs':>9} {'p99 µs':>9} {'p99.9 µs':>9}")
     for r in rtts:
         print(f"{r['system']:18} {r['p50_us']:>9} {r['p99_us']:>9} {r['p999_us']:>9}")
-    for m in report["memory"]:  # type: ignore[attr-defined]
-        print(f"\n{m['clients']} idle clients: {m['kb_per_client']} KB each,", end=" ")
-        print(f"connected in {m['connect_s']} s")
+    for label, key in (("mangogram", "memory"), ("limit", "memory_limit")):
+        for m in report.get(key, []):  # type: ignore[attr-defined]
+            print(f"\n{label}: {m['clients']} idle clients, {m['kb_per_client']} KB each,", end=" ")
+            print(f"connected in {m['connect_s']} s")
     print("\nratios:", json.dumps(report["ratios"]))
 
 

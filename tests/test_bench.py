@@ -25,6 +25,8 @@ def test_bench_reports_every_system_with_ratios():
     systems = {"mangogram", "mangogram-normal", "limit", "thread-server"}
     assert {run["system"] for run in report["runs"]} == systems
     assert all(run["n"] == 10 and run["msgs_per_s"] > 0 for run in report["runs"])
+    # The generator's share of the machine is reported beside the server's.
+    assert all(run["load_cpu_us_per_msg"] > 0 for run in report["runs"])
     assert {r["system"] for r in report["rtt"]} == systems
     assert all(r["p50_us"] <= r["p99_us"] <= r["p999_us"] for r in report["rtt"])
     assert set(report["ratios"]) >= {
@@ -33,3 +35,13 @@ def test_bench_reports_every_system_with_ratios():
         "mangogram_to_thread_server_n1000",
         "rtt_p99_to_limit",
     }
+
+
+@pytest.mark.parametrize("system", ["mangogram", "limit"])
+def test_idle_clients_memory_is_measured_for_mangogram_and_the_limit(system, tmp_path):
+    from bench.__main__ import measure_memory
+
+    result = measure_memory(20, tmp_path, system)
+    assert result["clients"] == 20
+    assert isinstance(result["kb_per_client"], float)
+    assert result["connect_s"] > 0

@@ -119,6 +119,9 @@ def _ref(client_id: str) -> str | None:
     return client_id if 0 < len(client_id) <= MAX_ID_CHARS else None
 
 
+_ACKS = (Accepted, Delivered)  # a tuple: `A | B` would build a union at every call
+
+
 def coalesce(outgoing: list[Outgoing]) -> list[Outgoing]:
     """Merge acknowledgements that follow each other for one peer: ACCEPTEDs with the same
     time, DELIVEREDs with the same recipient and time. Order per peer is kept: a merge
@@ -129,7 +132,7 @@ def coalesce(outgoing: list[Outgoing]) -> list[Outgoing]:
     for out in outgoing:
         message = out.message
         at = latest.get(out.peer)
-        if at is not None and isinstance(message, Accepted | Delivered):
+        if at is not None and isinstance(message, _ACKS):
             first = merged[at].message
             if _mergeable(first, message):
                 ids, broker_ids = extra.setdefault(at, ([], []))
@@ -141,7 +144,7 @@ def coalesce(outgoing: list[Outgoing]) -> list[Outgoing]:
         merged.append(out)
     for at, (ids, broker_ids) in extra.items():
         first = merged[at].message
-        assert isinstance(first, Accepted | Delivered)  # only those get extras
+        assert isinstance(first, _ACKS)  # only those get extras
         whole = replace(
             first, ids=first.ids + tuple(ids), broker_ids=first.broker_ids + tuple(broker_ids)
         )
@@ -424,9 +427,11 @@ class BrokerCore:
         once if the recipient is online with room in its window."""
         recipient_key = name_key(send.to)
         recipient_name = self.store.lookup_user(recipient_key)
-        if recipient_name is None or (
-            self.store.unconfirmed_count(recipient_key) >= self.limits.max_mailbox
-        ):
+        mailbox_full = (
+            recipient_name is not None
+            and self.store.unconfirmed_count(recipient_key) >= self.limits.max_mailbox
+        )
+        if recipient_name is None or mailbox_full:
             # A refusal must not hit a resend of a message that is already stored.
             earlier = self.store.find(session.key, send.id)
             if earlier is not None:
@@ -439,7 +444,7 @@ class BrokerCore:
                 f"nobody is called {send.to}",
                 send.id,
             )
-        if self.store.unconfirmed_count(recipient_key) >= self.limits.max_mailbox:
+        if mailbox_full:
             return self._error(
                 session.peer,
                 now,

@@ -63,6 +63,8 @@ class Registry:
 
     def touch(self, session: Session, now_ms: int) -> None:
         """Record that the session's peer just spoke."""
+        if session.last_seen_ms == now_ms:
+            return  # already at the end among those seen at this time: the order holds
         session.last_seen_ms = now_ms
         self._by_peer.move_to_end(session.peer)
 

@@ -257,20 +257,23 @@ class BrokerServer:
                 if peer is not None:
                     outgoing += self.core.disconnected(peer, self._clock())
 
+    def _count_login_delivery(self, out: Outgoing, after_welcome: dict[bytes, int]) -> None:
+        """Crash point `mid_login`: a WELCOME and one stored message sent, the rest not."""
+        if isinstance(out.message, Welcome):
+            after_welcome[out.peer] = 0
+        elif out.peer in after_welcome and isinstance(out.message, Deliver):
+            after_welcome[out.peer] += 1
+            if after_welcome[out.peer] == 2:
+                self._crash.reached("mid_login")
+
     def _send_all(self, outgoing: list[Outgoing], now: int, retry: bool = True) -> None:
         delivered_after_welcome: dict[bytes, int] = {}
         router = self._router
         send = SocketBase.send
         count_logins = self._crash.armed("mid_login")
         for out in outgoing:
-            if not count_logins:
-                pass
-            elif isinstance(out.message, Welcome):
-                delivered_after_welcome[out.peer] = 0
-            elif out.peer in delivered_after_welcome and isinstance(out.message, Deliver):
-                delivered_after_welcome[out.peer] += 1
-                if delivered_after_welcome[out.peer] == 2:
-                    self._crash.reached("mid_login")
+            if count_logins:
+                self._count_login_delivery(out, delivered_after_welcome)
             signature, command, body = codec.encode(out.message)
             try:
                 # Frame by frame with plain int flags, through the backend's send: the

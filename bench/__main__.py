@@ -6,6 +6,7 @@
 
 Every system runs in its own process with the same load generator (`bench.load`) in
 another; broker CPU time comes from the OS (psutil). Only loopback addresses are used.
+It warns when the machine is already busy before it starts.
 """
 
 from __future__ import annotations
@@ -213,6 +214,30 @@ def measure_memory(clients: int, work: Path, system: str = "mangogram") -> dict[
     }
 
 
+# Other work on the machine takes cores from the systems under test and skews every
+# figure (a stray process spinning at 100 % once did, unnoticed, for ten minutes).
+BUSY_WARNING_PERCENT = 15.0
+
+
+def idle_check() -> float:
+    """The machine's CPU use over half a second before the run, in percent of all cores;
+    warns on stderr when something else is already using a noticeable share."""
+    busy = psutil.cpu_percent(interval=0.5)
+    warning = busy_warning(busy)
+    if warning:
+        print(warning, file=sys.stderr)
+    return busy
+
+
+def busy_warning(busy_percent: float) -> str | None:
+    if busy_percent <= BUSY_WARNING_PERCENT:
+        return None
+    return (
+        f"warning: the machine is {busy_percent:.0f}% busy before the benchmark starts;"
+        " the figures will be skewed"
+    )
+
+
 def ratio(runs: list[dict[str, object]], a: str, b: str, n: int) -> float | None:
     def rate(system: str) -> float | None:
         for run in runs:
@@ -236,6 +261,7 @@ def main() -> None:
     sizes = [100] if args.quick else [int(n) for n in (args.sizes or "1,10,100,1000").split(",")]
     warmup = 1.0
     report: dict[str, object] = {"runs": [], "rtt": [], "memory": []}
+    busy = idle_check()
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
         work = Path(tmp)
         runs = [measure_throughput(s, n, work, warmup, args.window) for n in sizes for s in SYSTEMS]
@@ -261,7 +287,11 @@ def main() -> None:
     bare = {m["clients"]: m["kb_per_client"] for m in report.get("memory_limit", [])}  # type: ignore[attr-defined]
     if 10000 in memory and bare.get(10000):
         report["ratios"]["memory_to_limit_10000"] = round(memory[10000] / bare[10000], 3)  # type: ignore[index]
-    report["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    report["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "busy_percent_before": busy,
+    }
     if args.json:
         print(json.dumps(report))
         return

@@ -25,6 +25,7 @@ def test_bench_reports_every_system_with_ratios():
     systems = {"mangogram", "mangogram-normal", "limit", "thread-server"}
     assert {run["system"] for run in report["runs"]} == systems
     assert all(run["n"] == 10 and run["msgs_per_s"] > 0 for run in report["runs"])
+    assert 0 <= report["machine"]["busy_percent_before"] <= 100
     # The generator's share of the machine is reported beside the server's.
     assert all(run["load_cpu_us_per_msg"] > 0 for run in report["runs"])
     assert {r["system"] for r in report["rtt"]} == systems
@@ -45,3 +46,11 @@ def test_idle_clients_memory_is_measured_for_mangogram_and_the_limit(system, tmp
     assert result["clients"] == 20
     assert isinstance(result["kb_per_client"], float)
     assert result["connect_s"] > 0
+
+
+def test_a_busy_machine_is_warned_about():
+    from bench.__main__ import BUSY_WARNING_PERCENT, busy_warning
+
+    assert busy_warning(BUSY_WARNING_PERCENT) is None
+    warning = busy_warning(55.0)
+    assert warning is not None and "55% busy" in warning

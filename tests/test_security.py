@@ -289,3 +289,28 @@ def test_ping_still_answered_after_every_attack(secure_broker, zctx):
     honest.send_multipart(codec.encode(Ping()))
     assert isinstance(reply(honest), Pong)
     honest.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="only Linux answers all of 127/8 on lo")
+def test_new_names_are_limited_per_source_address(secure_broker, zctx):
+    # The shell reads each LOGIN's Peer-Address for the core's per-address limit (10 new
+    # names a minute by default): 127.0.0.1 runs out, 127.0.0.2 is another address.
+    def login_from(source: str, name: str) -> str:
+        sock = zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        identity = KeyPair.generate()
+        sock.setsockopt(zmq.CURVE_SERVERKEY, secure_broker.public_key.encode())
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, identity.public.encode())
+        sock.setsockopt(zmq.CURVE_SECRETKEY, identity.secret.encode())
+        host_port = secure_broker.endpoint.removeprefix("tcp://")
+        sock.connect(f"tcp://{source}:0;{host_port}")  # libzmq's source-address form
+        try:
+            sock.send_multipart(codec.encode(Login(name)))
+            answer = reply(sock)
+            return answer.COMMAND if answer.COMMAND == "WELCOME" else answer.code
+        finally:
+            sock.close()
+
+    first = [login_from("127.0.0.1", f"local{i}") for i in range(11)]
+    assert first[:10] == ["WELCOME"] * 10 and first[10] == "rate_limited"
+    assert login_from("127.0.0.2", "neighbour") == "WELCOME"

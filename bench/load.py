@@ -226,7 +226,10 @@ def throughput(args: argparse.Namespace) -> dict[str, float]:
     window_start = started + args.warmup
     window_end = window_start + args.window
     delivered = 0
+    window_cpu_start: float | None = None  # this process's CPU time (all threads)
     while time.monotonic() < window_end:
+        if window_cpu_start is None and time.monotonic() >= window_start:
+            window_cpu_start = time.process_time()
         for i, sender in enumerate(senders):
             while outstanding[i] < args.inflight:
                 sender.send_text(receivers[i], PAYLOAD)
@@ -238,7 +241,8 @@ def throughput(args: argparse.Namespace) -> dict[str, float]:
                 outstanding[pair] -= len(texts)
                 if window_start <= time.monotonic() < window_end:
                     delivered += len(texts)
-    return {"delivered": delivered, "window_s": args.window}
+    window_cpu = time.process_time() - (window_cpu_start or time.process_time())
+    return {"delivered": delivered, "window_s": args.window, "cpu_s": window_cpu}
 
 
 def rtt(args: argparse.Namespace) -> dict[str, object]:

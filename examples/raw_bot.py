@@ -1,8 +1,8 @@
 """A bot written with bare pyzmq and docs/protocol.md only: no MangoGram code imported.
 
 It logs in, answers each new DELIVER with a SEND of the text reversed, confirms what
-it holds with a cumulative RECEIPT, and pings while idle. Use it as the template for a
-bot in any language.
+it holds with a cumulative RECEIPT, and pings while idle; Ctrl-C or SIGTERM ends it
+with a LEAVE. Use it as the template for a bot in any language.
 
     python examples/raw_bot.py --name reverser --endpoint tcp://127.0.0.1:5555
 
@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -81,6 +82,10 @@ def main() -> None:
     parser.add_argument("--insecure-plaintext", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Ctrl-C and SIGTERM (docker stop, service managers) both end with a LEAVE. Ctrl-C is
+    # armed even if we were started with it ignored, as a shell's background job is.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -45,8 +45,8 @@ def wait_until_online(client: Client, name: str, timeout: float = 10.0) -> None:
     raise AssertionError(f"{name} never came online")
 
 
-def stop_bot(bot: subprocess.Popen) -> str:
-    bot.send_signal(signal.SIGINT)
+def stop_bot(bot: subprocess.Popen, signum: int = signal.SIGINT) -> str:
+    bot.send_signal(signum)
     _, err = bot.communicate(timeout=10)
     assert bot.returncode == 0, err
     assert "Traceback" not in err, err
@@ -78,6 +78,23 @@ def test_example_bot_answers(broker, zctx, script, text, reply):
             assert delivered is not None, "the bot never confirmed receipt"
     finally:
         stop_bot(bot)
+    assert broker.wait_for_log("helper is offline \\(left")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_raw_bot_leaves_on_a_signal_even_if_started_with_ctrl_c_ignored(broker, zctx, signum):
+    # A shell's background job starts with SIGINT ignored; a service manager stops with
+    # SIGTERM. Either way the bot says LEAVE, and others see it go at once.
+    bot = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "raw_bot.py"), "--name", "helper",
+         "--endpoint", broker.endpoint, "--insecure-plaintext"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    with Client("Олена", broker.endpoint, context=zctx) as user:
+        wait_until_online(user, "helper")
+    stop_bot(bot, signum)
     assert broker.wait_for_log("helper is offline \\(left")
 
 

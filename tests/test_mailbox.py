@@ -42,6 +42,15 @@ def register(net: Network, name: str):
     return client
 
 
+def alice_floods_offline_bob(net: Network):
+    """Bob has a name but is offline; Alice is online with room to send hundreds."""
+    net.core.limits = dataclasses.replace(
+        TEST_LIMITS, max_mailbox=1000, rate_per_second=10_000, rate_burst=10_000
+    )
+    register(net, "bob")
+    return net.join("alice")
+
+
 def test_offline_recipient_gets_mailbox_on_login_in_order_marked_delayed(net):
     register(net, "bob")
     alice = net.join("alice")
@@ -144,11 +153,7 @@ def test_resume_from_confirms_what_the_client_has_so_nothing_repeats(net):
 
 
 def test_resume_from_tells_online_senders_at_once_in_bounded_batches(net):
-    net.core.limits = dataclasses.replace(
-        TEST_LIMITS, max_mailbox=1000, rate_per_second=10_000, rate_burst=10_000
-    )
-    register(net, "bob")
-    alice = net.join("alice")
+    alice = alice_floods_offline_bob(net)
     total = MAX_IDS_PER_ACK + 44
     ids = [alice.session.send_text("bob", f"#{i}", net.now) for i in range(total)]
     net.pump(rounds=1000)
@@ -206,11 +211,7 @@ def test_a_gap_in_the_stream_is_not_skipped_on_resume():
 
 
 def test_delivery_window_bounds_what_is_in_flight(net):
-    net.core.limits = dataclasses.replace(
-        TEST_LIMITS, max_mailbox=1000, rate_per_second=10_000, rate_burst=10_000
-    )
-    register(net, "bob")
-    alice = net.join("alice")
+    alice = alice_floods_offline_bob(net)
     total = DELIVERY_WINDOW + 50
     for i in range(total):
         alice.session.send_text("bob", f"#{i}", net.now)

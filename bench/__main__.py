@@ -4,6 +4,11 @@
     python -m bench --quick    # N = 100 and latency only (under a minute)
     python -m bench --json     # one JSON object instead of tables
 
+Systems: the MangoGram broker as shipped (durability full), with durability normal, and
+with its store in memory (a reference for what durability costs: nothing on disk); the
+limit (a bare pyzmq ROUTER, `bench.limit_router`); and the old design (a thread per
+client, `bench.thread_server`).
+
 Every system runs in its own process with the same load generator (`bench.load`) in
 another; broker CPU time comes from the OS (psutil). Only loopback addresses are used.
 It warns when the machine is already busy before it starts.
@@ -27,7 +32,7 @@ from typing import IO
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ("mangogram", "mangogram-normal", "limit", "thread-server")
+SYSTEMS = ("mangogram", "mangogram-normal", "mangogram-memory", "limit", "thread-server")
 # Limits a real deployment keeps are opened up so they do not throttle the load itself.
 BROKER_BENCH_FLAGS = [
     "--rate-per-second", "1000000000", "--rate-burst", "1000000000",
@@ -58,8 +63,12 @@ def start_server(system: str, data_dir: Path) -> Server:
     if system.startswith("mangogram"):
         env.pop("MANGOGRAM_INSECURE_PLAINTEXT", None)
         durability = "normal" if system == "mangogram-normal" else "full"
+        if system == "mangogram-memory":  # the same broker, its store in memory
+            program = ["-m", "bench.memory_broker"]
+        else:
+            program = [str(ROOT / "broker.py")]
         command = [
-            sys.executable, str(ROOT / "broker.py"), "--bind", "tcp://127.0.0.1:*",
+            sys.executable, *program, "--bind", "tcp://127.0.0.1:*",
             "--key-bind", "tcp://127.0.0.1:*", "--data", str(data_dir),
             "--durability", durability, *BROKER_BENCH_FLAGS[:-2], "--log-level", "INFO",
         ]  # fmt: skip
@@ -274,6 +283,7 @@ def main() -> None:
     report["ratios"] = {
         "mangogram_to_limit_n100": ratio(runs, "mangogram", "limit", 100),
         "mangogram_normal_to_limit_n100": ratio(runs, "mangogram-normal", "limit", 100),
+        "mangogram_memory_to_limit_n100": ratio(runs, "mangogram-memory", "limit", 100),
         "mangogram_to_limit_n1000": ratio(runs, "mangogram", "limit", 1000),
         "mangogram_to_thread_server_n1000": ratio(runs, "mangogram", "thread-server", 1000),
         "rtt_p99_to_limit": round(float(mango_p99) / float(limit_p99), 3),  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
@@ -19,7 +20,7 @@ from .core import BrokerCore
 from .crashpoints import CrashPoints
 from .security import KEY_FILE, load_broker_keys
 from .shell import BrokerServer
-from .store import SqliteStore
+from .store import Durability, SqliteStore, Store
 
 log = logging.getLogger("mangogram.broker")
 
@@ -72,7 +73,16 @@ def release_name(data_dir: Path, name: str) -> int:
     return 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def open_sqlite_store(data_dir: Path, durability: Durability) -> Store:
+    return SqliteStore(data_dir / "mangogram.sqlite3", durability)
+
+
+def main(
+    argv: list[str] | None = None,
+    open_store: Callable[[Path, Durability], Store] = open_sqlite_store,
+) -> int:
+    """Run the broker. `open_store` is what keeps the messages; anything but the default
+    is for experiments (the benchmark's in-memory reference)."""
     config = parse_config(argv)
     logging.basicConfig(
         level=config.log_level,
@@ -115,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("public key %s (fingerprint %s)", keys.public, fingerprint(keys.public))
     raise_open_file_limit()
     crash_points = CrashPoints(os.environ.get("MANGOGRAM_CRASH_AT"))
-    store = SqliteStore(config.data_dir / "mangogram.sqlite3", config.durability)
+    store = open_store(config.data_dir, config.durability)
     try:
         core = BrokerCore(
             config.limits,

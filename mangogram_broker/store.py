@@ -110,11 +110,14 @@ class Store(Protocol):
 
 
 class MemoryStore:
-    """A `Store` in dictionaries; nothing survives the process."""
+    """A `Store` in dictionaries; nothing survives the process. The hot path (append,
+    confirm, read the next unconfirmed) costs time in proportion to the messages it
+    touches, not to the store's size."""
 
     def __init__(self) -> None:
         self._users: dict[str, str] = {}
         self._messages: dict[int, StoredMessage] = {}
+        self._streams: dict[str, dict[int, int]] = {}  # recipient key -> seq -> number
         self._by_client: dict[tuple[str, str], int] = {}
         self._last_seq: dict[str, int] = {}
         self._confirmed: dict[str, int] = {}
@@ -164,20 +167,26 @@ class MemoryStore:
         )  # fmt: skip
         self._messages[number] = message
         self._by_client[(sender_key, client_id)] = number
+        self._streams.setdefault(recipient_key, {})[seq] = number
         return message
 
     def _stream(self, recipient_key: str) -> list[StoredMessage]:
-        return sorted(
-            (m for m in self._messages.values() if m.recipient_key == recipient_key),
-            key=lambda m: m.seq,
-        )
+        stream = self._streams.get(recipient_key, {})
+        return [self._messages[stream[seq]] for seq in sorted(stream)]
+
+    def _at(self, recipient_key: str, seq: int) -> StoredMessage | None:
+        number = self._streams.get(recipient_key, {}).get(seq)
+        return self._messages.get(number) if number is not None else None
 
     def unconfirmed_count(self, recipient_key: str) -> int:
         return self.last_seq(recipient_key) - self.confirmed_through(recipient_key)
 
     def unconfirmed(self, recipient_key: str, after_seq: int, limit: int) -> list[StoredMessage]:
-        after = max(after_seq, self.confirmed_through(recipient_key))
-        return [m for m in self._stream(recipient_key) if m.seq > after][:limit]
+        # Unconfirmed messages are never pruned, so the stream has no gaps after the mark.
+        first = max(after_seq, self.confirmed_through(recipient_key)) + 1
+        last = min(self.last_seq(recipient_key), first + limit - 1)
+        found = (self._at(recipient_key, seq) for seq in range(first, last + 1))
+        return [m for m in found if m is not None]
 
     def last_seq(self, recipient_key: str) -> int:
         return self._last_seq.get(recipient_key, 0)
@@ -194,8 +203,9 @@ class MemoryStore:
         seq = min(seq, self.last_seq(recipient_key))
         if seq <= mark:
             return
-        for message in self._stream(recipient_key):
-            if mark < message.seq <= seq:
+        for confirmed_seq in range(mark + 1, seq + 1):
+            message = self._at(recipient_key, confirmed_seq)
+            if message is not None:
                 self._messages[int(message.broker_id)] = message._replace(delivered_at=now)
         self._confirmed[recipient_key] = seq
 
@@ -255,6 +265,7 @@ class MemoryStore:
         for number in doomed:
             message = self._messages.pop(number)
             self._by_client.pop((message.sender_key, message.client_id), None)
+            del self._streams[message.recipient_key][message.seq]
         self._owed -= doomed
         return len(doomed)
 

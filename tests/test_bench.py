@@ -22,7 +22,7 @@ def test_bench_reports_every_system_with_ratios():
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
-    systems = {"mangogram", "mangogram-normal", "limit", "thread-server"}
+    systems = {"mangogram", "mangogram-normal", "mangogram-memory", "limit", "thread-server"}
     assert {run["system"] for run in report["runs"]} == systems
     assert all(run["n"] == 10 and run["msgs_per_s"] > 0 for run in report["runs"])
     assert 0 <= report["machine"]["busy_percent_before"] <= 100

@@ -319,6 +319,7 @@ def test_keep_per_user_keeps_the_newest_confirmed(tmp_path):
         store.append("a", "a", "b", "b", "unconfirmed", "t", 9, 9)
         assert store.prune(1000, None, 2) == 3
         assert [m.text for m in store.history("a", "b", None, 10)] == ["t", "t4", "t3"]
+        assert [m.text for m in store.unconfirmed("b", 0, 10)] == ["t"]
 
 
 @pytest.mark.parametrize("bad", ["²", "١", "9" * 100])

@@ -126,9 +126,11 @@ def cpu_seconds(process: psutil.Process) -> float:
 
 
 def measure_throughput(
-    system: str, pairs: int, work: Path, warmup: float, window: float
+    system: str, pairs: int, work: Path, warmup: float, window: float, attempt: int = 0
 ) -> dict[str, object]:
-    server = start_server(system, work / f"{system}-{pairs}")
+    # A fresh data directory each time: the generator's clients have new keys every run,
+    # and a name stays owned by the key that registered it.
+    server = start_server(system, work / f"{system}-{pairs}-{attempt}")
     try:
         owner = psutil.Process(server.process.pid)
         command = load_command(system, server, "throughput", "--pairs", str(pairs),
@@ -159,6 +161,15 @@ def measure_throughput(
         if delivered
         else None,
     }
+
+
+def median_run(attempts: list[dict[str, object]]) -> dict[str, object]:
+    """The attempt with the median rate (the lower middle one for an even count), so its
+    CPU figures come from the same run; every attempt's rate is kept beside it."""
+    ranked = sorted(attempts, key=lambda run: float(run["msgs_per_s"]))  # type: ignore[arg-type]
+    chosen = dict(ranked[(len(ranked) - 1) // 2])
+    chosen["msgs_per_s_runs"] = [run["msgs_per_s"] for run in attempts]
+    return chosen
 
 
 def login_allowance(system: str, pairs: int) -> float:
@@ -261,6 +272,13 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=3.0, help="measured seconds per run")
     parser.add_argument("--no-memory", action="store_true", help="skip the idle-client test")
     parser.add_argument("--rtt-count", type=int, help="round trips per system (default 2000)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure each throughput run this many times, the systems taking turns, and"
+        " report the median (default 1)",
+    )
     args = parser.parse_args()
     sizes = [100] if args.quick else [int(n) for n in (args.sizes or "1,10,100,1000").split(",")]
     warmup = 1.0
@@ -268,7 +286,14 @@ def main() -> None:
     busy = idle_check()
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
         work = Path(tmp)
-        runs = [measure_throughput(s, n, work, warmup, args.window) for n in sizes for s in SYSTEMS]
+        # The systems take turns, so a slow spell of the machine hits them all alike.
+        attempts: dict[tuple[str, int], list[dict[str, object]]] = {}
+        for attempt in range(max(1, args.repeat)):
+            for n in sizes:
+                for system in SYSTEMS:
+                    run = measure_throughput(system, n, work, warmup, args.window, attempt)
+                    attempts.setdefault((system, n), []).append(run)
+        runs = [median_run(found) for found in attempts.values()]
         report["runs"] = runs
         count = args.rtt_count or (500 if args.quick else 2000)
         rtts = [measure_rtt(s, work, count) for s in SYSTEMS]
@@ -285,6 +310,7 @@ def main() -> None:
         "mangogram_normal_to_limit_n100": ratio(runs, "mangogram-normal", "limit", 100),
         "mangogram_memory_to_limit_n100": ratio(runs, "mangogram-memory", "limit", 100),
         "mangogram_to_limit_n1000": ratio(runs, "mangogram", "limit", 1000),
+        "mangogram_memory_to_limit_n1000": ratio(runs, "mangogram-memory", "limit", 1000),
         "mangogram_to_thread_server_n1000": ratio(runs, "mangogram", "thread-server", 1000),
         "rtt_p99_to_limit": round(float(mango_p99) / float(limit_p99), 3),  # type: ignore[arg-type]
     }
@@ -300,10 +326,13 @@ def main() -> None:
     if args.json:
         print(json.dumps(report))
         return
-    print(f"{'system':18} {'N':>5} {'msgs/s':>10} {'CPU µs/msg':>11} {'load CPU µs/msg':>16}")
+    header = f"{'system':18} {'N':>5} {'msgs/s':>10} {'CPU µs/msg':>11} {'load CPU µs/msg':>16}"
+    print(header + ("   all runs, msgs/s" if args.repeat > 1 else ""))
     for run in runs:
         cpu, load_cpu = str(run["cpu_us_per_msg"]), str(run["load_cpu_us_per_msg"])
-        print(f"{run['system']:18} {run['n']:>5} {run['msgs_per_s']:>10} {cpu:>11} {load_cpu:>16}")
+        line = f"{run['system']:18} {run['n']:>5} {run['msgs_per_s']:>10} {cpu:>11} {load_cpu:>16}"
+        every = run["msgs_per_s_runs"]
+        print(line + (f"   {' '.join(str(r) for r in every)}" if args.repeat > 1 else ""))  # type: ignore[attr-defined]
     print(f"\n{'round trip':18} {'p50 µs':>9} {'p99 µs':>9} {'p99.9 µs':>9}")
     for r in rtts:
         print(f"{r['system']:18} {r['p50_us']:>9} {r['p99_us']:>9} {r['p999_us']:>9}")

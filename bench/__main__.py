@@ -31,6 +31,8 @@ from typing import IO
 
 import psutil
 
+from bench.load import WINDOW_END, WINDOW_START
+
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("mangogram", "mangogram-normal", "mangogram-memory", "limit", "thread-server")
 # Limits a real deployment keeps are opened up so they do not throttle the load itself.
@@ -135,17 +137,14 @@ def measure_throughput(
         owner = psutil.Process(server.process.pid)
         command = load_command(system, server, "throughput", "--pairs", str(pairs),
                                "--warmup", str(warmup), "--window", str(window))  # fmt: skip
-        load = subprocess.Popen(
-            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        # CPU is sampled over the measured window only: after warm-up, before the end.
-        time.sleep(warmup + 0.05 + login_allowance(system, pairs))
-        before = cpu_seconds(owner)
-        out, err = load.communicate(timeout=300)
-        after = cpu_seconds(owner)
-        if load.returncode != 0:
-            raise RuntimeError(f"load generator failed: {err[-2000:]}")
-        result = json.loads(out.strip().splitlines()[-1])
+        with tempfile.TemporaryFile("w+") as errors:
+            load = subprocess.Popen(
+                command, cwd=ROOT, stdout=subprocess.PIPE, stderr=errors, text=True
+            )
+            before, after, result = window_cpu(load, owner)
+            if load.returncode != 0 or result is None or before is None or after is None:
+                errors.seek(0)
+                raise RuntimeError(f"load generator failed: {errors.read()[-2000:]}")
     finally:
         server.stop()
     delivered = int(result["delivered"])
@@ -172,11 +171,29 @@ def median_run(attempts: list[dict[str, object]]) -> dict[str, object]:
     return chosen
 
 
-def login_allowance(system: str, pairs: int) -> float:
-    """Rough time the generator spends connecting before its warm-up starts."""
-    if system.startswith("mangogram"):
-        return 0.3 + pairs * 2 * 0.0015
-    return 0.1 + pairs * 0.0005
+def window_cpu(
+    load: subprocess.Popen[str], server: psutil.Process, timeout: float = 300
+) -> tuple[float | None, float | None, dict[str, object] | None]:
+    """Follow a throughput generator's output: the server's CPU seconds when its measured
+    window starts and when it ends, and the generator's result. A generator that overruns
+    `timeout` is killed."""
+    before = after = None
+    result = None
+    watchdog = threading.Timer(timeout, load.kill)
+    watchdog.start()
+    try:
+        assert load.stdout is not None
+        for line in load.stdout:
+            if line.strip() == WINDOW_START:
+                before = cpu_seconds(server)
+            elif line.strip() == WINDOW_END:
+                after = cpu_seconds(server)
+            elif line.startswith("{"):
+                result = json.loads(line)
+        load.wait()
+    finally:
+        watchdog.cancel()
+    return before, after, result
 
 
 def measure_rtt(system: str, work: Path, count: int) -> dict[str, object]:

@@ -5,7 +5,9 @@
 SYSTEM is mangogram, limit or thread-server; MODE is throughput (N sender->receiver
 pairs, `--inflight` messages outstanding per pair, counted over a window after a
 warm-up), rtt (one pair, one message at a time, each answered: round-trip samples) or
-idle (log `--clients` in, report the time, then wait for stdin to close). Every loop is
+idle (log `--clients` in, report the time, then wait for stdin to close). Throughput
+prints a line as its measured window starts and another as it ends, so that whoever runs
+it can sample the server's CPU time over exactly that window. Every loop is
 bounded by a count and a deadline. The same generator drives every system, so the
 ratios between systems are fair even where the generator itself limits the rate.
 """
@@ -25,6 +27,8 @@ import orjson  # what the MangoGram SDK uses, so the generator costs what a clie
 import zmq
 
 PAYLOAD = "x" * 100  # 100-byte texts
+WINDOW_START = "window-start"
+WINDOW_END = "window-end"
 SIGNATURE = b"MGP02"
 
 
@@ -230,6 +234,8 @@ def throughput(args: argparse.Namespace) -> dict[str, float]:
     while time.monotonic() < window_end:
         if window_cpu_start is None and time.monotonic() >= window_start:
             window_cpu_start = time.process_time()
+            # The orchestrator samples the server's CPU time on these two lines.
+            print(WINDOW_START, flush=True)
         for i, sender in enumerate(senders):
             while outstanding[i] < args.inflight:
                 sender.send_text(receivers[i], PAYLOAD)
@@ -241,6 +247,7 @@ def throughput(args: argparse.Namespace) -> dict[str, float]:
                 outstanding[pair] -= len(texts)
                 if window_start <= time.monotonic() < window_end:
                     delivered += len(texts)
+    print(WINDOW_END, flush=True)
     window_cpu = time.process_time() - (window_cpu_start or time.process_time())
     return {"delivered": delivered, "window_s": args.window, "cpu_s": window_cpu}
 

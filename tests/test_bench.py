@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from .conftest import ROOT
@@ -72,3 +73,33 @@ def test_a_busy_machine_is_warned_about():
     assert busy_warning(BUSY_WARNING_PERCENT) is None
     warning = busy_warning(55.0)
     assert warning is not None and "55% busy" in warning
+
+
+def test_the_servers_cpu_is_sampled_on_the_generators_window_lines():
+    from bench.__main__ import window_cpu
+
+    # A stand-in generator: busy only between its two window lines.
+    script = (
+        "import time\n"
+        "print('warming up', flush=True)\n"
+        "print('window-start', flush=True)\n"
+        "time.sleep(0.3)\n"
+        "print('window-end', flush=True)\n"
+        "print('{\"delivered\": 7}', flush=True)\n"
+    )
+    load = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    before, after, result = window_cpu(load, psutil.Process())
+    assert result == {"delivered": 7}
+    assert before is not None and after is not None and before <= after
+    assert load.returncode == 0
+
+
+def test_a_generator_that_hangs_is_killed_and_reports_nothing():
+    from bench.__main__ import window_cpu
+
+    script = "import time\nprint('window-start', flush=True)\ntime.sleep(600)\n"
+    load = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    before, after, result = window_cpu(load, psutil.Process(), timeout=1.0)
+    assert before is not None
+    assert (after, result) == (None, None)
+    assert load.returncode is not None and load.returncode != 0

@@ -3,6 +3,7 @@
     python -m bench            # N = 1, 10, 100, 1000, latency, memory at 1,000 and 10,000
     python -m bench --quick    # N = 100 and latency only (under a minute)
     python -m bench --json     # one JSON object instead of tables
+    python -m bench --repeat 3 # each throughput run three times, systems in turns; medians
 
 Systems: the MangoGram broker as shipped (durability full), with durability normal, and
 with its store in memory (a reference for what durability costs: nothing on disk); the
@@ -10,7 +11,8 @@ limit (a bare pyzmq ROUTER, `bench.limit_router`); and the old design (a thread 
 client, `bench.thread_server`).
 
 Every system runs in its own process with the same load generator (`bench.load`) in
-another; broker CPU time comes from the OS (psutil). Only loopback addresses are used.
+another; the server's CPU time comes from the OS (psutil), sampled when the generator
+says its measured window opens and closes. Only loopback addresses are used.
 It warns when the machine is already busy before it starts.
 """
 

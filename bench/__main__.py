@@ -195,6 +195,9 @@ def window_cpu(
         load.wait()
     finally:
         watchdog.cancel()
+        if load.poll() is None:  # we failed while it runs: it must not outlive the run
+            load.kill()
+            load.wait()
     return before, after, result
 
 
@@ -296,7 +299,7 @@ def main() -> None:
         type=int,
         default=1,
         help="measure each throughput run this many times, the systems taking turns, and"
-        " report the median (default 1)",
+        " report the median run (the slower middle one for an even count; default 1)",
     )
     args = parser.parse_args()
     sizes = [100] if args.quick else [int(n) for n in (args.sizes or "1,10,100,1000").split(",")]

@@ -1,6 +1,6 @@
 """The load generator: one process driving many clients of one system over loopback.
 
-    python -m bench.load SYSTEM ENDPOINT MODE [options]   (prints one JSON object)
+    python -m bench.load SYSTEM ENDPOINT MODE [options]   (ends with one JSON object)
 
 SYSTEM is mangogram, limit or thread-server; MODE is throughput (N sender->receiver
 pairs, `--inflight` messages outstanding per pair, counted over a window after a

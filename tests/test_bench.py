@@ -4,6 +4,8 @@ here: speeds are for `python -m bench`, never asserted in a test."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -16,13 +18,21 @@ pytestmark = pytest.mark.e2e
 
 
 def test_bench_reports_every_system_with_ratios():
-    done = subprocess.run(
+    # Its own session, so that on a timeout the servers and generators it started go too.
+    bench = subprocess.Popen(
         [sys.executable, "-m", "bench", "--sizes", "10", "--window", "0.3", "--no-memory",
          "--rtt-count", "40", "--repeat", "2", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    try:
+        out, err = bench.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(bench.pid, signal.SIGKILL)
+        bench.communicate()
+        raise
+    assert bench.returncode == 0, err[-3000:]
+    report = json.loads(out)
     systems = {"mangogram", "mangogram-normal", "mangogram-memory", "limit", "thread-server"}
     assert {run["system"] for run in report["runs"]} == systems
     assert all(run["n"] == 10 and run["msgs_per_s"] > 0 for run in report["runs"])
@@ -78,19 +88,27 @@ def test_a_busy_machine_is_warned_about():
 def test_the_servers_cpu_is_sampled_on_the_generators_window_lines():
     from bench.__main__ import window_cpu
 
-    # A stand-in generator: busy only between its two window lines.
+    # A stand-in that is generator and server at once: it burns 0.6 s of CPU before its
+    # window, 0.3 s inside it and 0.6 s after. Sampled on the lines, the window holds
+    # about 0.3 s; sampled any earlier or later, 0.9 s or more.
     script = (
         "import time\n"
-        "print('warming up', flush=True)\n"
+        "def burn(seconds):\n"
+        "    end = time.process_time() + seconds\n"
+        "    while time.process_time() < end:\n"
+        "        pass\n"
+        "burn(0.6)\n"
         "print('window-start', flush=True)\n"
-        "time.sleep(0.3)\n"
+        "burn(0.3)\n"
         "print('window-end', flush=True)\n"
+        "burn(0.6)\n"
         "print('{\"delivered\": 7}', flush=True)\n"
     )
     load = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    before, after, result = window_cpu(load, psutil.Process())
+    before, after, result = window_cpu(load, psutil.Process(load.pid))
     assert result == {"delivered": 7}
-    assert before is not None and after is not None and before <= after
+    assert before is not None and after is not None
+    assert 0.25 <= after - before < 0.6
     assert load.returncode == 0
 
 

@@ -320,6 +320,7 @@ def test_keep_per_user_keeps_the_newest_confirmed(tmp_path):
         assert store.prune(1000, None, 2) == 3
         assert [m.text for m in store.history("a", "b", None, 10)] == ["t", "t4", "t3"]
         assert [m.text for m in store.unconfirmed("b", 0, 10)] == ["t"]
+        assert store.prune(1000, None, 2) == 0  # what the first one removed is gone for good
 
 
 @pytest.mark.parametrize("bad", ["²", "١", "9" * 100])

@@ -18,14 +18,12 @@ from mangogram_proto.names import name_key
 from .config import parse_config
 from .core import BrokerCore
 from .crashpoints import CrashPoints
+from .openfiles import raise_open_file_limit
 from .security import KEY_FILE, load_broker_keys
 from .shell import BrokerServer
-from .store import Durability, SqliteStore, Store
+from .store import Durability, SqliteStore, SqliteTooOld, Store
 
 log = logging.getLogger("mangogram.broker")
-
-WANTED_OPEN_FILES = 65536
-
 
 # Young-generation collections every 50,000 allocations instead of 700 (the older
 # generations keep their default ratios, 10 and 10). The loop makes a handful of
@@ -41,22 +39,13 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def raise_open_file_limit() -> None:
-    """Lift the soft open-file limit toward the hard one so thousands of clients fit."""
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = WANTED_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, WANTED_OPEN_FILES)
-    if soft == resource.RLIM_INFINITY or soft >= target:
-        return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError) as exc:
-        log.warning("could not raise the open-file limit from %d: %s", soft, exc)
-        return
-    log.debug("open-file limit raised from %d to %d", soft, target)
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop the broker cleanly: Ctrl-C and SIGTERM (docker stop, service
+    managers) everywhere, and Ctrl-Break on Windows, whose consoles deliver no SIGTERM."""
+    wanted = [signal.SIGINT, signal.SIGTERM]
+    if sys.platform == "win32":
+        wanted.append(signal.SIGBREAK)
+    return wanted
 
 
 def release_name(data_dir: Path, name: str) -> int:
@@ -100,8 +89,8 @@ def main(
         if server is not None:
             server.stop()
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    for signum in stop_signals():
+        signal.signal(signum, request_stop)
     if hasattr(os, "umask"):
         os.umask(0o077)  # the store holds everyone's mail: no one else may read it
     if config.release_name is not None:
@@ -125,7 +114,11 @@ def main(
         log.info("public key %s (fingerprint %s)", keys.public, fingerprint(keys.public))
     raise_open_file_limit()
     crash_points = CrashPoints(os.environ.get("MANGOGRAM_CRASH_AT"))
-    store = open_store(config.data_dir, config.durability)
+    try:
+        store = open_store(config.data_dir, config.durability)
+    except SqliteTooOld as exc:
+        log.error("%s", exc)
+        return 2
     try:
         core = BrokerCore(
             config.limits,

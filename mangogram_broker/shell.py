@@ -11,9 +11,9 @@ descriptor (ZMQ_SRCFD of its messages) ties a closed connection to its routing i
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import secrets
+import sys
 import time
 from collections.abc import Callable
 
@@ -48,15 +48,25 @@ TICK_MS = 100
 
 
 def unpredictable_routing_ids() -> None:
-    """Seed the C library's random(), which libzmq uses for the first routing id it
+    """Seed the C library's rand(), which libzmq uses for the first routing id it
     generates. Unseeded, every broker starts at the same id, so a client could claim the
     next one in advance and libzmq aborts on the collision; seeded, it must guess among
-    2**32. (libzmq offers no other way to refuse such ids; see docs/security.md.)"""
+    2**32. (libzmq offers no other way to refuse such ids; see docs/security.md.)
+
+    glibc's rand() and random() share one state; macOS keeps them apart, so srand() is the
+    one that counts there. On Windows rand()'s state is per thread in the C runtime
+    libzmq was linked with: seeding the shared UCRT (ucrtbase) reaches it only if libzmq
+    uses that runtime, so there this is best effort."""
+    seed = secrets.randbits(31)
     try:
-        libc = ctypes.CDLL(None)
-        libc.srandom(secrets.randbits(32))
+        if sys.platform == "win32":
+            libc, seeders = ctypes.CDLL("ucrtbase"), ("srand",)
+        else:
+            libc, seeders = ctypes.CDLL(None), ("srand", "srandom")
+        for name in seeders:
+            getattr(libc, name)(seed)
     except (OSError, AttributeError, TypeError):
-        log.debug("could not seed the C library's random(); routing ids stay predictable")
+        log.debug("could not seed the C library's rand(); routing ids stay predictable")
 
 
 def wall_clock_ms() -> int:
@@ -287,8 +297,9 @@ class BrokerServer:
                 send(router, command, _MORE)
                 send(router, body, 0)
             except zmq.ZMQError as exc:
-                unreachable = exc.errno == errno.EHOSTUNREACH
-                if not unreachable and exc.errno != errno.EAGAIN:
+                # libzmq's own numbers: on Windows Python's errno module has WinSock's.
+                unreachable = exc.errno == zmq.EHOSTUNREACH
+                if not unreachable and exc.errno != zmq.EAGAIN:
                     raise
                 log.warning(
                     "could not send %s to %s: %s",

@@ -16,6 +16,7 @@ logs in.
 from __future__ import annotations
 
 import sqlite3
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
@@ -339,6 +340,25 @@ _SCHEMA = [
     """,
 ]
 
+# UPSERT (ON CONFLICT ... DO UPDATE) arrived in SQLite 3.24; Python's own builds carry newer
+# ones, but a Python linked against an old system SQLite would fail mid-turn without this.
+MIN_SQLITE = (3, 24, 0)
+# DROP COLUMN arrived in 3.35. Only migration 3 uses it, to drop a column nothing reads any
+# more (it has a default, so inserts need not name it): older SQLite keeps the column.
+DROP_COLUMN_SQLITE = (3, 35, 0)
+
+
+class SqliteTooOld(Exception):
+    """The SQLite library Python is linked with lacks what the store needs."""
+
+
+def _statements(script: str, sqlite_version: tuple[int, int, int]) -> list[str]:
+    statements = [part.strip() for part in script.split(";") if part.strip()]
+    if sqlite_version < DROP_COLUMN_SQLITE:
+        statements = [s for s in statements if "DROP COLUMN" not in s.upper()]
+    return statements
+
+
 _COLUMNS = (
     "id, seq, sender_key, sender, recipient_key, recipient, client_id, text,"
     " sent_at, accepted_at, delivered_at, read_at"
@@ -365,6 +385,11 @@ class SqliteStore:
     """
 
     def __init__(self, path: Path, durability: Durability = "full") -> None:
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise SqliteTooOld(
+                f"SQLite {sqlite3.sqlite_version} is too old for the store: it needs "
+                f"{'.'.join(map(str, MIN_SQLITE))} or newer (upgrade Python or its SQLite)"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -373,6 +398,11 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._full = durability == "full"
         self._db.execute(f"PRAGMA synchronous={'FULL' if self._full else 'NORMAL'}")
+        if self._full and sys.platform == "darwin":
+            # macOS's fsync leaves data in the drive's cache; only F_FULLFSYNC survives a
+            # power cut, and SQLite uses it only when asked.
+            self._db.execute("PRAGMA fullfsync=ON")
+            self._db.execute("PRAGMA checkpoint_fullfsync=ON")
         self._db.execute("PRAGMA foreign_keys=ON")
         # Each commit writes every page it dirtied to the WAL; checkpoints copy them back.
         # A longer WAL (about 40 MB) lets a checkpoint copy a busy page once for many
@@ -400,9 +430,8 @@ class SqliteStore:
         for number, script in enumerate(_SCHEMA[version:], start=version + 1):
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
+                for statement in _statements(script, sqlite3.sqlite_version_info):
+                    self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={number}")
                 self._db.execute("COMMIT")
             except BaseException:

@@ -26,6 +26,22 @@ PUBLIC_KEY = re.compile(r"public key (\S{40}) \(fingerprint (\S+)\)")
 KEY_DISCOVERY = re.compile(r"key discovery on (tcp://\S+)")
 STARTUP_TIMEOUT_S = 20
 
+# Tests that need POSIX signal delivery (SIGKILL, SIGSTOP, SIGINT to a child) say so with
+# this mark; Windows has TerminateProcess and console control events instead.
+posix_signals = pytest.mark.skipif(
+    sys.platform == "win32",
+    reason="POSIX-only: sends a signal (SIGKILL/SIGSTOP/SIGINT/SIGTERM) Windows cannot deliver",
+)
+
+# A clean stop the way each system asks for one: SIGTERM, or Ctrl-Break to a child started
+# in its own process group on Windows (the broker handles SIGBREAK there).
+if sys.platform == "win32":
+    GRACEFUL_SPAWN: dict[str, int] = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    GRACEFUL_STOP = signal.CTRL_BREAK_EVENT
+else:
+    GRACEFUL_SPAWN = {}
+    GRACEFUL_STOP = signal.SIGTERM
+
 
 class BrokerProcess:
     """`python broker.py` in a subprocess; its stderr is collected in a thread."""
@@ -69,6 +85,7 @@ class BrokerProcess:
             stderr=subprocess.PIPE,
             text=True,
             encoding="utf-8",
+            **GRACEFUL_SPAWN,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -104,7 +121,7 @@ class BrokerProcess:
         return bool(regex.search(self.log_text()))
 
     def terminate(self, timeout: float = 5.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(GRACEFUL_STOP)
         return self.proc.wait(timeout)
 
     def kill(self) -> None:

@@ -30,7 +30,7 @@ from mangogram_proto.messages import (
     Who,
 )
 
-from .conftest import ROOT, BrokerProcess, dealer
+from .conftest import ROOT, BrokerProcess, dealer, posix_signals
 
 pytestmark = pytest.mark.sockets
 
@@ -297,6 +297,7 @@ def test_sigterm_stops_the_broker_within_two_seconds(tmp_path):
     assert "stopped" in process.log_text()
 
 
+@posix_signals
 def test_sigint_stops_the_broker(tmp_path):
     process = BrokerProcess(tmp_path / "data")
     process.proc.send_signal(signal.SIGINT)

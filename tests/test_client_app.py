@@ -7,7 +7,6 @@ import asyncio
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from mangogram_proto import Client
 from mangogram_proto.aio import AsyncConnection
 from mangogram_proto.events import IncomingMessage, LoggedIn, MessageRead, PresenceChanged
 
-from .conftest import ROOT, BrokerProcess, wait_for_line
+from .conftest import GRACEFUL_SPAWN, GRACEFUL_STOP, ROOT, BrokerProcess, wait_for_line
 
 pytestmark = pytest.mark.sockets
 
@@ -189,7 +188,7 @@ def test_listen_json_prints_one_object_per_message(broker, zctx, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        encoding="utf-8",
+        encoding="utf-8",        **GRACEFUL_SPAWN,
     )
     try:
         wait_for_line(listener.stderr, "listening as logger")
@@ -200,7 +199,7 @@ def test_listen_json_prints_one_object_per_message(broker, zctx, tmp_path):
         assert [r["text"] for r in records] == ["перше", "second ✓"]
         assert all(r["from"] == "Олена" and r["sent_at"] <= r["accepted_at"] for r in records)
     finally:
-        listener.send_signal(signal.SIGTERM)
+        listener.send_signal(GRACEFUL_STOP)
         listener.wait(10)
     assert listener.returncode == 0
 

@@ -18,7 +18,7 @@ import pytest
 from mangogram_proto import Client
 from mangogram_proto.events import MessageAccepted
 
-from .conftest import ROOT, BrokerProcess, wait_for_line
+from .conftest import ROOT, BrokerProcess, posix_signals, wait_for_line
 
 pytestmark = pytest.mark.sockets
 
@@ -82,6 +82,7 @@ def assert_exactly_once_in_order(stream: Stream) -> None:
     assert stream.shown == stream.sent, "lost or out of order"
 
 
+@posix_signals  # SIGKILL
 def test_broker_killed_at_random_points_loses_and_repeats_nothing(tmp_path, zctx):
     rng = random.Random(SEED)
     total = 3000
@@ -120,6 +121,7 @@ def test_broker_killed_at_random_points_loses_and_repeats_nothing(tmp_path, zctx
 # and a 400-message stream needs a first RECEIPT to open the delivery window (256) for
 # the rest. (A later receipt could come after the last message is shown, and a turn can
 # take all 400 SENDs at once, so "the 2nd receipt" was reached only in some runs.)
+@posix_signals  # SIGKILL
 @pytest.mark.parametrize("point,count", [("after_commit", 1), ("before_receipt", 1)])
 def test_crash_point_in_a_stream_is_survived(tmp_path, zctx, point, count):
     crash_at = {"MANGOGRAM_CRASH_AT": f"{point}:{count}"}
@@ -145,6 +147,7 @@ def test_crash_point_in_a_stream_is_survived(tmp_path, zctx, point, count):
             broker.kill()
 
 
+@posix_signals  # SIGKILL
 def test_crash_mid_login_delivers_the_mailbox_exactly_once(tmp_path, zctx):
     crashing = BrokerProcess(tmp_path / "data", *FAST, env={"MANGOGRAM_CRASH_AT": "mid_login:1"})
     endpoint = crashing.endpoint
@@ -199,6 +202,7 @@ def confirmed_for(data_dir: Path, name: str) -> set[str]:
     return {r[0] for r in rows}
 
 
+@posix_signals  # SIGKILL
 def test_killed_receiver_gets_exactly_what_it_had_not_confirmed(broker, zctx, tmp_path):
     first = listener(broker, tmp_path)
     with Client("sender", broker.endpoint, context=zctx) as sender:

@@ -188,7 +188,8 @@ def test_listen_json_prints_one_object_per_message(broker, zctx, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        encoding="utf-8",        **GRACEFUL_SPAWN,
+        encoding="utf-8",
+        **GRACEFUL_SPAWN,
     )
     try:
         wait_for_line(listener.stderr, "listening as logger")

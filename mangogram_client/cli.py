@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from pathlib import Path
 
-from mangogram_proto.bot import use_selector_loop_on_windows
+from mangogram_proto import loops
 from mangogram_proto.constants import DEFAULT_ENDPOINT
 from mangogram_proto.keys import (
     KeyFileError,
@@ -140,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import ChatApp
 
-    use_selector_loop_on_windows()
     # Ask for what was not given, offering last time's answer (or the default) to accept.
     app = ChatApp(
         server,
@@ -151,6 +149,6 @@ def main(argv: list[str] | None = None) -> int:
         security=security,
     )
     try:
-        return asyncio.run(app.run())
+        return loops.run(app.run())
     except KeyboardInterrupt:
         return 0

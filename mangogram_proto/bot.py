@@ -24,6 +24,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from . import loops
 from .aio import AsyncConnection
 from .backoff import Backoff
 from .constants import DEFAULT_ENDPOINT
@@ -39,7 +40,8 @@ EventHandler = Callable[[Event], Awaitable[None]]
 
 
 def use_selector_loop_on_windows() -> None:
-    """zmq.asyncio needs a selector event loop; Windows defaults to the proactor one."""
+    """Kept for programs written against earlier versions: it sets a loop policy, which
+    Python 3.14 deprecates. Run your coroutine with `mangogram_proto.loops.run` instead."""
     if sys.platform == "win32":
         asyncio.set_event_loop_policy(asyncio.WindowsSelectorEventLoopPolicy())  # type: ignore[attr-defined,unused-ignore]
 
@@ -99,7 +101,6 @@ class Bot:
 
     def run(self) -> None:
         """Run until `stop()`, Ctrl-C or SIGTERM (blocking); leaves the broker politely."""
-        use_selector_loop_on_windows()
 
         async def main() -> None:
             loop = asyncio.get_running_loop()
@@ -110,12 +111,13 @@ class Bot:
             await self.run_async()
 
         try:
-            asyncio.run(main())
+            loops.run(main())
         except KeyboardInterrupt:
             log.info("interrupted")
 
     async def run_async(self) -> None:
-        """Connect, log in and serve handlers until `stop()`.
+        """Connect, log in and serve handlers until `stop()`. From your own code, run it on
+        a loop zmq.asyncio can use on every platform: `mangogram_proto.loops.run(...)`.
 
         Raises:
             BrokerRefused: the broker refused the bot's name.

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from mangogram_client.app import ChatApp
 from mangogram_client.settings import load_config_file, load_remembered
-from mangogram_proto import Client
+from mangogram_proto import Client, loops
 from mangogram_proto.aio import AsyncConnection
 from mangogram_proto.events import IncomingMessage, LoggedIn, MessageRead, PresenceChanged
 
@@ -63,7 +63,7 @@ def run_chat_scenario(endpoint: str, name: str | None, script) -> tuple[int, str
                 raise
             return await asyncio.wait_for(runner, 10)
 
-    code = asyncio.run(main())
+    code = loops.run(main())
     return code, screen.getvalue()
 
 
@@ -311,7 +311,7 @@ def test_first_run_asks_for_server_and_name_and_remembers_them(broker, tmp_path,
             pipe.send_text("\x03")  # Ctrl-C leaves cleanly
             return await asyncio.wait_for(runner, 10)
 
-    assert asyncio.run(main()) == 0
+    assert loops.run(main()) == 0
     remembered = load_remembered()
     assert (remembered.server, remembered.name) == (broker.endpoint, "Зоряна")
 

@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, Union
 import orjson
 
 from .constants import FRAME_COUNT, MAX_ID_CHARS, SIGNATURE, SIGNATURE_PREFIX
-from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError, printable
 from .messages import BROKER_COMMANDS, CLIENT_COMMANDS, Message
 
 _INT_MIN = -(2**63)
@@ -93,14 +93,18 @@ def decode(frames: list[bytes], max_body_bytes: int | None = None) -> Message:
         if signature.startswith(SIGNATURE_PREFIX):
             raise RemoteProtocolError(
                 ErrorCode.UNSUPPORTED_VERSION,
-                f"unsupported protocol {signature[:16]!r}; this peer speaks {SIGNATURE.decode()}",
+                f"unsupported protocol {printable(signature, 16)};"
+                f" this peer speaks {SIGNATURE.decode()}",
             )
         raise RemoteProtocolError(
-            ErrorCode.MALFORMED, f"bad signature {signature[:16]!r}, expected {SIGNATURE!r}"
+            ErrorCode.MALFORMED,
+            f"bad signature {printable(signature, 16)}, expected {printable(SIGNATURE)}",
         )
     cls = _COMMANDS.get(command)
     if cls is None:
-        raise RemoteProtocolError(ErrorCode.UNKNOWN_COMMAND, f"unknown command {command[:32]!r}")
+        raise RemoteProtocolError(
+            ErrorCode.UNKNOWN_COMMAND, f"unknown command {printable(command, 32)}"
+        )
     if max_body_bytes is not None and len(payload) > max_body_bytes:
         raise RemoteProtocolError(
             ErrorCode.TOO_LARGE, f"body is {len(payload)} bytes, limit is {max_body_bytes}"
@@ -112,7 +116,9 @@ def decode(frames: list[bytes], max_body_bytes: int | None = None) -> Message:
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError as bad:
-            raise RemoteProtocolError(ErrorCode.MALFORMED, f"body is not UTF-8: {bad}") from exc
+            raise RemoteProtocolError(
+                ErrorCode.MALFORMED, f"body is not UTF-8 (byte {bad.start}: {bad.reason})"
+            ) from exc
         raise RemoteProtocolError(ErrorCode.MALFORMED, f"body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise RemoteProtocolError(ErrorCode.MALFORMED, "body must be a JSON object")
@@ -171,8 +177,9 @@ def _from_json_object(cls: type[T], body: dict[str, Any]) -> T:
         value = body.get(name)
         if value is None:
             if required:
+                what = getattr(cls, "COMMAND", cls.__name__)  # SEND, not Send
                 raise RemoteProtocolError(
-                    ErrorCode.MALFORMED, f"{cls.__name__}: field '{name}' is required"
+                    ErrorCode.MALFORMED, f"{what}: field '{name}' is required"
                 )
             continue
         kwargs[name] = convert(value, name)
@@ -190,7 +197,7 @@ def _converter(hint: Any) -> Converter:
 
         def literal(value: Any, where: str) -> Any:
             if value not in allowed:
-                raise _type_error(where, " or ".join(repr(a) for a in allowed), value)
+                raise _type_error(where, " or ".join(printable(a) for a in allowed), value)
             return value
 
         return literal
@@ -246,5 +253,22 @@ def _integer(value: Any, where: str) -> Any:
 
 def _type_error(where: str, expected: str, value: Any) -> RemoteProtocolError:
     return RemoteProtocolError(
-        ErrorCode.MALFORMED, f"field '{where}' must be {expected}, got {type(value).__name__}"
+        ErrorCode.MALFORMED, f"field '{where}' must be {expected}, got {_json_type(value)}"
     )
+
+
+def _json_type(value: Any) -> str:
+    """What a decoded JSON value is, in JSON's words (not Python's)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number with a fraction or exponent"
+    if isinstance(value, list):
+        return "array"
+    return "object"

@@ -186,3 +186,57 @@ def test_deliver_and_presence_examples():
     deliver = Deliver("m1", "b-1", "Олена", "Добрий день", 10, 11, 1, True)
     assert codec.decode(codec.encode(deliver)) == deliver
     assert codec.decode(codec.encode(Presence("Тарас", "left", 5))).event == "left"
+
+
+def refusal(frames: list[bytes], max_body_bytes: int | None = None) -> RemoteProtocolError:
+    with pytest.raises(RemoteProtocolError) as caught:
+        codec.decode(frames, max_body_bytes=max_body_bytes)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    "frames,message",
+    [
+        (
+            [b"MGP01", b"PING", b"{}"],
+            'unsupported protocol "MGP01"; this peer speaks MGP02',
+        ),
+        ([SIGNATURE, b"ping", b"{}"], 'unknown command "ping"'),
+        ([b"GET /", b"PING", b"{}"], 'bad signature "GET /", expected "MGP02"'),
+        ([SIGNATURE, b"PI\x00\x1bNG\xff", b"{}"], r'unknown command "PI\u{0}\u{1B}NG\xFF"'),
+        ([SIGNATURE, b"P\xe2\x80\xaeING", b"{}"], r'unknown command "P\u{202E}ING"'),
+        ([SIGNATURE, b'A"B\\', b"{}"], r'unknown command "A\"B\\"'),
+        ([SIGNATURE, "ПІНГ".encode(), b"{}"], 'unknown command "ПІНГ"'),
+        ([SIGNATURE, b"X" * 1000, b"{}"], 'unknown command "' + "X" * 32 + '"…'),
+        ([SIGNATURE, b"PING", b'{"a":"\xff"}'], "body is not UTF-8 (byte 6: invalid start byte)"),
+        (
+            [SIGNATURE, b"SEND", good_send_body(text=5)],
+            "field 'text' must be string, got integer",
+        ),
+        (
+            [SIGNATURE, b"SEND", good_send_body(to=None, text=[])],
+            "SEND: field 'to' is required",
+        ),
+        (
+            [SIGNATURE, b"PRESENCE", b'{"name":"a","event":"gone","at":1}'],
+            'field \'event\' must be "joined" or "left", got string',
+        ),
+        (
+            [SIGNATURE, b"SEND", good_send_body(sent_at=1.5)],
+            "field 'sent_at' must be integer, got number with a fraction or exponent",
+        ),
+    ],
+)
+def test_error_messages_are_plain_text_not_python_reprs(frames, message):
+    assert refusal(frames).message == message
+
+
+@given(frames=st.lists(st.binary(max_size=300), min_size=3, max_size=3))
+def test_error_messages_stay_short_and_free_of_control_characters(frames):
+    with contextlib.suppress(RemoteProtocolError):
+        codec.decode(frames)
+        return
+    text = refusal(frames).message
+    assert "b'" not in text and 'b"' not in text
+    assert all(ch == " " or ch.isprintable() for ch in text)
+    assert len(text) < 400

@@ -24,6 +24,8 @@ from pathlib import Path
 import zmq
 from zmq.utils import z85
 
+from .env import SettingError, env_bool, env_key
+
 # The plaintext key-discovery exchange: request [KEY_SIGNATURE, b"KEY"], answer
 # [KEY_SIGNATURE, b"KEY", public key in Z85].
 log = logging.getLogger(__name__)
@@ -312,8 +314,13 @@ def user_config_dir() -> Path:
 
 
 def plaintext_requested() -> bool:
-    """True when MANGOGRAM_INSECURE_PLAINTEXT asks for the development mode."""
-    return os.environ.get("MANGOGRAM_INSECURE_PLAINTEXT", "") not in ("", "0")
+    """True when MANGOGRAM_INSECURE_PLAINTEXT asks for the development mode.
+
+    Raises:
+        SettingError: the variable is set to something other than 1/true/yes/on or
+            0/false/no/off.
+    """
+    return env_bool("MANGOGRAM_INSECURE_PLAINTEXT") or False
 
 
 TrustPrompt = Callable[[str, str, str], bool]
@@ -339,8 +346,9 @@ def resolve_security(
     config dir, created on first use.
 
     Raises:
-        ServerKeyError: no usable server key.
+        ServerKeyError: no usable server key (an empty one included).
         KeyFileError: an identity file is broken or readable by others.
+        SettingError: MANGOGRAM_INSECURE_PLAINTEXT holds something other than a yes/no word.
     """
     if plaintext is None:
         plaintext = plaintext_requested()
@@ -360,8 +368,19 @@ def resolve_security(
         pair, created = load_or_create_keypair(Path(path))
         if created:
             log.info("created your identity key in %s", path)
-    explicit = server_key or os.environ.get("MANGOGRAM_SERVER_KEY")
-    if explicit:
+    if server_key is not None:
+        if not server_key.strip():
+            raise ServerKeyError(
+                "the server key is empty; give the broker's key (it logs it at start), or"
+                " leave it out to use the pinned one"
+            )
+        explicit: str | None = server_key
+    else:
+        try:
+            explicit = env_key("MANGOGRAM_SERVER_KEY")
+        except SettingError as exc:
+            raise ServerKeyError(str(exc)) from exc
+    if explicit is not None:
         if not is_valid_key(explicit):
             raise ServerKeyError("the server key must be 40 characters of Z85 text")
         return Security(explicit, pair)

@@ -9,6 +9,11 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
+from mangogram_broker.config import parse_config
+from mangogram_client import cli as client_cli
+from mangogram_proto import keys
 from mangogram_proto.keys import KeyPair, KnownServers, load_keypair, save_keypair
 
 from .conftest import ROOT
@@ -163,3 +168,84 @@ def test_programs_creating_the_identity_at_once_all_get_the_one_on_disk(tmp_path
     ]
     publics = {p.communicate(timeout=PROCESS_TIMEOUT_S)[0].strip() for p in running}
     assert publics == {load_keypair(path).public}
+
+
+# Settings: yes/no variables and keys are read strictly.
+
+YES = ["1", "true", "TRUE", "Yes", "on", "ON"]
+NO = ["0", "false", "False", "no", "NO", "off"]
+NONSENSE = ["", "2", "maybe", "enable", " 1", "tru", "да"]
+
+
+@pytest.mark.parametrize("word,expected", [(w, True) for w in YES] + [(w, False) for w in NO])
+def test_broker_reads_plaintext_words_strictly(word, expected, monkeypatch):
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", word)
+    assert parse_config([]).plaintext is expected
+
+
+@pytest.mark.parametrize("word", NONSENSE)
+def test_broker_refuses_a_plaintext_value_it_does_not_understand(word, monkeypatch, capsys):
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", word)
+    with pytest.raises(SystemExit) as stopped:
+        parse_config([])
+    assert stopped.value.code == 2
+    assert "MANGOGRAM_INSECURE_PLAINTEXT=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("word,expected", [(w, True) for w in YES] + [(w, False) for w in NO])
+def test_sdk_reads_plaintext_words_strictly(word, expected, monkeypatch, tmp_path):
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", word)
+    assert keys.plaintext_requested() is expected
+    # "false" once meant plaintext, which is refused for a remote broker.
+    security = keys.resolve_security(
+        "tcp://127.0.0.1:5555", server_key=KeyPair.generate().public, config_dir=tmp_path
+    )
+    assert (security is None) is expected
+
+
+def client_main(argv: list[str], capsys) -> tuple[int | str | None, str]:
+    with pytest.raises(SystemExit) as stopped:
+        client_cli.main(argv)
+    return stopped.value.code, capsys.readouterr().err
+
+
+SEND_ARGS = ["--server", "tcp://127.0.0.1:9", "--name", "a", "--to", "b", "--send", "hi"]
+
+
+@pytest.mark.parametrize("word", NONSENSE)
+def test_client_refuses_a_plaintext_value_it_does_not_understand(word, monkeypatch, capsys):
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", word)
+    code, err = client_main(SEND_ARGS, capsys)
+    assert code == 2
+    assert "MANGOGRAM_INSECURE_PLAINTEXT=" in err and "not understood" in err
+
+
+@pytest.mark.parametrize("argv", [["--server-key", ""], ["--server-key="], ["--server-key", " "]])
+def test_client_refuses_an_empty_server_key(argv, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    monkeypatch.setenv("MANGOGRAM_CONFIG_DIR", str(tmp_path))
+    code, err = client_main(SEND_ARGS + argv, capsys)
+    assert code == 2
+    assert "--server-key is empty" in err
+
+
+def test_client_refuses_an_empty_server_key_variable(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    monkeypatch.setenv("MANGOGRAM_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setenv("MANGOGRAM_SERVER_KEY", "")
+    code, err = client_main(SEND_ARGS, capsys)
+    assert code == 2
+    assert "MANGOGRAM_SERVER_KEY is set but empty" in err
+
+
+@pytest.mark.parametrize("given", ["", "  "])
+def test_sdk_refuses_an_empty_server_key_instead_of_trusting_on_first_use(
+    given, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    with pytest.raises(keys.ServerKeyError, match="empty"):
+        keys.resolve_security("tcp://127.0.0.1:9", server_key=given, config_dir=tmp_path)
+    monkeypatch.setenv("MANGOGRAM_SERVER_KEY", given)
+    with pytest.raises(keys.ServerKeyError, match="MANGOGRAM_SERVER_KEY is set but empty"):
+        keys.resolve_security("tcp://127.0.0.1:9", config_dir=tmp_path)
+    assert not (tmp_path / "known_servers").exists()  # nothing was trusted

@@ -8,6 +8,7 @@ peers can add optional ones; optional fields may be absent or null.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Callable
@@ -123,11 +124,59 @@ def decode(frames: list[bytes], max_body_bytes: int | None = None) -> Message:
     if not isinstance(body, dict):
         raise RemoteProtocolError(ErrorCode.MALFORMED, "body must be a JSON object")
     ref = body.get("id") if isinstance(body.get("id"), str) else None
+    repeated = _repeated_key(payload, body)
+    if repeated is not None:
+        raise RemoteProtocolError(ErrorCode.MALFORMED, repeated, _safe_ref(ref))
     try:
         return _from_json_object(cls, body)
     except RemoteProtocolError as exc:
         exc.ref = _safe_ref(ref)
         raise
+
+
+def _repeated_key(payload: bytes, body: dict[str, Any]) -> str | None:
+    """Why `payload` must be refused if an object in it names a key twice (orjson keeps
+    the last one silently, so two readers could see two different messages), else None.
+
+    Counting colons instead of parsing again: every member of an object has one ":"
+    outside strings, and, unless a colon is written as the escape \\u003a, every ":"
+    inside a string is one in the decoded string. orjson writes the decoded body back
+    with the same colons, less one per repeated member and those in its strings. So a
+    repeat shows as fewer colons in the re-encoded body than in `payload`.
+    """
+    colons = payload.count(b":")
+    if colons == len(body):
+        # The usual flat body with no ":" in its strings: nothing can be missing.
+        return None
+    try:
+        again = orjson.dumps(body).count(b":")
+    except TypeError:  # nested deeper than orjson writes (254 levels)
+        return _repeated_key_by_parsing(payload)
+    if again < colons:
+        return _REPEATED  # members went missing (an escaped colon can only hide this)
+    # Equal counts prove it unless an escaped colon ("\\u003a" or "\\u003A") evened them.
+    return _repeated_key_by_parsing(payload) if b"\\u003" in payload else None
+
+
+_REPEATED = "body repeats a key in one object"
+
+
+def _refuse_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError(_REPEATED)
+    return found
+
+
+def _repeated_key_by_parsing(payload: bytes) -> str | None:
+    """The slow, exact check, for the rare body that escapes a colon or nests deeply."""
+    try:
+        json.loads(payload, object_pairs_hook=_refuse_repeats)
+    except ValueError:
+        return _REPEATED
+    except RecursionError:
+        return "body is nested too deeply"
+    return None
 
 
 def _safe_ref(ref: str | None) -> str | None:

@@ -240,3 +240,91 @@ def test_error_messages_stay_short_and_free_of_control_characters(frames):
     assert "b'" not in text and 'b"' not in text
     assert all(ch == " " or ch.isprintable() for ch in text)
     assert len(text) < 400
+
+
+# Repeated keys: refused, wherever they are, however the body is written.
+
+REPEATS = [
+    b'{"id":"a","id":"b","to":"bob","text":"x","sent_at":1}',
+    b'{"id":"a","to":"bob","text":"12:30","sent_at":1,"to":"eve"}',
+    b'{"id":"a","to":"bob","text":"x","sent_at":1,"extra":[{"k":1,"k":2}]}',
+    b'{"id":"x","id":"\\u003a\\u003A","to":"bob","text":"x","sent_at":1}',  # escapes even it
+    b'{"id":"a","to":"bob","text":"x","sent_at":1,"deep":'
+    + b'{"a":' * 300
+    + b'{"k":1,"k":1}'
+    + b"}" * 300
+    + b"}",
+]
+
+
+@pytest.mark.parametrize("body", REPEATS, ids=range(len(REPEATS)))
+def test_a_repeated_key_is_malformed(body):
+    error = refusal([SIGNATURE, b"SEND", body])
+    assert error.code is ErrorCode.MALFORMED
+    assert error.message == "body repeats a key in one object"
+
+
+def test_a_repeated_key_in_a_send_still_names_the_message():
+    assert refusal([SIGNATURE, b"SEND", REPEATS[1]]).ref == "a"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id":"a","to":"bob","text":"a:b:c","sent_at":1}',
+        b'{"id":"a\\u003a","to":"bob","text":"::","sent_at":1}',
+        b'{"id":"a","to":"bob","text":"x","sent_at":1,"extra":[{"k":1},{"k":2}],"k":3}',
+        b'{"id":"a","to":"bob","text":"x","sent_at":1,"deep":' + b'{"a":' * 300 + b"1" + b"}" * 301,
+    ],
+)
+def test_bodies_without_repeats_are_accepted(body):
+    assert isinstance(codec.decode([SIGNATURE, b"SEND", body]), Send)
+
+
+# A JSON tree whose objects are lists of (key, value) pairs, so keys can repeat.
+keys_with_colons = st.text(alphabet="ab:", min_size=1, max_size=3)
+trees = st.recursive(
+    st.integers(0, 9) | keys_with_colons,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(st.tuples(keys_with_colons, inner), max_size=4).map(lambda p: ("obj", p))
+    ),
+    max_leaves=12,
+)
+
+
+def render(tree, escape_colons: bool) -> str:
+    """JSON text for `tree`, with ':' in strings written as \\u003a if asked."""
+    if isinstance(tree, tuple):
+        members = ",".join(
+            f"{render(k, escape_colons)}:{render(v, escape_colons)}" for k, v in tree[1]
+        )
+        return "{" + members + "}"
+    if isinstance(tree, list):
+        return "[" + ",".join(render(item, escape_colons) for item in tree) + "]"
+    if isinstance(tree, str):
+        text = json.dumps(tree)
+        return text.replace(":", "\\u003a") if escape_colons else text
+    return str(tree)
+
+
+def repeats(tree) -> bool:
+    if isinstance(tree, tuple):
+        keys = [k for k, _ in tree[1]]
+        return len(set(keys)) < len(keys) or any(repeats(v) for _, v in tree[1])
+    if isinstance(tree, list):
+        return any(repeats(item) for item in tree)
+    return False
+
+
+@given(members=st.lists(st.tuples(keys_with_colons, trees), max_size=5), escape=st.booleans())
+def test_repeated_keys_are_found_exactly(members, escape):
+    tree = ("obj", members)
+    payload = render(tree, escape).encode()
+    try:
+        codec.decode([SIGNATURE, b"PING", payload])
+        refused = False
+    except RemoteProtocolError as exc:
+        assert exc.message == "body repeats a key in one object"
+        refused = True
+    assert refused == repeats(tree)

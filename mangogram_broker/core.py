@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple, TypeGuard
 
 from mangogram_proto import codec
-from mangogram_proto.constants import MAX_ID_CHARS
+from mangogram_proto.constants import MAX_ID_CHARS, MAX_REF_CHARS
 from mangogram_proto.errors import ErrorCode, RemoteProtocolError
 from mangogram_proto.messages import (
     CLIENT_COMMANDS,
@@ -115,8 +115,9 @@ class Retention:
 
 
 def _ref(client_id: str) -> str | None:
-    """The client id to echo in an ERROR, if it is a sane one."""
-    return client_id if 0 < len(client_id) <= MAX_ID_CHARS else None
+    """The client id to echo in an ERROR, if it can be (up to MAX_REF_CHARS, so also an
+    id refused for its length names its message)."""
+    return client_id if 0 < len(client_id) <= MAX_REF_CHARS else None
 
 
 _ACKS = (Accepted, Delivered)  # a tuple: `A | B` would build a union at every call
@@ -612,7 +613,7 @@ class BrokerCore:
 
     def _check_send(self, send: Send) -> tuple[ErrorCode, str] | None:
         limits = self.limits
-        if _ref(send.id) is None:
+        if not 0 < len(send.id) <= MAX_ID_CHARS:
             return ErrorCode.MALFORMED, f"id must be 1 to {MAX_ID_CHARS} characters"
         if not send.text:
             return ErrorCode.MALFORMED, "text is empty"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import orjson
 
-from .constants import FRAME_COUNT, MAX_ID_CHARS, SIGNATURE, SIGNATURE_PREFIX
+from .constants import FRAME_COUNT, MAX_REF_CHARS, SIGNATURE, SIGNATURE_PREFIX
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError, printable
 from .messages import BROKER_COMMANDS, CLIENT_COMMANDS, Message
 
@@ -86,8 +87,14 @@ def decode(frames: list[bytes], max_body_bytes: int | None = None) -> Message:
             and `ref` carries the message id when one could be read.
     """
     if len(frames) != FRAME_COUNT:
+        # A SEND with surplus frames can still name itself, so its sender can stop resending.
+        ref = (
+            find_id(frames[2])
+            if len(frames) > FRAME_COUNT and frames[:2] == [SIGNATURE, _SEND]
+            else None
+        )
         raise RemoteProtocolError(
-            ErrorCode.MALFORMED, f"expected {FRAME_COUNT} frames, got {len(frames)}"
+            ErrorCode.MALFORMED, f"expected {FRAME_COUNT} frames, got {len(frames)}", ref
         )
     signature, command, payload = frames
     if signature != SIGNATURE:
@@ -108,21 +115,30 @@ def decode(frames: list[bytes], max_body_bytes: int | None = None) -> Message:
         )
     if max_body_bytes is not None and len(payload) > max_body_bytes:
         raise RemoteProtocolError(
-            ErrorCode.TOO_LARGE, f"body is {len(payload)} bytes, limit is {max_body_bytes}"
+            ErrorCode.TOO_LARGE,
+            f"body is {len(payload)} bytes, limit is {max_body_bytes}",
+            find_id(payload) if command == _SEND else None,
         )
     try:
         # orjson validates UTF-8 and refuses lone surrogates, NaN and nesting beyond 1024.
         body = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
+        ref = find_id(payload) if command == _SEND else None
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError as bad:
             raise RemoteProtocolError(
-                ErrorCode.MALFORMED, f"body is not UTF-8 (byte {bad.start}: {bad.reason})"
+                ErrorCode.MALFORMED, f"body is not UTF-8 (byte {bad.start}: {bad.reason})", ref
             ) from exc
-        raise RemoteProtocolError(ErrorCode.MALFORMED, f"body is not valid JSON: {exc}") from exc
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED, f"body is not valid JSON: {exc}", ref
+        ) from exc
     if not isinstance(body, dict):
-        raise RemoteProtocolError(ErrorCode.MALFORMED, "body must be a JSON object")
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED,
+            "body must be a JSON object",
+            find_id(payload) if command == _SEND else None,
+        )
     ref = body.get("id") if isinstance(body.get("id"), str) else None
     repeated = _repeated_key(payload, body)
     if repeated is not None:
@@ -180,10 +196,62 @@ def _repeated_key_by_parsing(payload: bytes) -> str | None:
 
 
 def _safe_ref(ref: str | None) -> str | None:
-    # The ref is echoed back in ERROR, so it must itself be sendable.
-    if ref is None or not 0 < len(ref) <= MAX_ID_CHARS:
+    # The ref is echoed back in ERROR, so it must itself be sendable and small.
+    if ref is None or not 0 < len(ref) <= MAX_REF_CHARS:
         return None
     return ref
+
+
+_SEND = b"SEND"
+# `"id"`, then JSON whitespace, a colon, whitespace and the quote that opens the value.
+_ID_KEY = re.compile(rb'"id"[ \t\n\r]*:[ \t\n\r]*"')
+ID_CANDIDATES = 8
+# The longest JSON text of a MAX_REF_CHARS string: every character escaped as \\uXXXX
+# (6 bytes) or written as 4 UTF-8 bytes.
+_MAX_ID_TEXT = 6 * MAX_REF_CHARS
+
+
+def find_id(payload: bytes) -> str | None:
+    """The message id in a SEND body that cannot be decoded (too large, not UTF-8, not
+    JSON), found without parsing the body, so that the refusal can name the message.
+
+    It is the value of the first `"id"` key (written without escapes) whose value is a
+    valid JSON string of 1 to MAX_REF_CHARS characters. Work is bounded whatever the
+    body holds: one C-speed search per candidate, at most ID_CANDIDATES candidates,
+    each read for at most _MAX_ID_TEXT bytes.
+    """
+    position = 0
+    for _ in range(ID_CANDIDATES):
+        found = _ID_KEY.search(payload, position)
+        if found is None:
+            return None
+        start = found.end()  # just after the opening quote
+        end = _closing_quote(payload, start, min(len(payload), start + _MAX_ID_TEXT + 1))
+        if end is not None:
+            try:
+                value = orjson.loads(payload[start - 1 : end + 1])  # checks escapes, UTF-8
+            except orjson.JSONDecodeError:
+                value = None
+            if isinstance(value, str) and 0 < len(value) <= MAX_REF_CHARS:
+                return value
+        position = start
+    return None
+
+
+def _closing_quote(payload: bytes, start: int, limit: int) -> int | None:
+    """Where the JSON string opened just before `start` ends (its unescaped `"`), if
+    before `limit`."""
+    at = start
+    while True:
+        quote = payload.find(b'"', at, limit)
+        if quote < 0:
+            return None
+        backslashes = 0
+        while quote - backslashes > start and payload[quote - backslashes - 1] == 0x5C:
+            backslashes += 1
+        if backslashes % 2 == 0:
+            return quote
+        at = quote + 1
 
 
 def _to_json_value(value: Any) -> Any:

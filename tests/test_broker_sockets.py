@@ -256,6 +256,16 @@ def test_frame_just_under_the_transport_limit_gets_an_answer(broker, zctx):
     near.close()
 
 
+def test_an_oversized_send_is_refused_with_its_id_so_it_is_not_resent(broker, zctx):
+    alice = raw_login(zctx, broker, "alice")
+    body = json.dumps({"id": "too-big-1", "to": "alice", "text": "x" * 40000, "sent_at": 1})
+    alice.send_multipart([SIGNATURE, b"SEND", body.encode()])
+    reply = recv(alice)
+    assert isinstance(reply, Error)
+    assert (reply.code, reply.ref) == ("too_large", "too-big-1")
+    alice.close()
+
+
 def test_oversized_frame_drops_only_that_connection(broker, zctx):
     honest = raw_login(zctx, broker, "honest")
     attacker = dealer(zctx, broker.endpoint)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import types
 import typing
 
@@ -19,6 +20,7 @@ from mangogram_proto.messages import (
     BROKER_COMMANDS,
     CLIENT_COMMANDS,
     Deliver,
+    Error,
     Presence,
     Send,
 )
@@ -237,7 +239,7 @@ def test_error_messages_stay_short_and_free_of_control_characters(frames):
         codec.decode(frames)
         return
     text = refusal(frames).message
-    assert "b'" not in text and 'b"' not in text
+    assert not re.search(r"(^|[\s(])b['\"]", text)  # no Python bytes repr
     assert all(ch == " " or ch.isprintable() for ch in text)
     assert len(text) < 400
 
@@ -328,3 +330,49 @@ def test_repeated_keys_are_found_exactly(members, escape):
         assert exc.message == "body repeats a key in one object"
         refused = True
     assert refused == repeats(tree)
+
+
+# Refusals of a SEND name it (ref) whenever an id can be read, even from a body that
+# cannot be decoded.
+
+
+def send_text(id_: str, text: str) -> bytes:
+    return json.dumps({"id": id_, "to": "bob", "text": text, "sent_at": 1}).encode()
+
+
+@pytest.mark.parametrize(
+    "frames,max_body,ref",
+    [
+        ([SIGNATURE, b"SEND", send_text("m-1", "x" * 3000)], 1000, "m-1"),
+        (  # id last, after the text, and escaped
+            [SIGNATURE, b"SEND", b'{"text":"' + b"y" * 3000 + b'","id" : "m\\"2\\u00e9"}'],
+            1000,
+            'm"2é',
+        ),
+        ([SIGNATURE, b"SEND", b'{"id":"m-3","text":"\xff"}'], None, "m-3"),  # not UTF-8
+        ([SIGNATURE, b"SEND", b'{"id":"m-4","text":'], None, "m-4"),  # not JSON
+        ([SIGNATURE, b"SEND", send_text("m-5", "x"), b"{}"], None, "m-5"),  # 4 frames
+        ([SIGNATURE, b"SEND", send_text("x" * 257, "x" * 3000)], 1000, None),  # too long
+        ([SIGNATURE, b"SEND", send_text("", "x" * 3000)], 1000, None),  # empty id
+        ([SIGNATURE, b"HISTORY", b'{"id":"m-6","peer":"' + b"x" * 3000 + b'"}'], 1000, None),
+        ([SIGNATURE, b"SEND", b'{"text":"\\"id\\":\\"fake\\"' + b"z" * 3000 + b'"}'], 1000, None),
+        ([SIGNATURE, b"SEND", send_text("i" * 64, "x") + b"}"], None, "i" * 64),
+    ],
+    ids=range(10),
+)
+def test_undecodable_send_bodies_still_name_the_message(frames, max_body, ref):
+    assert refusal(frames, max_body).ref == ref
+
+
+def test_a_field_error_names_ids_up_to_256_characters():
+    assert refusal([SIGNATURE, b"SEND", good_send_body(id="i" * 256, text=5)]).ref == "i" * 256
+    assert refusal([SIGNATURE, b"SEND", good_send_body(id="i" * 257, text=5)]).ref is None
+
+
+@given(payload=st.binary(max_size=2000), text=st.text(max_size=300))
+def test_finding_an_id_never_fails_and_returns_only_sendable_ids(payload, text):
+    for body in (payload, b'{"id":' + json.dumps(text).encode() + payload):
+        found = codec.find_id(body)
+        assert found is None or (isinstance(found, str) and 0 < len(found) <= 256)
+        if found is not None:
+            codec.encode(Error("malformed", "m", ref=found))  # sendable as a ref

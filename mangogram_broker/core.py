@@ -328,8 +328,6 @@ class BrokerCore:
                     peer, now, ErrorCode.NAME_OWNED, f"{name} belongs to another key; pick another"
                 )
             claim = owner is None
-        if len(self.registry) >= self.max_sessions and self.registry.by_key(key) is None:
-            return self._error(peer, now, ErrorCode.SERVER_FULL, "the broker is full; try later")
         resumed = False
         holder = self.registry.by_key(key)
         if holder is not None:
@@ -338,6 +336,10 @@ class BrokerCore:
                 token.encode("utf-8"), holder.resume_token.encode("utf-8")
             ):
                 return self._error(peer, now, ErrorCode.NAME_TAKEN, f"{holder.name} is online")
+        elif len(self.registry) >= self.max_sessions:
+            # Only a login that adds a session can find the broker full. `name_taken` comes
+            # first: it tells a client whose old session still holds the name to retry.
+            return self._error(peer, now, ErrorCode.SERVER_FULL, "the broker is full; try later")
         if claim:
             # Only a login that will succeed registers the name (and spends the token).
             refusal = self._claim(peer, key, name, user_key or "", address, now)

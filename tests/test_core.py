@@ -588,3 +588,16 @@ def test_an_oversized_send_body_names_the_message(net):
     assert len(body) > TEST_LIMITS.max_body_bytes
     replies = net.raw(alice.peer, [SIGNATURE, b"SEND", body.encode()])
     assert refusals(replies) == [("too_large", "big-1")]
+
+
+def test_at_the_session_cap_an_online_name_is_taken_and_a_new_one_finds_the_broker_full(net):
+    alice = net.join("alice")
+    net.core.max_sessions = 1  # alice fills the broker
+    assert error_codes(net.raw(net.new_peer(), codec.encode(Login("ALICE")))) == ["name_taken"]
+    assert error_codes(net.raw(net.new_peer(), codec.encode(Login("bob")))) == ["server_full"]
+    bad = Login("a@b")
+    assert error_codes(net.raw(net.new_peer(), codec.encode(bad))) == ["name_invalid"]
+    token = net.core.registry.by_peer(alice.peer).resume_token
+    taken_over = net.raw(net.new_peer(), codec.encode(Login("alice", resume_token=token)))
+    assert isinstance(taken_over[0].message, Welcome)  # a takeover adds no session
+    assert len(net.core.registry) == 1

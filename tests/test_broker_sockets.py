@@ -299,6 +299,47 @@ def test_client_chosen_routing_id_cannot_hijack_a_session(broker, zctx):
         sock.close()
 
 
+def chosen_id_dealer(zctx, broker, routing_id: bytes) -> zmq.Socket:
+    sock = zctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, routing_id)
+    sock.connect(broker.endpoint)
+    return sock
+
+
+@pytest.mark.parametrize(
+    "routing_id",
+    [
+        b"victim",
+        b"\x01\x02\x03\x04\x05",  # five bytes, but not starting with 0
+        b"\x00\x01\x02\x03",  # starts with 0, four bytes
+        b"\x00\x01\x02\x03\x04\x05",  # starts with 0, six bytes
+        b"\x00",
+        b"\xff" * 255,
+    ],
+    ids=lambda r: r.hex()[:12],
+)
+def test_every_routing_id_not_shaped_like_libzmqs_own_is_refused(broker, zctx, routing_id):
+    sock = chosen_id_dealer(zctx, broker, routing_id)
+    try:
+        sock.send_multipart(codec.encode(Login("chooser")))
+        reply = recv(sock)
+        assert isinstance(reply, Error) and reply.code == "routing_id_refused"
+    finally:
+        sock.close()
+
+
+def test_a_chosen_id_shaped_like_libzmqs_own_cannot_be_told_apart(broker, zctx):
+    # Five bytes starting with 0 is the shape libzmq generates; the broker sees nothing
+    # else, so such an id is served (protocol.md section 1 says never to choose one).
+    sock = chosen_id_dealer(zctx, broker, b"\x00\x01\x02\x03\x04")
+    try:
+        sock.send_multipart(codec.encode(Login("lookalike")))
+        assert isinstance(recv(sock), Welcome)
+    finally:
+        sock.close()
+
+
 def test_sigterm_stops_the_broker_within_two_seconds(tmp_path):
     process = BrokerProcess(tmp_path / "data")
     started = time.monotonic()

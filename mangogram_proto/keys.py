@@ -436,6 +436,13 @@ def handshake_failure_message(endpoint: str, security: Security | None, event: i
         )
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return f"the broker at {endpoint} refused our key"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return (
+            f"the broker at {endpoint} does not speak CurveZMQ: it most likely runs without"
+            " encryption (--insecure-plaintext). For a development broker on this machine"
+            " use plaintext too (MANGOGRAM_INSECURE_PLAINTEXT=1 / --insecure-plaintext);"
+            " otherwise ask its operator"
+        )
     return (
         f"the broker at {endpoint} does not hold the expected key"
         f" {fingerprint(security.server_key)} (or it runs without encryption). If its key"

@@ -10,11 +10,13 @@ import sys
 import threading
 
 import pytest
+import zmq
 
 from mangogram_broker.config import parse_config
 from mangogram_client import cli as client_cli
 from mangogram_proto import keys
 from mangogram_proto.keys import KeyPair, KnownServers, load_keypair, save_keypair
+from mangogram_proto.transport import HandshakeWatch
 
 from .conftest import ROOT
 
@@ -249,3 +251,36 @@ def test_sdk_refuses_an_empty_server_key_instead_of_trusting_on_first_use(
     with pytest.raises(keys.ServerKeyError, match="MANGOGRAM_SERVER_KEY is set but empty"):
         keys.resolve_security("tcp://127.0.0.1:9", config_dir=tmp_path)
     assert not (tmp_path / "known_servers").exists()  # nothing was trusted
+
+
+# Handshake failures: which ones end the connection attempt, and what they are called.
+
+FAILED_NO_DETAIL = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+FAILED_PROTOCOL = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+SUCCEEDED = zmq.EVENT_HANDSHAKE_SUCCEEDED
+
+
+@pytest.mark.parametrize(
+    "events,verdicts,last",
+    [
+        ([FAILED_PROTOCOL], [True], FAILED_PROTOCOL),  # libzmq will not retry: final
+        ([FAILED_NO_DETAIL, FAILED_NO_DETAIL], [False, True], FAILED_NO_DETAIL),
+        ([FAILED_NO_DETAIL, FAILED_PROTOCOL], [False, True], FAILED_PROTOCOL),
+        ([FAILED_NO_DETAIL, SUCCEEDED, FAILED_NO_DETAIL], [False, False, False], FAILED_NO_DETAIL),
+    ],
+)
+def test_handshake_watch_gives_up_when_retrying_cannot_help(events, verdicts, last):
+    watch = HandshakeWatch()
+    assert [watch.note(e) for e in events] == verdicts
+    assert watch.last_failure == last
+
+
+def test_a_mechanism_mismatch_is_named_for_each_side():
+    encrypted = keys.Security(KeyPair.generate().public, KeyPair.generate())
+    endpoint = "tcp://127.0.0.1:5555"
+    plaintext_client = keys.handshake_failure_message(endpoint, None, FAILED_PROTOCOL)
+    assert "requires encryption" in plaintext_client
+    encrypted_client = keys.handshake_failure_message(endpoint, encrypted, FAILED_PROTOCOL)
+    assert "does not speak CurveZMQ" in encrypted_client
+    wrong_key = keys.handshake_failure_message(endpoint, encrypted, FAILED_NO_DETAIL)
+    assert "does not hold the expected key" in wrong_key

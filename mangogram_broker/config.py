@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mangogram_proto import constants
+from mangogram_proto.env import SettingError, env_bool
 from mangogram_proto.messages import Limits
 
 from .core import Retention
@@ -116,10 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         str,
         "endpoint answering key-discovery requests in plaintext (default: --bind's port + 1)",
     )
+    try:
+        plaintext = env_bool("MANGOGRAM_INSECURE_PLAINTEXT") or False
+    except SettingError as exc:
+        parser.error(str(exc))
     parser.add_argument(
         "--insecure-plaintext",
         action="store_true",
-        default=os.environ.get("MANGOGRAM_INSECURE_PLAINTEXT", "") not in ("", "0"),
+        default=plaintext,
         help="development only: no encryption and no identity; refused unless --bind is a"
         " loopback address [MANGOGRAM_INSECURE_PLAINTEXT=1]",
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mangogram_proto import loops
 from mangogram_proto.constants import DEFAULT_ENDPOINT
+from mangogram_proto.env import SettingError, env_bool, env_key
 from mangogram_proto.keys import (
     KeyFileError,
     fingerprint,
@@ -116,6 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     to = args.to or os.environ.get("MANGOGRAM_TO") or config.get("to")
     if args.json and not args.listen:
         parser.error("--json goes with --listen")
+    try:
+        env_bool("MANGOGRAM_INSECURE_PLAINTEXT")
+        env_key("MANGOGRAM_SERVER_KEY")
+    except SettingError as exc:
+        parser.error(str(exc))
+    if args.server_key is not None and not args.server_key.strip():
+        # An empty value (often a variable that expanded to nothing) must not fall back
+        # to trusting whatever key the network announces.
+        parser.error(
+            "--server-key is empty; give the broker's key (it logs it at start) or leave"
+            " the option out"
+        )
     if args.export_identity is not None:
         return export_identity(args.identity, args.export_identity)
     security = {

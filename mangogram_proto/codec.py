@@ -8,6 +8,8 @@ peers can add optional ones; optional fields may be absent or null.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -15,8 +17,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import orjson
 
-from .constants import FRAME_COUNT, MAX_ID_CHARS, SIGNATURE, SIGNATURE_PREFIX
-from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .constants import FRAME_COUNT, MAX_REF_CHARS, SIGNATURE, SIGNATURE_PREFIX
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError, printable
 from .messages import BROKER_COMMANDS, CLIENT_COMMANDS, Message
 
 _INT_MIN = -(2**63)
@@ -85,38 +87,62 @@ def decode(frames: list[bytes], max_body_bytes: int | None = None) -> Message:
             and `ref` carries the message id when one could be read.
     """
     if len(frames) != FRAME_COUNT:
+        # A SEND with surplus frames can still name itself, so its sender can stop resending.
+        ref = (
+            find_id(frames[2])
+            if len(frames) > FRAME_COUNT and frames[:2] == [SIGNATURE, _SEND]
+            else None
+        )
         raise RemoteProtocolError(
-            ErrorCode.MALFORMED, f"expected {FRAME_COUNT} frames, got {len(frames)}"
+            ErrorCode.MALFORMED, f"expected {FRAME_COUNT} frames, got {len(frames)}", ref
         )
     signature, command, payload = frames
     if signature != SIGNATURE:
         if signature.startswith(SIGNATURE_PREFIX):
             raise RemoteProtocolError(
                 ErrorCode.UNSUPPORTED_VERSION,
-                f"unsupported protocol {signature[:16]!r}; this peer speaks {SIGNATURE.decode()}",
+                f"unsupported protocol {printable(signature, 16)};"
+                f" this peer speaks {SIGNATURE.decode()}",
             )
         raise RemoteProtocolError(
-            ErrorCode.MALFORMED, f"bad signature {signature[:16]!r}, expected {SIGNATURE!r}"
+            ErrorCode.MALFORMED,
+            f"bad signature {printable(signature, 16)}, expected {printable(SIGNATURE)}",
         )
     cls = _COMMANDS.get(command)
     if cls is None:
-        raise RemoteProtocolError(ErrorCode.UNKNOWN_COMMAND, f"unknown command {command[:32]!r}")
+        raise RemoteProtocolError(
+            ErrorCode.UNKNOWN_COMMAND, f"unknown command {printable(command, 32)}"
+        )
     if max_body_bytes is not None and len(payload) > max_body_bytes:
         raise RemoteProtocolError(
-            ErrorCode.TOO_LARGE, f"body is {len(payload)} bytes, limit is {max_body_bytes}"
+            ErrorCode.TOO_LARGE,
+            f"body is {len(payload)} bytes, limit is {max_body_bytes}",
+            find_id(payload) if command == _SEND else None,
         )
     try:
         # orjson validates UTF-8 and refuses lone surrogates, NaN and nesting beyond 1024.
         body = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
+        ref = find_id(payload) if command == _SEND else None
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError as bad:
-            raise RemoteProtocolError(ErrorCode.MALFORMED, f"body is not UTF-8: {bad}") from exc
-        raise RemoteProtocolError(ErrorCode.MALFORMED, f"body is not valid JSON: {exc}") from exc
+            raise RemoteProtocolError(
+                ErrorCode.MALFORMED, f"body is not UTF-8 (byte {bad.start}: {bad.reason})", ref
+            ) from exc
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED, f"body is not valid JSON: {exc}", ref
+        ) from exc
     if not isinstance(body, dict):
-        raise RemoteProtocolError(ErrorCode.MALFORMED, "body must be a JSON object")
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED,
+            "body must be a JSON object",
+            find_id(payload) if command == _SEND else None,
+        )
     ref = body.get("id") if isinstance(body.get("id"), str) else None
+    repeated = _repeated_key(payload, body)
+    if repeated is not None:
+        raise RemoteProtocolError(ErrorCode.MALFORMED, repeated, _safe_ref(ref))
     try:
         return _from_json_object(cls, body)
     except RemoteProtocolError as exc:
@@ -124,11 +150,108 @@ def decode(frames: list[bytes], max_body_bytes: int | None = None) -> Message:
         raise
 
 
+def _repeated_key(payload: bytes, body: dict[str, Any]) -> str | None:
+    """Why `payload` must be refused if an object in it names a key twice (orjson keeps
+    the last one silently, so two readers could see two different messages), else None.
+
+    Counting colons instead of parsing again: every member of an object has one ":"
+    outside strings, and, unless a colon is written as the escape \\u003a, every ":"
+    inside a string is one in the decoded string. orjson writes the decoded body back
+    with the same colons, less one per repeated member and those in its strings. So a
+    repeat shows as fewer colons in the re-encoded body than in `payload`.
+    """
+    colons = payload.count(b":")
+    if colons == len(body):
+        # The usual flat body with no ":" in its strings: nothing can be missing.
+        return None
+    try:
+        again = orjson.dumps(body).count(b":")
+    except TypeError:  # nested deeper than orjson writes (254 levels)
+        return _repeated_key_by_parsing(payload)
+    if again < colons:
+        return _REPEATED  # members went missing (an escaped colon can only hide this)
+    # Equal counts prove it unless an escaped colon ("\\u003a" or "\\u003A") evened them.
+    return _repeated_key_by_parsing(payload) if b"\\u003" in payload else None
+
+
+_REPEATED = "body repeats a key in one object"
+
+
+def _refuse_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError(_REPEATED)
+    return found
+
+
+def _repeated_key_by_parsing(payload: bytes) -> str | None:
+    """The slow, exact check, for the rare body that escapes a colon or nests deeply."""
+    try:
+        json.loads(payload, object_pairs_hook=_refuse_repeats)
+    except ValueError:
+        return _REPEATED
+    except RecursionError:
+        return "body is nested too deeply"
+    return None
+
+
 def _safe_ref(ref: str | None) -> str | None:
-    # The ref is echoed back in ERROR, so it must itself be sendable.
-    if ref is None or not 0 < len(ref) <= MAX_ID_CHARS:
+    # The ref is echoed back in ERROR, so it must itself be sendable and small.
+    if ref is None or not 0 < len(ref) <= MAX_REF_CHARS:
         return None
     return ref
+
+
+_SEND = b"SEND"
+# `"id"`, then JSON whitespace, a colon, whitespace and the quote that opens the value.
+_ID_KEY = re.compile(rb'"id"[ \t\n\r]*:[ \t\n\r]*"')
+ID_CANDIDATES = 8
+# The longest JSON text of a MAX_REF_CHARS string: every character escaped as \\uXXXX
+# (6 bytes) or written as 4 UTF-8 bytes.
+_MAX_ID_TEXT = 6 * MAX_REF_CHARS
+
+
+def find_id(payload: bytes) -> str | None:
+    """The message id in a SEND body that cannot be decoded (too large, not UTF-8, not
+    JSON), found without parsing the body, so that the refusal can name the message.
+
+    It is the value of the first `"id"` key (written without escapes) whose value is a
+    valid JSON string of 1 to MAX_REF_CHARS characters. Work is bounded whatever the
+    body holds: one C-speed search per candidate, at most ID_CANDIDATES candidates,
+    each read for at most _MAX_ID_TEXT bytes.
+    """
+    position = 0
+    for _ in range(ID_CANDIDATES):
+        found = _ID_KEY.search(payload, position)
+        if found is None:
+            return None
+        start = found.end()  # just after the opening quote
+        end = _closing_quote(payload, start, min(len(payload), start + _MAX_ID_TEXT + 1))
+        if end is not None:
+            try:
+                value = orjson.loads(payload[start - 1 : end + 1])  # checks escapes, UTF-8
+            except orjson.JSONDecodeError:
+                value = None
+            if isinstance(value, str) and 0 < len(value) <= MAX_REF_CHARS:
+                return value
+        position = start
+    return None
+
+
+def _closing_quote(payload: bytes, start: int, limit: int) -> int | None:
+    """Where the JSON string opened just before `start` ends (its unescaped `"`), if
+    before `limit`."""
+    at = start
+    while True:
+        quote = payload.find(b'"', at, limit)
+        if quote < 0:
+            return None
+        backslashes = 0
+        while quote - backslashes > start and payload[quote - backslashes - 1] == 0x5C:
+            backslashes += 1
+        if backslashes % 2 == 0:
+            return quote
+        at = quote + 1
 
 
 def _to_json_value(value: Any) -> Any:
@@ -171,8 +294,9 @@ def _from_json_object(cls: type[T], body: dict[str, Any]) -> T:
         value = body.get(name)
         if value is None:
             if required:
+                what = getattr(cls, "COMMAND", cls.__name__)  # SEND, not Send
                 raise RemoteProtocolError(
-                    ErrorCode.MALFORMED, f"{cls.__name__}: field '{name}' is required"
+                    ErrorCode.MALFORMED, f"{what}: field '{name}' is required"
                 )
             continue
         kwargs[name] = convert(value, name)
@@ -190,7 +314,7 @@ def _converter(hint: Any) -> Converter:
 
         def literal(value: Any, where: str) -> Any:
             if value not in allowed:
-                raise _type_error(where, " or ".join(repr(a) for a in allowed), value)
+                raise _type_error(where, " or ".join(printable(a) for a in allowed), value)
             return value
 
         return literal
@@ -246,5 +370,22 @@ def _integer(value: Any, where: str) -> Any:
 
 def _type_error(where: str, expected: str, value: Any) -> RemoteProtocolError:
     return RemoteProtocolError(
-        ErrorCode.MALFORMED, f"field '{where}' must be {expected}, got {type(value).__name__}"
+        ErrorCode.MALFORMED, f"field '{where}' must be {expected}, got {_json_type(value)}"
     )
+
+
+def _json_type(value: Any) -> str:
+    """What a decoded JSON value is, in JSON's words (not Python's)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number with a fraction or exponent"
+    if isinstance(value, list):
+        return "array"
+    return "object"

@@ -11,15 +11,18 @@ FRAME_COUNT = 3
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
-# Defaults of the limits a broker announces in WELCOME (all but MAX_ID_CHARS, which is
-# fixed by the protocol); a broker may be configured differently, so clients must read
-# the announced values rather than these.
+# Defaults of the limits a broker announces in WELCOME (all but MAX_ID_CHARS and
+# MAX_REF_CHARS, which are fixed by the protocol); a broker may be configured
+# differently, so clients must read the announced values rather than these.
 MAX_NAME_CHARS = 32
 MAX_TEXT_CHARS = 4096
 MAX_TEXT_BYTES = 16384
 MAX_BODY_BYTES = 32768
 MAX_FRAME_BYTES = 65536
 MAX_ID_CHARS = 64
+# An ERROR's `ref` echoes a SEND's id up to this length, valid or not, so its sender can
+# tell which message was refused.
+MAX_REF_CHARS = 256
 HEARTBEAT_INTERVAL_MS = 2000
 HEARTBEAT_TIMEOUT_MS = 6000
 RATE_PER_SECOND = 50

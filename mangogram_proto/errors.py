@@ -6,7 +6,45 @@
 
 from __future__ import annotations
 
+import unicodedata
 from enum import StrEnum
+
+# Code points that would hide, fake or break how a message looks: controls, format
+# characters (bidi overrides, zero-width joiners), surrogates, private use, unassigned,
+# and line or paragraph separators. Spaces other than U+0020 are escaped too.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
+
+
+def printable(data: bytes | str, limit: int = 64) -> str:
+    """`data` in double quotes, fit for an error message that any program may show.
+
+    Text is shown as it is, except `"` and `\\` (escaped with a backslash), code points
+    that are invisible or control the display (as `\\u{1B}`, `\\u{202E}`), and, in
+    bytes, whatever is not UTF-8 (as `\\xFF`). At most `limit` characters of `data` are
+    shown; more is marked with `…` after the closing quote. Work is bounded by `limit`,
+    not by the size of `data`.
+    """
+    if isinstance(data, bytes):
+        # A character is at most 4 bytes: this slice holds `limit` whole characters.
+        text = data[: 4 * limit + 4].decode("utf-8", errors="surrogateescape")
+        cut = len(data) > 4 * limit + 4 or len(text) > limit
+        from_bytes = True
+    else:
+        text = data[: limit + 1]
+        cut = len(data) > limit
+        from_bytes = False
+    shown = []
+    for char in text[:limit]:
+        point = ord(char)
+        if char in '"\\':
+            shown.append("\\" + char)
+        elif from_bytes and 0xDC80 <= point <= 0xDCFF:  # a byte that is not UTF-8
+            shown.append(f"\\x{point - 0xDC00:02X}")
+        elif char != " " and unicodedata.category(char) in _ESCAPED_CATEGORIES:
+            shown.append(f"\\u{{{point:X}}}")
+        else:
+            shown.append(char)
+    return '"' + "".join(shown) + '"' + ("…" if cut else "")
 
 
 class ErrorCode(StrEnum):

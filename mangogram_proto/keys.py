@@ -8,18 +8,23 @@ the 32-byte public key, as SSH shows host keys.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import ipaddress
 import json
 import logging
 import os
 import stat
-from collections.abc import Callable
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 from zmq.utils import z85
+
+from .env import SettingError, env_bool, env_key
 
 # The plaintext key-discovery exchange: request [KEY_SIGNATURE, b"KEY"], answer
 # [KEY_SIGNATURE, b"KEY", public key in Z85].
@@ -61,14 +66,93 @@ def fingerprint(public: str) -> str:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read (0600), replacing it atomically."""
+    """Write a file only its owner can read (0600), replacing it atomically and durably.
+
+    The text goes to a temporary file of its own in the same directory (so concurrent
+    writers never share one), is flushed to disk, and only then renamed over `path`; the
+    directory is flushed too, so after a crash `path` holds either the old or the new
+    text, never an empty file.
+    """
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    # mkstemp creates the file with mode 0600 and a name nobody else is using.
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o600)  # umask may have narrowed less than we asked; Windows ignores it
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable. Windows cannot open a directory for this
+    (NTFS journals the rename itself), so there it is skipped."""
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems (and macOS network mounts) refuse it
+        log.debug("cannot fsync directory %s: %s", directory, exc)
+    finally:
+        os.close(fd)
+
+
+# Threads of one process share this; other processes are kept out by the lock file.
+_THREAD_LOCK = threading.Lock()
+LOCK_ATTEMPTS = 200  # Windows: msvcrt retries each attempt for about a second itself
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for read-modify-write of `path`, across threads and
+    processes: an advisory lock on `<path>.lock` (flock on POSIX, msvcrt on Windows)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o600)  # umask may have narrowed less than we asked; Windows ignores it
-    os.replace(tmp, path)
+    lock_path = path.with_name(path.name + ".lock")
+    with _THREAD_LOCK:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            _lock_file(fd, lock_path)
+            try:
+                yield
+            finally:
+                _unlock_file(fd)
+        finally:
+            os.close(fd)
+
+
+if os.name == "nt":
+    import msvcrt
+
+    def _lock_file(fd: int, lock_path: Path) -> None:
+        for _attempt in range(LOCK_ATTEMPTS):
+            try:
+                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined]
+                return
+            except OSError:
+                continue  # LK_LOCK already waited about a second
+        raise KeyFileError(f"{lock_path} stayed locked by another program; try again")
+
+    def _unlock_file(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
+
+else:
+    import fcntl
+
+    def _lock_file(fd: int, lock_path: Path) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if the holder dies
+
+    def _unlock_file(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def save_keypair(path: Path, pair: KeyPair) -> None:
@@ -102,11 +186,18 @@ def load_keypair(path: Path) -> KeyPair:
 
 
 def load_or_create_keypair(path: Path) -> tuple[KeyPair, bool]:
-    """The key pair in `path`, created on first use. Returns (pair, created)."""
+    """The key pair in `path`, created on first use. Returns (pair, created).
+
+    Two programs starting at once for the first time get the same pair: creation is
+    done under the file's lock.
+    """
     if path.exists():
         return load_keypair(path), False
-    pair = KeyPair.generate()
-    save_keypair(path, pair)
+    with _locked(path):
+        if path.exists():
+            return load_keypair(path), False
+        pair = KeyPair.generate()
+        save_keypair(path, pair)
     return pair, True
 
 
@@ -132,6 +223,12 @@ class KnownServers:
         return self._entries().get(endpoint)
 
     def pin(self, endpoint: str, public: str) -> None:
+        """Pin `public` for `endpoint`, keeping every other entry, also when other
+        threads or programs pin at the same time."""
+        with _locked(self.path):
+            self._pin_unlocked(endpoint, public)
+
+    def _pin_unlocked(self, endpoint: str, public: str) -> None:
         entries = self._entries()
         entries[endpoint] = public
         text = "".join(f"{e} {k}\n" for e, k in sorted(entries.items()))
@@ -217,8 +314,13 @@ def user_config_dir() -> Path:
 
 
 def plaintext_requested() -> bool:
-    """True when MANGOGRAM_INSECURE_PLAINTEXT asks for the development mode."""
-    return os.environ.get("MANGOGRAM_INSECURE_PLAINTEXT", "") not in ("", "0")
+    """True when MANGOGRAM_INSECURE_PLAINTEXT asks for the development mode.
+
+    Raises:
+        SettingError: the variable is set to something other than 1/true/yes/on or
+            0/false/no/off.
+    """
+    return env_bool("MANGOGRAM_INSECURE_PLAINTEXT") or False
 
 
 TrustPrompt = Callable[[str, str, str], bool]
@@ -244,8 +346,9 @@ def resolve_security(
     config dir, created on first use.
 
     Raises:
-        ServerKeyError: no usable server key.
+        ServerKeyError: no usable server key (an empty one included).
         KeyFileError: an identity file is broken or readable by others.
+        SettingError: MANGOGRAM_INSECURE_PLAINTEXT holds something other than a yes/no word.
     """
     if plaintext is None:
         plaintext = plaintext_requested()
@@ -265,8 +368,19 @@ def resolve_security(
         pair, created = load_or_create_keypair(Path(path))
         if created:
             log.info("created your identity key in %s", path)
-    explicit = server_key or os.environ.get("MANGOGRAM_SERVER_KEY")
-    if explicit:
+    if server_key is not None:
+        if not server_key.strip():
+            raise ServerKeyError(
+                "the server key is empty; give the broker's key (it logs it at start), or"
+                " leave it out to use the pinned one"
+            )
+        explicit: str | None = server_key
+    else:
+        try:
+            explicit = env_key("MANGOGRAM_SERVER_KEY")
+        except SettingError as exc:
+            raise ServerKeyError(str(exc)) from exc
+    if explicit is not None:
         if not is_valid_key(explicit):
             raise ServerKeyError("the server key must be 40 characters of Z85 text")
         return Security(explicit, pair)
@@ -322,6 +436,13 @@ def handshake_failure_message(endpoint: str, security: Security | None, event: i
         )
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return f"the broker at {endpoint} refused our key"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return (
+            f"the broker at {endpoint} does not speak CurveZMQ: it most likely runs without"
+            " encryption (--insecure-plaintext). For a development broker on this machine"
+            " use plaintext too (MANGOGRAM_INSECURE_PLAINTEXT=1 / --insecure-plaintext);"
+            " otherwise ask its operator"
+        )
     return (
         f"the broker at {endpoint} does not hold the expected key"
         f" {fingerprint(security.server_key)} (or it runs without encryption). If its key"

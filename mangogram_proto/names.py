@@ -10,7 +10,7 @@ from __future__ import annotations
 import unicodedata
 
 from .constants import MAX_NAME_CHARS
-from .errors import ErrorCode, RemoteProtocolError
+from .errors import ErrorCode, RemoteProtocolError, printable
 
 # Control, format, surrogate, private-use and unassigned code points can hide or fake
 # what a name looks like, so none are allowed.
@@ -39,7 +39,7 @@ def validate_name(name: str, max_chars: int = MAX_NAME_CHARS) -> str:
         if char.isspace() or unicodedata.category(char) in _FORBIDDEN_CATEGORIES:
             raise _invalid(f"name contains a space or invisible character (U+{ord(char):04X})")
         if char in _FORBIDDEN_CHARS:
-            raise _invalid(f"name must not contain {char!r}")
+            raise _invalid(f"name must not contain {printable(char)}")
     if not name_key(display):
         raise _invalid("name is empty after normalization")
     return display

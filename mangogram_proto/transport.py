@@ -43,12 +43,28 @@ def configure_dealer(socket: SocketT, endpoint: str, security: Security | None) 
 
 
 WATCHED_EVENTS = HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED
-# One failed handshake can be a broker dying mid-handshake; two in a row are a verdict.
+# One failed handshake without detail can be a broker dying mid-handshake, and libzmq
+# retries it; two in a row are a verdict.
 FAILURES_BEFORE_GIVING_UP = 2
+# How much a failure tells, for choosing the message: the broker refused our key (AUTH)
+# > the two ends speak different mechanisms (PROTOCOL) > no detail.
+_TELLING: dict[int, int] = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: 3,
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: 2,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: 1,
+}
 
 
 class HandshakeWatch:
-    """Reads a socket monitor's events and decides when handshakes keep failing."""
+    """Reads a socket monitor's events and decides when handshakes keep failing.
+
+    A PROTOCOL failure (a plaintext end meeting a CurveZMQ end, or something that does
+    not speak ZMTP) is final at once: libzmq never retries after one, so the socket
+    would stay silent, and a new socket would meet the same broker. A failure without
+    detail (wrong server key, or the same mismatch seen as a dropped connection, or a
+    broker that died mid-handshake) is retried by libzmq and final the second time in a
+    row. `last_failure` is the most telling failure of the current run of failures.
+    """
 
     def __init__(self) -> None:
         self.failures = 0
@@ -58,10 +74,15 @@ class HandshakeWatch:
         """Record one monitor event; True once the client should give up."""
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.failures = 0
+            self.last_failure = 0
         elif event & HANDSHAKE_FAILURES:
             self.failures += 1
-            self.last_failure = event
-        return self.failures >= FAILURES_BEFORE_GIVING_UP
+            if _TELLING.get(event, 0) >= _TELLING.get(self.last_failure, 0):
+                self.last_failure = event
+        return (
+            self.failures >= FAILURES_BEFORE_GIVING_UP
+            or self.last_failure == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        )
 
 
 def close_with_monitor(socket: zmq.Socket[Any] | None, monitor: zmq.Socket[Any] | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import types
 import typing
 
@@ -19,6 +20,7 @@ from mangogram_proto.messages import (
     BROKER_COMMANDS,
     CLIENT_COMMANDS,
     Deliver,
+    Error,
     Presence,
     Send,
 )
@@ -186,3 +188,191 @@ def test_deliver_and_presence_examples():
     deliver = Deliver("m1", "b-1", "Олена", "Добрий день", 10, 11, 1, True)
     assert codec.decode(codec.encode(deliver)) == deliver
     assert codec.decode(codec.encode(Presence("Тарас", "left", 5))).event == "left"
+
+
+def refusal(frames: list[bytes], max_body_bytes: int | None = None) -> RemoteProtocolError:
+    with pytest.raises(RemoteProtocolError) as caught:
+        codec.decode(frames, max_body_bytes=max_body_bytes)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    "frames,message",
+    [
+        (
+            [b"MGP01", b"PING", b"{}"],
+            'unsupported protocol "MGP01"; this peer speaks MGP02',
+        ),
+        ([SIGNATURE, b"ping", b"{}"], 'unknown command "ping"'),
+        ([b"GET /", b"PING", b"{}"], 'bad signature "GET /", expected "MGP02"'),
+        ([SIGNATURE, b"PI\x00\x1bNG\xff", b"{}"], r'unknown command "PI\u{0}\u{1B}NG\xFF"'),
+        ([SIGNATURE, b"P\xe2\x80\xaeING", b"{}"], r'unknown command "P\u{202E}ING"'),
+        ([SIGNATURE, b'A"B\\', b"{}"], r'unknown command "A\"B\\"'),
+        ([SIGNATURE, "ПІНГ".encode(), b"{}"], 'unknown command "ПІНГ"'),
+        ([SIGNATURE, b"X" * 1000, b"{}"], 'unknown command "' + "X" * 32 + '"…'),
+        ([SIGNATURE, b"PING", b'{"a":"\xff"}'], "body is not UTF-8 (byte 6: invalid start byte)"),
+        (
+            [SIGNATURE, b"SEND", good_send_body(text=5)],
+            "field 'text' must be string, got integer",
+        ),
+        (
+            [SIGNATURE, b"SEND", good_send_body(to=None, text=[])],
+            "SEND: field 'to' is required",
+        ),
+        (
+            [SIGNATURE, b"PRESENCE", b'{"name":"a","event":"gone","at":1}'],
+            'field \'event\' must be "joined" or "left", got string',
+        ),
+        (
+            [SIGNATURE, b"SEND", good_send_body(sent_at=1.5)],
+            "field 'sent_at' must be integer, got number with a fraction or exponent",
+        ),
+    ],
+)
+def test_error_messages_are_plain_text_not_python_reprs(frames, message):
+    assert refusal(frames).message == message
+
+
+@given(frames=st.lists(st.binary(max_size=300), min_size=3, max_size=3))
+def test_error_messages_stay_short_and_free_of_control_characters(frames):
+    with contextlib.suppress(RemoteProtocolError):
+        codec.decode(frames)
+        return
+    text = refusal(frames).message
+    assert not re.search(r"(^|[\s(])b['\"]", text)  # no Python bytes repr
+    assert all(ch == " " or ch.isprintable() for ch in text)
+    assert len(text) < 400
+
+
+# Repeated keys: refused, wherever they are, however the body is written.
+
+REPEATS = [
+    b'{"id":"a","id":"b","to":"bob","text":"x","sent_at":1}',
+    b'{"id":"a","to":"bob","text":"12:30","sent_at":1,"to":"eve"}',
+    b'{"id":"a","to":"bob","text":"x","sent_at":1,"extra":[{"k":1,"k":2}]}',
+    b'{"id":"x","id":"\\u003a\\u003A","to":"bob","text":"x","sent_at":1}',  # escapes even it
+    b'{"id":"a","to":"bob","text":"x","sent_at":1,"deep":'
+    + b'{"a":' * 300
+    + b'{"k":1,"k":1}'
+    + b"}" * 300
+    + b"}",
+]
+
+
+@pytest.mark.parametrize("body", REPEATS, ids=range(len(REPEATS)))
+def test_a_repeated_key_is_malformed(body):
+    error = refusal([SIGNATURE, b"SEND", body])
+    assert error.code is ErrorCode.MALFORMED
+    assert error.message == "body repeats a key in one object"
+
+
+def test_a_repeated_key_in_a_send_still_names_the_message():
+    assert refusal([SIGNATURE, b"SEND", REPEATS[1]]).ref == "a"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id":"a","to":"bob","text":"a:b:c","sent_at":1}',
+        b'{"id":"a\\u003a","to":"bob","text":"::","sent_at":1}',
+        b'{"id":"a","to":"bob","text":"x","sent_at":1,"extra":[{"k":1},{"k":2}],"k":3}',
+        b'{"id":"a","to":"bob","text":"x","sent_at":1,"deep":' + b'{"a":' * 300 + b"1" + b"}" * 301,
+    ],
+)
+def test_bodies_without_repeats_are_accepted(body):
+    assert isinstance(codec.decode([SIGNATURE, b"SEND", body]), Send)
+
+
+# A JSON tree whose objects are lists of (key, value) pairs, so keys can repeat.
+keys_with_colons = st.text(alphabet="ab:", min_size=1, max_size=3)
+trees = st.recursive(
+    st.integers(0, 9) | keys_with_colons,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(st.tuples(keys_with_colons, inner), max_size=4).map(lambda p: ("obj", p))
+    ),
+    max_leaves=12,
+)
+
+
+def render(tree, escape_colons: bool) -> str:
+    """JSON text for `tree`, with ':' in strings written as \\u003a if asked."""
+    if isinstance(tree, tuple):
+        members = ",".join(
+            f"{render(k, escape_colons)}:{render(v, escape_colons)}" for k, v in tree[1]
+        )
+        return "{" + members + "}"
+    if isinstance(tree, list):
+        return "[" + ",".join(render(item, escape_colons) for item in tree) + "]"
+    if isinstance(tree, str):
+        text = json.dumps(tree)
+        return text.replace(":", "\\u003a") if escape_colons else text
+    return str(tree)
+
+
+def repeats(tree) -> bool:
+    if isinstance(tree, tuple):
+        keys = [k for k, _ in tree[1]]
+        return len(set(keys)) < len(keys) or any(repeats(v) for _, v in tree[1])
+    if isinstance(tree, list):
+        return any(repeats(item) for item in tree)
+    return False
+
+
+@given(members=st.lists(st.tuples(keys_with_colons, trees), max_size=5), escape=st.booleans())
+def test_repeated_keys_are_found_exactly(members, escape):
+    tree = ("obj", members)
+    payload = render(tree, escape).encode()
+    try:
+        codec.decode([SIGNATURE, b"PING", payload])
+        refused = False
+    except RemoteProtocolError as exc:
+        assert exc.message == "body repeats a key in one object"
+        refused = True
+    assert refused == repeats(tree)
+
+
+# Refusals of a SEND name it (ref) whenever an id can be read, even from a body that
+# cannot be decoded.
+
+
+def send_text(id_: str, text: str) -> bytes:
+    return json.dumps({"id": id_, "to": "bob", "text": text, "sent_at": 1}).encode()
+
+
+@pytest.mark.parametrize(
+    "frames,max_body,ref",
+    [
+        ([SIGNATURE, b"SEND", send_text("m-1", "x" * 3000)], 1000, "m-1"),
+        (  # id last, after the text, and escaped
+            [SIGNATURE, b"SEND", b'{"text":"' + b"y" * 3000 + b'","id" : "m\\"2\\u00e9"}'],
+            1000,
+            'm"2é',
+        ),
+        ([SIGNATURE, b"SEND", b'{"id":"m-3","text":"\xff"}'], None, "m-3"),  # not UTF-8
+        ([SIGNATURE, b"SEND", b'{"id":"m-4","text":'], None, "m-4"),  # not JSON
+        ([SIGNATURE, b"SEND", send_text("m-5", "x"), b"{}"], None, "m-5"),  # 4 frames
+        ([SIGNATURE, b"SEND", send_text("x" * 257, "x" * 3000)], 1000, None),  # too long
+        ([SIGNATURE, b"SEND", send_text("", "x" * 3000)], 1000, None),  # empty id
+        ([SIGNATURE, b"HISTORY", b'{"id":"m-6","peer":"' + b"x" * 3000 + b'"}'], 1000, None),
+        ([SIGNATURE, b"SEND", b'{"text":"\\"id\\":\\"fake\\"' + b"z" * 3000 + b'"}'], 1000, None),
+        ([SIGNATURE, b"SEND", send_text("i" * 64, "x") + b"}"], None, "i" * 64),
+    ],
+    ids=range(10),
+)
+def test_undecodable_send_bodies_still_name_the_message(frames, max_body, ref):
+    assert refusal(frames, max_body).ref == ref
+
+
+def test_a_field_error_names_ids_up_to_256_characters():
+    assert refusal([SIGNATURE, b"SEND", good_send_body(id="i" * 256, text=5)]).ref == "i" * 256
+    assert refusal([SIGNATURE, b"SEND", good_send_body(id="i" * 257, text=5)]).ref is None
+
+
+@given(payload=st.binary(max_size=2000), text=st.text(max_size=300))
+def test_finding_an_id_never_fails_and_returns_only_sendable_ids(payload, text):
+    for body in (payload, b'{"id":' + json.dumps(text).encode() + payload):
+        found = codec.find_id(body)
+        assert found is None or (isinstance(found, str) and 0 < len(found) <= 256)
+        if found is not None:
+            codec.encode(Error("malformed", "m", ref=found))  # sendable as a ref

@@ -560,3 +560,44 @@ def test_a_rate_limit_hold_that_has_passed_schedules_no_past_deadline(net):
     alice.session.tick(later)
     deadline = alice.session.next_deadline()
     assert deadline is not None and deadline >= later  # a past deadline spins the driver
+
+
+def refusals(outgoing: list[Outgoing]) -> list[tuple[str, str | None]]:
+    return [(o.message.code, o.message.ref) for o in outgoing if isinstance(o.message, Error)]
+
+
+@pytest.mark.parametrize("length", [65, 100, 256])
+def test_a_send_refused_for_its_id_length_names_it(net, length):
+    alice = net.join("alice")
+    long_id = "i" * length
+    replies = net.raw(alice.peer, codec.encode(Send(long_id, "alice", "hi", 1)))
+    assert refusals(replies) == [("malformed", long_id)]
+    anonymous = net.raw(net.new_peer(), codec.encode(Send(long_id, "alice", "hi", 1)))
+    assert refusals(anonymous) == [("not_logged_in", long_id)]
+
+
+def test_an_id_too_long_to_echo_is_refused_without_a_ref(net):
+    alice = net.join("alice")
+    replies = net.raw(alice.peer, codec.encode(Send("i" * 257, "alice", "hi", 1)))
+    assert refusals(replies) == [("malformed", None)]
+
+
+def test_an_oversized_send_body_names_the_message(net):
+    alice = net.join("alice")
+    body = json.dumps({"id": "big-1", "to": "alice", "text": "x" * 2000, "sent_at": 1})
+    assert len(body) > TEST_LIMITS.max_body_bytes
+    replies = net.raw(alice.peer, [SIGNATURE, b"SEND", body.encode()])
+    assert refusals(replies) == [("too_large", "big-1")]
+
+
+def test_at_the_session_cap_an_online_name_is_taken_and_a_new_one_finds_the_broker_full(net):
+    alice = net.join("alice")
+    net.core.max_sessions = 1  # alice fills the broker
+    assert error_codes(net.raw(net.new_peer(), codec.encode(Login("ALICE")))) == ["name_taken"]
+    assert error_codes(net.raw(net.new_peer(), codec.encode(Login("bob")))) == ["server_full"]
+    bad = Login("a@b")
+    assert error_codes(net.raw(net.new_peer(), codec.encode(bad))) == ["name_invalid"]
+    token = net.core.registry.by_peer(alice.peer).resume_token
+    taken_over = net.raw(net.new_peer(), codec.encode(Login("alice", resume_token=token)))
+    assert isinstance(taken_over[0].message, Welcome)  # a takeover adds no session
+    assert len(net.core.registry) == 1

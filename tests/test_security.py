@@ -95,6 +95,30 @@ def test_plaintext_client_gets_a_clear_error_not_silence(
     assert time.monotonic() - started < 15  # refused, not retried until the timeout
 
 
+def test_encrypted_client_meeting_a_plaintext_broker_is_told_so_without_reconnecting(
+    broker, tmp_path, monkeypatch, zctx
+):
+    # `broker` runs in plaintext. libzmq never retries after the PROTOCOL failure this
+    # gives, so the SDK must decide on that one failure instead of waiting for silence.
+    machine(tmp_path, "careful", monkeypatch)
+    opened = []
+    real_open = Client._open
+
+    def counting_open(self, now):
+        opened.append(now)
+        real_open(self, now)
+
+    monkeypatch.setattr(Client, "_open", counting_open)
+    key = KeyPair.generate().public
+    client = Client("careful", broker.endpoint, context=zctx, plaintext=False, server_key=key)
+    # libzmq reports the mismatch as PROTOCOL (said plainly) or, at random, as failures
+    # without detail, which cannot be told from a wrong key (both named in that message).
+    with pytest.raises(ServerKeyError, match="does not speak CurveZMQ|runs without encryption"):
+        client.login(timeout=30)
+    assert len(opened) == 1  # decided on the first socket, not after a silent reconnect
+    client.close()
+
+
 def test_wrong_server_key_is_a_clear_error_not_a_retry_loop(
     secure_broker, tmp_path, monkeypatch, zctx
 ):

@@ -1,46 +1,68 @@
-"""Which TCP connection (file descriptor) carries which routing id, so a closed
-descriptor reported by the socket monitor can be turned into "this peer is gone".
+"""Which TCP connection carries which routing id, so that the socket monitor's report of
+a closed connection can be turned into "these peers are gone".
 
-Pure bookkeeping, no sockets: the shell feeds it the descriptor of each message
-(ZMQ_SRCFD) and each DISCONNECTED event. Descriptors are reused by the OS, and the
-monitor's event for an old connection can arrive after the first message of a new one
-on the same descriptor; the table remembers such stale events so they end nothing.
+Pure bookkeeping, no sockets. The monitor reports ACCEPTED and DISCONNECTED with the
+connection's file descriptor; messages carry the descriptor too (ZMQ_SRCFD). Descriptors
+are reused by the OS, so a descriptor alone does not name a connection: the table numbers
+each accepted connection and keys its peers by that number. For one descriptor, libzmq
+reports a connection's DISCONNECTED before the descriptor is closed, hence before the
+next ACCEPTED on it: the events of one descriptor alternate, and a DISCONNECTED always
+ends the connection accepted last on it, never a later one.
+
+A message can be read before the monitor events that preceded it. So the shell passes a
+new peer to `seen` only after it has read every monitor event up to that moment: the
+peer's own ACCEPTED was reported before its first message, so the connection open on the
+descriptor then is the peer's own (or, for a message read after its connection closed, a
+later one, which ends later: a dead peer is ended late, a live one never early). A peer
+whose descriptor is closed by then is left untracked; its session ends by heartbeat
+timeout or a failed send instead.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import itertools
 
 
 class ConnectionTable:
     def __init__(self) -> None:
-        self._peer_by_fd: dict[int, bytes] = {}
-        self._fd_by_peer: dict[bytes, int] = {}
-        self._stale_disconnects: Counter[int] = Counter()
+        self._numbers = itertools.count(1)
+        self._open: dict[int, int] = {}  # descriptor -> number of the connection on it
+        self._peers: dict[int, set[bytes]] = {}  # connection number -> its routing ids
+        self._connection_of: dict[bytes, int] = {}
 
-    def seen(self, peer: bytes, fd: int) -> bytes | None:
-        """A message from `peer` came on `fd`. Returns the peer that used `fd` before, if
-        the descriptor was reused (that connection is closed)."""
-        if self._fd_by_peer.get(peer) == fd:
-            return None
-        old_peer = self._peer_by_fd.get(fd)
-        self._peer_by_fd[fd] = peer
-        self._fd_by_peer[peer] = fd
-        if old_peer is None or old_peer == peer:
-            return None
-        self._fd_by_peer.pop(old_peer, None)
-        self._stale_disconnects[fd] += 1  # its own event is still on the way
-        return old_peer
+    def knows(self, peer: bytes) -> bool:
+        """Whether `peer` is tied to a connection already (then `seen` is not needed)."""
+        return peer in self._connection_of
 
-    def closed(self, fd: int) -> bytes | None:
-        """The monitor says `fd` closed. Returns the peer that went with it, if any."""
-        if self._stale_disconnects[fd]:
-            self._stale_disconnects[fd] -= 1
-            if not self._stale_disconnects[fd]:
-                del self._stale_disconnects[fd]
-            return None
-        self._stale_disconnects.pop(fd, None)
-        peer = self._peer_by_fd.pop(fd, None)
-        if peer is not None:
-            self._fd_by_peer.pop(peer, None)
-        return peer
+    def accepted(self, fd: int) -> list[bytes]:
+        """The monitor says a connection was accepted on `fd`. Returns peers still tied
+        to a previous connection on `fd` (its close was never reported): they are gone."""
+        gone = self._end(fd)
+        self._open[fd] = next(self._numbers)
+        return gone
+
+    def closed(self, fd: int) -> list[bytes]:
+        """The monitor says the connection on `fd` closed. Returns the peers it carried."""
+        return self._end(fd)
+
+    def seen(self, peer: bytes, fd: int) -> bool:
+        """The first message of `peer` came on `fd`; call it after reading every monitor
+        event so far. Returns whether the peer is now tied to the connection open on
+        `fd` (False: none is open, the peer's connection has closed already)."""
+        if peer in self._connection_of:
+            return True
+        number = self._open.get(fd)
+        if number is None:
+            return False
+        self._peers.setdefault(number, set()).add(peer)
+        self._connection_of[peer] = number
+        return True
+
+    def _end(self, fd: int) -> list[bytes]:
+        number = self._open.pop(fd, None)
+        if number is None:
+            return []
+        peers = self._peers.pop(number, set())
+        for peer in peers:
+            del self._connection_of[peer]
+        return sorted(peers)

@@ -199,6 +199,7 @@ class BrokerCore:
         # Per user, not per session, so leaving and logging in again does not reset it.
         self._send_budgets: dict[str, TokenBucket] = {}
         self._next_prune = 0
+        self._pruning = False
 
     # Entry points
 
@@ -285,9 +286,13 @@ class BrokerCore:
         self._forget_full_buckets(now)
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY_MS
-            removed = self.store.prune(
+            self._pruning = True
+        if self._pruning:
+            # A bounded step per call: a pass over a large store spans many loop turns.
+            removed, finished = self.store.prune_step(
                 now, self._retention.max_age_ms, self._retention.keep_per_user
             )
+            self._pruning = not finished
             if removed:
                 log.info("retention removed %d old messages", removed)
         return out

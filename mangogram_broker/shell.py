@@ -3,9 +3,10 @@
 It owns all I/O and calls the pure `BrokerCore`; nothing here decides routing. Each
 loop turn drains up to `BATCH` messages, commits the store once (group commit), and only
 then sends what the core returned: an acknowledgement never precedes its commit.
-A socket monitor reports closed TCP connections, so a client that dies (even kill -9)
-goes offline at once instead of after the heartbeat timeout; the connection's file
-descriptor (ZMQ_SRCFD of its messages) ties a closed connection to its routing id.
+A socket monitor reports accepted and closed TCP connections, so a client that dies
+(even kill -9) goes offline at once instead of after the heartbeat timeout; the
+connection's file descriptor (ZMQ_SRCFD of its messages) ties a closed connection to its
+routing ids (see connections.py for why a new peer is tied only after the monitor is read).
 """
 
 from __future__ import annotations
@@ -120,10 +121,22 @@ class BrokerServer:
                 self._key_socket.setsockopt(zmq.MAXMSGSIZE, 256)
                 self._key_socket.bind(key_bind)
                 self.key_endpoint = self._key_socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = self._monitor_socket()
         self._router.bind(bind)
         self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._connections = ConnectionTable()
+
+    def _monitor_socket(self) -> zmq.Socket[bytes]:
+        """The PAIR socket that reads the ROUTER's connection events. Unbounded: libzmq
+        blocks its I/O thread on a full monitor pipe, and a connect storm during a long
+        loop turn must not stall every connection's traffic."""
+        address = f"inproc://mangogram-monitor-{id(self):x}"
+        self._router.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        monitor = self._context.socket(zmq.PAIR)
+        monitor.setsockopt(zmq.RCVHWM, 0)
+        monitor.setsockopt(zmq.LINGER, 0)
+        monitor.connect(address)
+        return monitor
 
     def stop(self) -> None:
         """Ask the loop to finish; safe to call from a signal handler."""
@@ -207,9 +220,11 @@ class BrokerServer:
         # merge.
         now = self._clock()
         outgoing: list[Outgoing] = []
+        known = self._connections.knows
         for first, frames, extra in received:
             peer = first.bytes
-            outgoing += self._note_connection(peer, first, now)
+            if not known(peer):
+                outgoing += self._note_connection(peer, first)
             if extra:
                 log.info("dropped %d surplus frames from %s", extra, peer.hex())
             command = frames[1] if len(frames) > 1 else b""
@@ -250,13 +265,17 @@ class BrokerServer:
                 extra += 1
         return frames, extra
 
-    def _note_connection(self, peer: bytes, frame: zmq.Frame, now: int) -> list[Outgoing]:
+    def _note_connection(self, peer: bytes, frame: zmq.Frame) -> list[Outgoing]:
+        """Tie a new peer to its connection, after reading every monitor event so far:
+        its connection's ACCEPTED came before this message."""
         try:
-            fd = frame.get(zmq.SRCFD)
+            fd = int(frame.get(zmq.SRCFD))
         except zmq.ZMQError:
             return []
-        gone = self._connections.seen(peer, int(fd))
-        return self.core.disconnected(gone, now) if gone is not None else []
+        outgoing = self._drain_monitor()
+        if not self._connections.seen(peer, fd):
+            log.debug("%s wrote from a connection that has closed since", peer.hex())
+        return outgoing
 
     def _drain_monitor(self) -> list[Outgoing]:
         outgoing: list[Outgoing] = []
@@ -265,10 +284,15 @@ class BrokerServer:
                 event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return outgoing
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                peer = self._connections.closed(int(event["value"]))
-                if peer is not None:
-                    outgoing += self.core.disconnected(peer, self._clock())
+            fd = int(event["value"])
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                gone = self._connections.accepted(fd)
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                gone = self._connections.closed(fd)
+            else:
+                continue
+            for peer in gone:
+                outgoing += self.core.disconnected(peer, self._clock())
 
     def _count_login_delivery(self, out: Outgoing, after_welcome: dict[bytes, int]) -> None:
         """Crash point `mid_login`: a WELCOME and one stored message sent, the rest not."""

@@ -124,3 +124,18 @@ def test_a_generator_that_hangs_is_killed_and_reports_nothing():
     assert before is not None
     assert (after, result) == (None, None)
     assert load.returncode is not None and load.returncode != 0
+
+
+def test_the_store_scale_benchmark_reports_the_longest_loop_turns(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.store_scale", "--messages", "3000", "--minutes", "0.05",
+         "--dir", str(tmp_path), "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["messages"] == 3000
+    assert 0 < report["removed_by_retention"] < 3000  # the unconfirmed tenth stays
+    assert report["housekeeping_turns"] == 30
+    assert 0 < report["longest_retention_work_ms"] <= report["longest_housekeeping_turn_ms"]
+    assert report["login_turn_busy_user_ms"] > 0 and report["login_turn_ordinary_user_ms"] > 0

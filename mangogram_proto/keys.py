@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -129,13 +130,13 @@ def _locked(path: Path) -> Iterator[None]:
             os.close(fd)
 
 
-if os.name == "nt":
+if sys.platform == "win32":  # (sys.platform, not os.name: mypy --platform reads it)
     import msvcrt
 
     def _lock_file(fd: int, lock_path: Path) -> None:
         for _attempt in range(LOCK_ATTEMPTS):
             try:
-                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined]
+                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
                 return
             except OSError:
                 continue  # LK_LOCK already waited about a second
@@ -143,7 +144,7 @@ if os.name == "nt":
 
     def _unlock_file(fd: int) -> None:
         os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
 else:
     import fcntl

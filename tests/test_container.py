@@ -5,7 +5,9 @@ its `ENV` and its `HEALTHCHECK` and run those exact command lines on this machin
 `python` swapped for the interpreter running pytest, the data directory moved to a tmp
 dir and the port to a free one. What they prove: the image's command starts a broker
 that answers, stops with exit code 0 on SIGTERM (what `docker stop` sends), and the
-health probe tells a live broker from a dead port.
+health probe tells a live broker from a dead port. They also check that `.dockerignore`
+lets into the build context every file `pip install .` needs, read from `pyproject.toml`.
+The image itself is built and run by a container engine in test_container_engine.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
 STARTUP_TIMEOUT_S = 15.0
 REPLY_TIMEOUT_MS = 3000
 STOP_TIMEOUT_S = 2.0
@@ -243,6 +247,90 @@ def as_in_container(endpoint: str) -> str:
     return dockerfile_env()["MANGOGRAM_KEY_BIND"].rsplit(":", 1)[0] + ":" + port
 
 
+# The build context, as the engine cuts it with .dockerignore.
+
+
+@dataclass(frozen=True)
+class IgnoreRule:
+    regex: re.Pattern[str]
+    exclusion: bool  # a `!` rule lets back in what an earlier rule left out
+
+
+def _ignore_regex(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as the engines read it (Go's filepath.Match plus `**`)."""
+    out = "^"
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if pattern.startswith("**", i):
+            i += 2
+            if pattern.startswith("/", i):
+                i += 1
+            out += ".*" if i == len(pattern) else "(.*/)?"
+            continue
+        if ch == "*":
+            out += "[^/]*"
+        elif ch == "?":
+            out += "[^/]"
+        elif ch == "\\" and i + 1 < len(pattern):
+            i += 1
+            out += re.escape(pattern[i])
+        elif ch in ".+(){}|^$":
+            out += "\\" + ch
+        else:  # letters, `/`, and `[...]` classes, which mean the same in a regex
+            out += ch
+        i += 1
+    return re.compile(out + "$")
+
+
+def dockerignore_rules(path: Path = DOCKERIGNORE) -> list[IgnoreRule]:
+    rules = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        exclusion = line.startswith("!")
+        pattern = os.path.normpath(line.lstrip("!").strip()).replace(os.sep, "/").lstrip("/")
+        rules.append(IgnoreRule(_ignore_regex(pattern), exclusion))
+    return rules
+
+
+def left_out_of_context(relative: str, rules: list[IgnoreRule]) -> bool:
+    """Whether the engine leaves `relative` (a path under the context) out of the build:
+    the last rule matching the path or one of its parent directories decides."""
+    parts = relative.split("/")
+    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    left_out = False
+    for rule in rules:
+        if any(rule.regex.match(candidate) for candidate in candidates):
+            left_out = not rule.exclusion
+    return left_out
+
+
+def files_pip_install_needs() -> list[str]:
+    """What `pip install .` reads, from pyproject.toml: the project file, its readme and
+    license files, every file of every package, and every top-level module."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    setuptools = project["tool"]["setuptools"]
+    needed = ["pyproject.toml"]
+    readme = project["project"].get("readme")
+    if readme:
+        needed.append(readme if isinstance(readme, str) else readme["file"])
+    license_ = project["project"].get("license", {})
+    if isinstance(license_, dict) and "file" in license_:
+        needed.append(license_["file"])
+    for package in setuptools["packages"]:
+        directory = ROOT / package.replace(".", "/")
+        assert directory.is_dir(), f"pyproject.toml packages {package}, which does not exist"
+        needed += [
+            path.relative_to(ROOT).as_posix()
+            for path in directory.rglob("*")
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+        ]
+    needed += [f"{module}.py" for module in setuptools.get("py-modules", [])]
+    return needed
+
+
 # The tests.
 
 
@@ -282,3 +370,41 @@ def test_healthcheck_fails_against_a_closed_port() -> None:
     result = run_healthcheck(f"tcp://0.0.0.0:{free_port()}")
 
     assert result.returncode != 0
+
+
+def test_build_context_holds_every_file_pip_install_needs() -> None:
+    rules = dockerignore_rules()
+
+    missing = [path for path in files_pip_install_needs() if left_out_of_context(path, rules)]
+
+    assert not missing, f".dockerignore leaves out what `pip install .` needs: {missing}"
+
+
+def test_build_context_leaves_out_tests_data_and_caches() -> None:
+    rules = dockerignore_rules()
+
+    for path in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        "data/mangogram.sqlite3",
+        "tests/test_core.py",
+        "mangogram_proto/__pycache__/codec.cpython-311.pyc",
+        "mangogram_broker/core.pyc",
+    ):
+        assert left_out_of_context(path, rules), path
+
+
+def test_dockerignore_reading_follows_the_engines_rules() -> None:
+    rules = [
+        IgnoreRule(_ignore_regex("*"), False),
+        IgnoreRule(_ignore_regex("pkg"), True),
+        IgnoreRule(_ignore_regex("**/__pycache__"), False),
+        IgnoreRule(_ignore_regex("**/*.py[cod]"), False),
+    ]
+
+    assert left_out_of_context("other/file.py", rules)
+    assert not left_out_of_context("pkg/sub/file.py", rules)  # a directory rule covers its tree
+    assert left_out_of_context("pkg/sub/__pycache__/x.py", rules)  # `**` spans directories
+    assert left_out_of_context("pkg/x.pyo", rules)  # `[...]` is a character class
+    assert not left_out_of_context("pkg/x.pyx", rules)
+    assert _ignore_regex("a.b").match("a.b") and not _ignore_regex("a.b").match("axb")

@@ -80,6 +80,8 @@ def listen(
                 else:
                     out.write(f"{message.sender}: {message.text}\n")
                 out.flush()
+                # Confirmed only once written out: killed before, it comes again.
+                client.confirm(message)
         return 0
 
     return reporting_failures(work)

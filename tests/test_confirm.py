@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mangogram_client.app import ChatApp
-from mangogram_proto import Bot, Client
+from mangogram_proto import Bot, Client, loops
 from mangogram_proto.events import IncomingMessage
 
 from .conftest import ROOT, BrokerProcess, wait_for_line
@@ -113,7 +113,7 @@ def test_receiver_killed_holding_a_message_gets_every_unhandled_one_again(fast_b
     try:
         assert wait_for_line(holder.stdout, "holding") == ["holding текст 000\n"]
     finally:
-        holder.send_signal(signal.SIGKILL)
+        holder.kill()  # SIGKILL (TerminateProcess on Windows): no goodbye, no last receipt
         holder.wait(10)
     assert fast_broker.wait_for_log("bob is offline")
     with Client("bob", fast_broker.endpoint, context=zctx) as bob:
@@ -159,7 +159,7 @@ def test_listener_killed_mid_stream_loses_no_line(fast_broker, zctx, tmp_path):
     try:
         written = [json.loads(first_out.next())["text"] for _ in range(5)]
     finally:
-        first.send_signal(signal.SIGKILL)
+        first.kill()
         first.wait(10)
     written += [json.loads(line)["text"] for line in first_out.rest()]
     assert fast_broker.wait_for_log("bob is offline")
@@ -182,7 +182,7 @@ def run_bot(bot: Bot, timeout: float = 20.0) -> None:
     async def main() -> None:
         await asyncio.wait_for(bot.run_async(), timeout)
 
-    asyncio.run(main())
+    loops.run(main())
 
 
 def test_bot_stopped_with_a_full_queue_leaves_it_for_the_next_run(fast_broker, zctx):
@@ -319,7 +319,7 @@ def test_console_confirms_a_message_only_once_it_is_on_screen(fast_broker, zctx)
             pipe.send_text("/exit\r")
             await asyncio.wait_for(runner, 10)
 
-    asyncio.run(main())
+    loops.run(main())
     assert screen.broke
     assert "line 1" in screen.getvalue()
     with Client("bob", fast_broker.endpoint, context=zctx) as bob:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import signal
@@ -19,6 +20,18 @@ log = logging.getLogger(__name__)
 ACK_TIMEOUT_S = 30.0
 # Lines read ahead of their answers: twice the SDK's in-flight window keeps it full.
 SEND_WINDOW = 2 * MAX_IN_FLIGHT
+
+
+def use_utf8_streams() -> None:
+    """Script modes read and write UTF-8 whatever the locale: on Windows a redirected
+    stdin/stdout otherwise uses the ANSI code page (cp1252...), which garbles piped
+    Ukrainian and cannot write it out at all. stderr keeps its encoding but can no longer
+    fail on a character it lacks."""
+    for stream in (sys.stdin, sys.stdout):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(encoding="utf-8")
+    if isinstance(sys.stderr, io.TextIOWrapper):
+        sys.stderr.reconfigure(errors="backslashreplace")
 
 
 def reporting_failures(work: Callable[[], int]) -> int:

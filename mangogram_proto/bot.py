@@ -127,10 +127,14 @@ class Bot:
         connection = self._connection
         if connection is None:
             return
-        if self._handling:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None  # called from another thread: stop now; the message comes again
+        if self._handling and loop is not None:
             # The worker leaves once the handler returns; a handler that hangs must not
             # keep the bot from stopping.
-            asyncio.get_running_loop().call_later(STOP_GRACE_S, connection.stop)
+            loop.call_later(STOP_GRACE_S, connection.stop)
         else:
             connection.stop()
 

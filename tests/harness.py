@@ -64,9 +64,9 @@ class Network:
         self._next_peer += 1
         return peer
 
-    def join(self, name: str) -> FakeClient:
+    def join(self, name: str, *, auto_confirm: bool = True) -> FakeClient:
         """A new connection whose session logs in as `name`."""
-        client = FakeClient(self.new_peer(), ClientSession(name))
+        client = FakeClient(self.new_peer(), ClientSession(name), auto_confirm=auto_confirm)
         self.clients[client.peer] = client
         client.session.connect(self.now)
         self.pump()

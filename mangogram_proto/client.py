@@ -175,7 +175,9 @@ class Client:
         With `wait=True`, blocks until the broker accepted it.
 
         Raises:
-            BrokerRefused: (with `wait`) the broker refused the message for good.
+            BrokerRefused: (with `wait`) the broker refused the message for good, or
+                never answered it in 4 attempts (`wire_code` "no_answer", see
+                `session.MAX_SEND_ATTEMPTS`).
             TimeoutError: (with `wait`) not accepted within `timeout`; it stays queued
                 and is resent after a reconnect.
             LocalProtocolError: the text cannot be sent at all (e.g. invalid Unicode).

@@ -19,6 +19,7 @@ import pytest
 
 from mangogram_client.app import ChatApp
 from mangogram_proto import Bot, Client, loops
+from mangogram_proto import bot as bot_module
 from mangogram_proto.events import IncomingMessage
 
 from .conftest import ROOT, BrokerProcess, wait_for_line
@@ -324,3 +325,30 @@ def test_console_confirms_a_message_only_once_it_is_on_screen(fast_broker, zctx)
     assert "line 1" in screen.getvalue()
     with Client("bob", fast_broker.endpoint, context=zctx) as bob:
         assert collect(bob, 3) == texts[2:]
+
+
+def test_bot_stops_despite_a_hanging_handler_and_gets_that_message_next_run(
+    fast_broker, zctx, monkeypatch
+):
+    monkeypatch.setattr(bot_module, "STOP_GRACE_S", 0.2)
+    texts = [f"job {i}" for i in range(3)]
+    fill_mailbox(fast_broker.endpoint, zctx, "worker", texts)
+    first = Bot("worker", fast_broker.endpoint)
+
+    @first.on_message
+    async def hangs(message: IncomingMessage) -> None:
+        first.stop()
+        await asyncio.Event().wait()  # never returns: the grace period ends it
+
+    run_bot(first)
+    second = Bot("worker", fast_broker.endpoint)
+    done: list[str] = []
+
+    @second.on_message
+    async def take(message: IncomingMessage) -> None:
+        done.append(message.text)
+        if len(done) == len(texts):
+            second.stop()
+
+    run_bot(second)
+    assert done == texts

@@ -1,7 +1,7 @@
 """A bot written with bare pyzmq and docs/protocol.md only: no MangoGram code imported.
 
-It logs in, answers each new DELIVER with a SEND of the text reversed, confirms what
-it holds with a cumulative RECEIPT, and pings while idle; Ctrl-C or SIGTERM ends it
+It logs in, answers each new DELIVER with a SEND of the text reversed, then confirms what
+it has answered with a cumulative RECEIPT, and pings while idle; Ctrl-C or SIGTERM ends it
 with a LEAVE. Use it as the template for a bot in any language.
 
     python examples/raw_bot.py --name reverser --endpoint tcp://127.0.0.1:5555
@@ -116,8 +116,8 @@ def leave(sock: zmq.Socket) -> None:
 
 class Stream:
     """Our position in the stream of messages the broker numbers for us: `mark` is the
-    highest seq up to which we hold everything (what RECEIPT confirms); messages that
-    arrive beyond a gap wait in `above` until it fills."""
+    highest seq up to which we have received and answered everything (what RECEIPT
+    confirms); messages that arrive beyond a gap wait in `above` until it fills."""
 
     def __init__(self) -> None:
         self.mark = 0
@@ -155,18 +155,17 @@ def serve(sock: zmq.Socket, name: str, last_sent: int, heartbeat_ms: int) -> Non
                 stream.start(body.get("stream_mark", 0))
                 log.info("logged in as %s", body["name"])
             elif command == "DELIVER":
-                new = stream.is_new(body["seq"])
-                # Confirm even a repeat: the broker resends until it hears a RECEIPT.
+                if stream.is_new(body["seq"]):
+                    reply = {
+                        "id": uuid.uuid4().hex,
+                        "to": body["sender"],
+                        "text": body["text"][::-1],
+                        "sent_at": now_ms(),
+                    }
+                    last_sent = send(sock, "SEND", reply)
+                # Handled (answered) first, then confirmed; a repeat is confirmed again,
+                # since the broker resends until it hears a RECEIPT.
                 send(sock, "RECEIPT", {"seq": stream.mark})
-                if not new:
-                    continue
-                reply = {
-                    "id": uuid.uuid4().hex,
-                    "to": body["sender"],
-                    "text": body["text"][::-1],
-                    "sent_at": now_ms(),
-                }
-                last_sent = send(sock, "SEND", reply)
             elif command == "ERROR":
                 log.warning("broker error %s: %s", body["code"], body["message"])
                 if body["code"] == "not_logged_in":

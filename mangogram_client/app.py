@@ -20,7 +20,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from rich.console import Console
 
 from mangogram_proto.aio import AsyncConnection
-from mangogram_proto.events import Closed, Event, LoggedIn, LoginRefused
+from mangogram_proto.events import Closed, Event, IncomingMessage, LoggedIn, LoginRefused
 from mangogram_proto.keys import (
     KeyFileError,
     KnownServers,
@@ -126,11 +126,15 @@ class ChatApp:
             refresh_interval=0.5,
         )
 
-    def show(self, lines: Iterable[Line]) -> None:
+    def show(self, lines: Iterable[Line], *, shown: IncomingMessage | None = None) -> None:
+        """Print `lines`; then confirm `shown`, the incoming message among them (only
+        now that it is on screen: a client killed before gets it again)."""
         for line in lines:
             for renderable in self.renderer.render(line):
                 self.console.print(renderable)
         if self.connection is not None:
+            if shown is not None:
+                self.connection.confirm(shown)
             # Shown in the open conversation means read: tell the senders.
             for broker_id in self.state.take_reads():
                 self.connection.mark_read(broker_id)
@@ -288,8 +292,9 @@ class ChatApp:
             if event is not None and not isinstance(event, Closed):
                 lines += self.state.on_event(event, now)
             lines += self.state.due(now)
-            if lines:
-                self.show(lines)
+            incoming = event if isinstance(event, IncomingMessage) else None
+            if lines or incoming is not None:
+                self.show(lines, shown=incoming)
             elif event is not None and self._prompt.app.is_running:
                 self._prompt.app.invalidate()
 

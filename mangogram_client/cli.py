@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.send is not None or args.listen or not sys.stdin.isatty():
         if not name:
             parser.error("--name (or MANGOGRAM_NAME) is required without a terminal")
+        scripting.use_utf8_streams()
         if args.listen:
             return scripting.listen(server, name, args.json, security)
         if not to:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import signal
@@ -12,10 +13,25 @@ from typing import Any, TextIO
 from mangogram_proto import BrokerRefused, Client, LocalProtocolError
 from mangogram_proto.events import IncomingMessage, MessageAccepted, MessageFailed
 from mangogram_proto.keys import KeyFileError, ServerKeyError
+from mangogram_proto.session import MAX_IN_FLIGHT
 
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 30.0
+# Lines read ahead of their answers: twice the SDK's in-flight window keeps it full.
+SEND_WINDOW = 2 * MAX_IN_FLIGHT
+
+
+def use_utf8_streams() -> None:
+    """Script modes read and write UTF-8 whatever the locale: on Windows a redirected
+    stdin/stdout otherwise uses the ANSI code page (cp1252...), which garbles piped
+    Ukrainian and cannot write it out at all. stderr keeps its encoding but can no longer
+    fail on a character it lacks."""
+    for stream in (sys.stdin, sys.stdout):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(encoding="utf-8")
+    if isinstance(sys.stderr, io.TextIOWrapper):
+        sys.stderr.reconfigure(errors="backslashreplace")
 
 
 def reporting_failures(work: Callable[[], int]) -> int:
@@ -80,6 +96,8 @@ def listen(
                 else:
                     out.write(f"{message.sender}: {message.text}\n")
                 out.flush()
+                # Confirmed only once written out: killed before, it comes again.
+                client.confirm(message)
         return 0
 
     return reporting_failures(work)
@@ -88,26 +106,46 @@ def listen(
 def send_lines(
     server: str, name: str, to: str, lines: Iterable[str], security: dict[str, Any]
 ) -> int:
-    """Send each non-empty line as a message to `to`; exit 0 once all were accepted."""
+    """Send each non-empty line as a message to `to`; exit 0 once all were accepted.
+
+    Input is read only as answers come back (at most SEND_WINDOW lines await theirs),
+    so any amount can be piped in without filling the SDK's outbox."""
 
     def work() -> int:
         with Client(name, server, **security) as client:
             pending: set[str] = set()
+            failed = 0
+
+            def settle_one() -> bool:
+                """Wait for the next answer to one of ours; False after a long silence."""
+                nonlocal failed
+                while True:
+                    event = client.next_event(timeout=ACK_TIMEOUT_S)
+                    if event is None:
+                        return False
+                    if isinstance(event, MessageAccepted | MessageFailed) and event.id in pending:
+                        pending.discard(event.id)
+                        if isinstance(event, MessageFailed):
+                            failed += 1
+                            print(f"mangogram: {event.message}", file=sys.stderr)
+                        return True
+
             for line in lines:
                 text = line.rstrip("\r\n")
-                if text.strip():
-                    pending.add(client.send(to, text))
-            failed = 0
+                if not text.strip():
+                    continue
+                while len(pending) >= SEND_WINDOW:
+                    if not settle_one():
+                        return not_acknowledged(len(pending))
+                pending.add(client.send(to, text))
             while pending:
-                event = client.next_event(timeout=ACK_TIMEOUT_S)
-                if event is None:
-                    print(f"mangogram: {len(pending)} messages not acknowledged", file=sys.stderr)
-                    return 1
-                if isinstance(event, MessageAccepted | MessageFailed) and event.id in pending:
-                    pending.discard(event.id)
-                    if isinstance(event, MessageFailed):
-                        failed += 1
-                        print(f"mangogram: {event.message}", file=sys.stderr)
+                if not settle_one():
+                    return not_acknowledged(len(pending))
             return 1 if failed else 0
 
     return reporting_failures(work)
+
+
+def not_acknowledged(count: int) -> int:
+    print(f"mangogram: {count} messages not acknowledged", file=sys.stderr)
+    return 1

@@ -1,7 +1,9 @@
 """The asyncio driver of a `ClientSession`: one task owns the DEALER socket.
 
 `Bot` and the console client are built on it. Events come out of `events`, an
-asyncio queue, in order; the loop never waits for the consumer.
+asyncio queue, in order; the loop never waits for the consumer. The consumer calls
+`confirm(message)` for each `IncomingMessage` it has finished with: nothing else is
+confirmed to the broker, so what is still in the queue when the process ends comes again.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from zmq.utils.monitor import parse_monitor_message
 from .backoff import Backoff
 from .constants import DEFAULT_ENDPOINT
 from .errors import RemoteProtocolError
-from .events import ConnectionLost, Event, LoggedIn, LoginRefused
+from .events import ConnectionLost, Event, IncomingMessage, LoggedIn, LoginRefused
 from .keys import (
     KeyPair,
     Security,
@@ -84,6 +86,13 @@ class AsyncConnection:
         message_id = self.session.send_text(to, text, wall_clock_ms())
         self._wakeup.set()
         return message_id
+
+    def confirm(self, message: IncomingMessage) -> None:
+        """Say that the application is done with `message` (shown, stored, answered).
+        Only confirmed messages are confirmed to the broker; the others come again at
+        the next login, also after the process died."""
+        self.session.confirm(message.seq, wall_clock_ms())
+        self._wakeup.set()
 
     def request_online(self) -> None:
         """Ask who is online; the answer arrives as an `OnlineUsers` event."""

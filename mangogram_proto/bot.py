@@ -12,6 +12,15 @@ Example:
 Handlers run one message at a time, in arrival order, in a task of their own, so a slow
 handler never delays heartbeats. The bot reconnects with backoff and logs in again on
 its own; texts not yet accepted by the broker are resent with their original ids.
+
+A message is confirmed to the broker only after every handler returned for it. If a
+handler raises, the message stays unconfirmed and all handlers run for it again after
+`retry_delay` seconds (doubling), up to `handler_attempts` runs in all; later messages
+wait, so order holds. After the last failed run the message is logged as given up and
+confirmed, so that one bad message cannot stop the bot for ever. A bot stopped (or
+killed) meanwhile gets it again at its next start, as it gets every message it had
+received but not finished: `stop()` lets the handler at work finish (for up to
+STOP_GRACE_S seconds) and leaves the rest of the queue unconfirmed.
 """
 
 from __future__ import annotations
@@ -35,6 +44,10 @@ from .session import ClientSession
 
 log = logging.getLogger(__name__)
 
+# How long stop() waits for a running handler before leaving anyway; that message then
+# stays unconfirmed and comes again.
+STOP_GRACE_S = 5.0
+
 MessageHandler = Callable[[IncomingMessage], Awaitable[str | None]]
 EventHandler = Callable[[Event], Awaitable[None]]
 
@@ -52,6 +65,9 @@ class Bot:
     Args:
         name: the name to log in with.
         endpoint: the broker's ZeroMQ endpoint.
+        handler_attempts: how many times the handlers run for a message that makes one
+            of them raise, before the message is given up (logged and confirmed).
+        retry_delay: seconds before the second run; doubled for each further one.
     """
 
     def __init__(
@@ -63,7 +79,11 @@ class Bot:
         server_key: str | None = None,
         identity: KeyPair | Path | None = None,
         plaintext: bool | None = None,
+        handler_attempts: int = 3,
+        retry_delay: float = 1.0,
     ) -> None:
+        if handler_attempts < 1:
+            raise ValueError("handler_attempts must be at least 1")
         self.endpoint = endpoint
         self._name = name
         self._backoff = backoff
@@ -71,6 +91,10 @@ class Bot:
         self._message_handlers: list[MessageHandler] = []
         self._event_handlers: list[EventHandler] = []
         self._connection: AsyncConnection | None = None
+        self._handler_attempts = handler_attempts
+        self._retry_delay = retry_delay
+        self._stopping: asyncio.Event | None = None
+        self._handling = False
 
     @property
     def session(self) -> ClientSession | None:
@@ -95,9 +119,24 @@ class Bot:
         return self._connection.send_text(to, text)
 
     def stop(self) -> None:
-        """Leave the broker and make `run_async()` return."""
-        if self._connection is not None:
-            self._connection.stop()
+        """Leave the broker and make `run_async()` return. A handler at work finishes
+        first (for up to STOP_GRACE_S seconds); messages still queued stay unconfirmed
+        and come again at the next start."""
+        if self._stopping is not None:
+            self._stopping.set()
+        connection = self._connection
+        if connection is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None  # called from another thread: stop now; the message comes again
+        if self._handling and loop is not None:
+            # The worker leaves once the handler returns; a handler that hangs must not
+            # keep the bot from stopping.
+            loop.call_later(STOP_GRACE_S, connection.stop)
+        else:
+            connection.stop()
 
     def run(self) -> None:
         """Run until `stop()`, Ctrl-C or SIGTERM (blocking); leaves the broker politely."""
@@ -133,6 +172,7 @@ class Bot:
             plaintext=request.plaintext,
         )
         self._connection = connection
+        self._stopping = asyncio.Event()
         worker = asyncio.create_task(self._run_handlers(connection))
         try:
             await connection.run()
@@ -146,14 +186,60 @@ class Bot:
 
     async def _run_handlers(self, connection: AsyncConnection) -> None:
         # Handlers run here, one event at a time, so a slow one never stalls heartbeats.
-        while True:
+        assert self._stopping is not None
+        while not self._stopping.is_set():
             event = await connection.events.get()
             if isinstance(event, LoggedIn):
                 log.info("logged in as %s", event.name)
+            self._handling = True
             try:
-                await self._dispatch(event)
+                if isinstance(event, IncomingMessage):
+                    if await self._handle_message(event):
+                        connection.confirm(event)
+                else:
+                    try:
+                        await self._dispatch(event)
+                    except Exception:
+                        log.exception("handler failed on %r", event)
+            finally:
+                self._handling = False
+        connection.stop()
+
+    async def _handle_message(self, message: IncomingMessage) -> bool:
+        """Run the handlers for `message`, again after a failure; True once it may be
+        confirmed (handled, or given up), False if the bot stops before either."""
+        assert self._stopping is not None
+        delay = self._retry_delay
+        for attempt in range(1, self._handler_attempts + 1):
+            try:
+                await self._dispatch(message)
+                return True
             except Exception:
-                log.exception("handler failed on %r", event)
+                if attempt == self._handler_attempts:
+                    log.exception(
+                        "giving up message %s from %s after %d failed attempts; confirming"
+                        " it so the messages after it can be handled",
+                        message.id,
+                        message.sender,
+                        attempt,
+                    )
+                    return True
+                log.exception(
+                    "handler failed on message %s from %s (attempt %d of %d); again in %.1f s",
+                    message.id,
+                    message.sender,
+                    attempt,
+                    self._handler_attempts,
+                    delay,
+                )
+            if self._stopping.is_set():
+                return False
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            if self._stopping.is_set():
+                return False
+            delay *= 2
+        return False
 
     async def _dispatch(self, event: Event) -> None:
         for event_handler in self._event_handlers:

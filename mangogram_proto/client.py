@@ -5,6 +5,14 @@ Example:
         for message in client.messages():
             client.send(message.sender, message.text)
 
+Confirming: a message is confirmed to the broker (RECEIPT) only once you are done with
+it, so a process that dies while handling one gets it again at its next login. A message
+returned by `receive()` (or yielded by `messages()`) counts as done when you ask for the
+next one, call `confirm()`, or close the client (`close()`, or leaving the `with` block
+without an exception). Until then it and everything after it in your stream stay
+unconfirmed. Messages you only see through `next_event()` are confirmed by
+`confirm(message)`.
+
 The client does its network work (heartbeats, reconnects, receipts) only while one of
 its methods runs, so a script that stays away for longer than the heartbeat timeout is
 logged out by the broker; the next call notices and logs in again by itself.
@@ -56,6 +64,9 @@ from .transport import (
 log = logging.getLogger(__name__)
 
 MAX_EVENTS_KEPT = 10_000
+# While messages wait in the inbox, a RECEIPT goes out at least every this many confirmed
+# messages (the broker's delivery window is 256), else when the inbox runs empty.
+RECEIPT_EVERY = 64
 
 
 class Client:
@@ -93,6 +104,9 @@ class Client:
         self._socket: zmq.Socket[bytes] | None = None
         self._reconnect_at: int | None = None
         self._inbox: deque[IncomingMessage] = deque()
+        # The message receive() returned last, until it is confirmed.
+        self._taken: IncomingMessage | None = None
+        self._receipted_mark = 0
         self._events: deque[Event] = deque(maxlen=MAX_EVENTS_KEPT)
         self._results: dict[str, MessageAccepted | MessageFailed] = {}
         self._waiting: set[str] = set()
@@ -108,8 +122,9 @@ class Client:
             self.login()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        # An exception means the message in hand was not handled: leave it unconfirmed.
+        self.close(confirm=exc_type is None)
 
     @property
     def name(self) -> str:
@@ -139,8 +154,13 @@ class Client:
         assert self._logged_in is not None  # _pump returned on the condition above
         return self._logged_in
 
-    def close(self, timeout: float = 1.0) -> None:
-        """Leave politely (waiting up to `timeout` s for the broker) and close the socket."""
+    def close(self, timeout: float = 1.0, *, confirm: bool = True) -> None:
+        """Leave politely (waiting up to `timeout` s for the broker) and close the socket.
+
+        With `confirm` (the default) the message last returned by `receive()` is
+        confirmed first; pass False if it was not handled, to get it again next time."""
+        if confirm:
+            self._confirm_taken()
         if self._socket is not None and self.session.state is State.ONLINE:
             self.session.leave(self._clock())
             self._pump(timeout, lambda: self.session.state is State.CLOSED)
@@ -155,7 +175,9 @@ class Client:
         With `wait=True`, blocks until the broker accepted it.
 
         Raises:
-            BrokerRefused: (with `wait`) the broker refused the message for good.
+            BrokerRefused: (with `wait`) the broker refused the message for good, or
+                never answered it in 4 attempts (`wire_code` "no_answer", see
+                `session.MAX_SEND_ATTEMPTS`).
             TimeoutError: (with `wait`) not accepted within `timeout`; it stays queued
                 and is resent after a reconnect.
             LocalProtocolError: the text cannot be sent at all (e.g. invalid Unicode).
@@ -176,14 +198,36 @@ class Client:
         return message_id
 
     def receive(self, timeout: float | None = None) -> IncomingMessage | None:
-        """The next incoming message, or None after `timeout` seconds (None: wait forever)."""
-        self._pump(timeout, lambda: bool(self._inbox))
-        return self._inbox.popleft() if self._inbox else None
+        """The next incoming message, or None after `timeout` seconds (None: wait forever).
+
+        Calling it confirms the message it returned the time before: you are done with
+        that one. A message you could not handle is not lost if your process ends
+        before the next call (or `confirm()`, or `close()`): the broker delivers it
+        again at the next login, with everything after it."""
+        self._confirm_taken()
+        if not self._inbox:
+            self._pump(timeout, lambda: bool(self._inbox))
+        elif self.session.confirmed_mark - self._receipted_mark >= RECEIPT_EVERY:
+            self._flush()  # keep the broker's delivery window moving through a backlog
+        self._taken = self._inbox.popleft() if self._inbox else None
+        return self._taken
 
     def messages(self, timeout: float | None = None) -> Iterator[IncomingMessage]:
-        """Yield incoming messages until none arrives for `timeout` seconds."""
+        """Yield incoming messages until none arrives for `timeout` seconds. Each one is
+        confirmed when the loop asks for the next (see `receive()`)."""
         while (message := self.receive(timeout)) is not None:
             yield message
+
+    def confirm(self, message: IncomingMessage | None = None) -> None:
+        """Confirm now that you are done with `message` (default: the one `receive()`
+        returned last), instead of at the next `receive()`. Confirming a message twice
+        is harmless. The broker learns of it when everything before it in your stream
+        is confirmed too."""
+        if message is None or message is self._taken:
+            self._confirm_taken()
+        else:
+            self.session.confirm(message.seq, self._clock())
+        self._flush()
 
     def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event of any kind (acks, receipts, presence, errors, messages)."""
@@ -258,9 +302,15 @@ class Client:
                     )
                 )
 
+    def _confirm_taken(self) -> None:
+        if self._taken is not None:
+            self.session.confirm(self._taken.seq, self._clock())
+            self._taken = None
+
     def _flush(self) -> None:
         if self._socket is None:
             return
+        self._receipted_mark = self.session.confirmed_mark
         for frames in self.session.data_to_send():
             try:
                 self._socket.send_multipart(frames, flags=zmq.NOBLOCK)

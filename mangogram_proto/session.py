@@ -14,9 +14,18 @@ sends whatever `data_to_send()` returns. Time is always passed in (ms since epoc
 
 Outgoing texts sit in an outbox until ACCEPTED (or refused for good). After a re-login
 every unacknowledged text is sent again with its original id, which the broker treats
-as idempotent. While rate limited, texts wait in the outbox for the retry-after.
-Incoming messages are de-duplicated by stream seq and confirmed with one cumulative
-RECEIPT (through the contiguous mark) per batch of frames the driver collects.
+as idempotent. While rate limited, texts wait in the outbox for the retry-after. A text
+on the wire that gets no answer within the answer timeout (the announced heartbeat
+timeout, doubling with each attempt) is sent again with the same id; after
+MAX_SEND_ATTEMPTS unanswered attempts it is reported failed (`no_answer`), so an
+in-flight slot is always freed, even by a broker that drops its answers.
+
+Incoming messages are de-duplicated by stream seq. Two contiguous marks are kept: what
+has been received (for dropping repeats) and what the application has confirmed it
+finished with (`confirm`). Only the second goes into RECEIPT and LOGIN.resume_from,
+so a process that dies holding messages it has not handled gets them again. A RECEIPT
+goes out with the next frames after the confirmed mark moves, and for every repeated
+DELIVER (the broker is resending, so an earlier RECEIPT may have been lost).
 """
 
 from __future__ import annotations
@@ -76,6 +85,12 @@ MAX_OUTBOX = 10_000
 # Texts on the wire awaiting ACCEPTED; more wait in the outbox. Keeps a reconnect's
 # resend of a long outbox inside the socket's high-water mark.
 MAX_IN_FLIGHT = 256
+# Transmissions of one text without any answer before it is reported failed. The wait
+# for an answer starts at the heartbeat timeout and doubles: 1 + 2 + 4 + 8 = 15 times
+# the heartbeat timeout in all.
+MAX_SEND_ATTEMPTS = 4
+# The SDK's own failure code for a text the broker never answered (not a wire code).
+NO_ANSWER = "no_answer"
 # The share of the broker's announced send rate the session allows itself.
 PACE_FRACTION = 0.9
 
@@ -111,6 +126,9 @@ class State(Enum):
 class _Pending:
     send: Send
     transmitted: bool
+    # When the latest transmission went out, and how many there were on this login.
+    sent_at: int = 0
+    attempts: int = 0
 
 
 def new_message_id() -> str:
@@ -135,12 +153,18 @@ class ClientSession:
         self._has_logged_in = False
         self._outgoing: list[list[bytes]] = []
         self._outbox: OrderedDict[str, _Pending] = OrderedDict()
-        # Our stream's resume point: every seq up to `_stream_mark` has been received;
-        # `_above_mark` holds those received beyond a gap.
+        # Every seq up to `_stream_mark` has been received; `_above_mark` holds those
+        # received beyond a gap. Only used to drop repeats.
         self._stream_mark: int | None = None
         self._above_mark: set[int] = set()
+        # Every seq up to `_confirmed_mark` is finished with by the application; this is
+        # what RECEIPT and resume_from carry. `_confirmed_above`: confirmed beyond a gap.
+        self._confirmed_mark: int | None = None
+        self._confirmed_above: set[int] = set()
         self._receipt_due = False
-        self._in_flight = 0
+        # Ids of the texts on the wire awaiting an answer (a set, so that freeing a slot
+        # twice cannot miscount).
+        self._in_flight: set[str] = set()
         self._pace: TokenBucket | None = None
         self._pace_until = 0
         self._last_received = 0
@@ -162,6 +186,21 @@ class ClientSession:
         """Texts sent but not yet accepted by the broker, oldest first."""
         return tuple(p.send for p in self._outbox.values())
 
+    @property
+    def outbox_size(self) -> int:
+        """How many texts await their answer (on the wire or still queued)."""
+        return len(self._outbox)
+
+    @property
+    def confirmed_mark(self) -> int:
+        """The stream seq up to which the application has confirmed every message."""
+        return self._confirmed_mark or 0
+
+    @property
+    def answer_timeout_ms(self) -> int:
+        """How long a first transmission of a text waits for its answer."""
+        return self.heartbeat_timeout_ms
+
     def connect(self, now: int) -> None:
         """Start (or restart, on a fresh socket) logging in."""
         if self.state is State.CLOSED:
@@ -171,9 +210,10 @@ class ClientSession:
         self._receipt_due = False
         for pending in self._outbox.values():
             pending.transmitted = False
-        self._in_flight = 0
+            pending.attempts = 0  # a broker that was away is no verdict on the text
+        self._in_flight.clear()
         self._last_received = now
-        self._queue(Login(self.name, self._resume_token, self._stream_mark), now)
+        self._queue(Login(self.name, self._resume_token, self._confirmed_mark), now)
 
     def send_text(self, to: str, text: str, now: int) -> str:
         """Queue a private message; returns its id. It goes out now if we are online,
@@ -189,6 +229,24 @@ class ClientSession:
         self._flush_outbox(now)
         return message_id
 
+    def confirm(self, seq: int, now: int) -> None:
+        """The application has finished with the incoming message at stream `seq` (shown
+        it, written it out, handled it). Confirm each message once it is done, in any
+        order: a RECEIPT confirms only up to the first message not yet finished, and
+        whatever was received but not confirmed comes again at the next login, also in
+        another process. A seq that was never received is ignored."""
+        received = seq <= (self._stream_mark or 0) or seq in self._above_mark
+        mark = self._confirmed_mark or 0
+        if not received or seq <= mark or seq in self._confirmed_above:
+            return
+        self._confirmed_above.add(seq)
+        while mark + 1 in self._confirmed_above:
+            mark += 1
+            self._confirmed_above.discard(mark)
+        if mark != (self._confirmed_mark or 0):
+            self._confirmed_mark = mark
+            self._receipt_due = True
+
     def request_online(self, now: int) -> None:
         """Ask who is online; the answer arrives as `OnlineUsers`."""
         self._queue(Who(), now)
@@ -196,6 +254,7 @@ class ClientSession:
     def mark_read(self, broker_id: str, now: int) -> None:
         """Tell the sender of message `broker_id` that our user has seen it."""
         if self.state is State.ONLINE:
+            self._queue_due_receipt(now)  # the RECEIPT for a message goes before its READ
             self._queue(Read(broker_id), now)
 
     def request_history(self, peer: str, limit: int, before: str | None, now: int) -> None:
@@ -205,6 +264,7 @@ class ClientSession:
     def leave(self, now: int) -> None:
         """End the session; `Closed` follows when the broker confirms."""
         if self.state is State.ONLINE:
+            self._queue_due_receipt(now)  # what the application finished with, before we go
             self._queue(Leave(), now)
         else:
             self.state = State.CLOSED
@@ -212,11 +272,9 @@ class ClientSession:
     def data_to_send(self) -> list[list[bytes]]:
         """Frames to send, in order. Each call hands them over once.
 
-        Call it after feeding in everything that has arrived: the DELIVERs received
-        since the last call are confirmed together by one RECEIPT."""
-        if self._receipt_due and self.state is State.ONLINE:
-            self._receipt_due = False
-            self._queue(Receipt(self._stream_mark or 0), self._last_sent)
+        Call it after feeding in everything that has arrived and confirming what the
+        application finished with: one RECEIPT covers them all."""
+        self._queue_due_receipt(self._last_sent)
         out, self._outgoing = self._outgoing, []
         return out
 
@@ -231,21 +289,26 @@ class ClientSession:
                 deadline = min(deadline, self._hold_until)
             if self._pace_until:
                 deadline = min(deadline, self._pace_until)
+            for message_id in self._in_flight:
+                deadline = min(deadline, self._answer_deadline(self._outbox[message_id]))
         return deadline
 
     def tick(self, now: int) -> list[Event]:
-        """Run timers: heartbeats, broker-death detection, rate-limit retries."""
+        """Run timers: heartbeats, broker-death detection, rate-limit retries, and
+        resending (or, at last, failing) texts that got no answer."""
         if self.state not in (State.LOGGING_IN, State.ONLINE):
             return []
         if now - self._last_received > self.heartbeat_timeout_ms:
             self.state = State.DISCONNECTED
             self._outgoing.clear()
             return [ConnectionLost(f"no reply from the broker for {self.heartbeat_timeout_ms} ms")]
+        events: list[Event] = []
         if self.state is State.ONLINE:
+            events = self._expire_unanswered(now)
             self._flush_outbox(now)
             if now - self._last_sent >= self.heartbeat_interval_ms:
                 self._queue(Ping(), now)
-        return []
+        return events
 
     def receive(self, frames: list[bytes], now: int) -> list[Event]:
         """Handle one message from the broker.
@@ -299,17 +362,48 @@ class ClientSession:
 
     # Internals
 
+    def _queue_due_receipt(self, now: int) -> None:
+        if self._receipt_due and self.state is State.ONLINE:
+            self._receipt_due = False
+            self._queue(Receipt(self._confirmed_mark or 0), now)
+
     def _queue(self, message: ClientMessage, now: int) -> None:
         self._outgoing.append(codec.encode(message))
         self._last_sent = now
+
+    def _answer_deadline(self, pending: _Pending) -> int:
+        return pending.sent_at + (self.answer_timeout_ms << max(0, pending.attempts - 1))
+
+    def _expire_unanswered(self, now: int) -> list[Event]:
+        """Texts whose answer is overdue: send again (the id makes a repeat harmless), or
+        after MAX_SEND_ATTEMPTS give up, so that no slot stays taken for ever."""
+        overdue = {m for m in self._in_flight if now >= self._answer_deadline(self._outbox[m])}
+        events: list[Event] = []
+        for message_id in [m for m in self._outbox if m in overdue] if overdue else []:
+            pending = self._outbox[message_id]
+            self._in_flight.discard(message_id)
+            pending.transmitted = False
+            if pending.attempts >= MAX_SEND_ATTEMPTS:
+                del self._outbox[message_id]
+                reason = f"no answer from the broker after {pending.attempts} attempts"
+                events.append(MessageFailed(message_id, pending.send.to, NO_ANSWER, reason))
+        return events
+
+    def _free_slot(self, message_id: str) -> _Pending | None:
+        """The answer for text `message_id` came: it no longer occupies a slot."""
+        self._in_flight.discard(message_id)
+        pending = self._outbox.get(message_id)
+        if pending is not None:
+            pending.transmitted = False
+        return pending
 
     def _flush_outbox(self, now: int) -> None:
         if self.state is not State.ONLINE or now < self._hold_until:
             return
         self._hold_until = 0  # the hold is over; a past deadline would make drivers spin
         self._pace_until = 0
-        for pending in self._outbox.values():
-            if self._in_flight >= MAX_IN_FLIGHT:
+        for message_id, pending in self._outbox.items():
+            if len(self._in_flight) >= MAX_IN_FLIGHT:
                 return
             if pending.transmitted:
                 continue
@@ -322,7 +416,9 @@ class ClientSession:
                     return
                 self._pace.take(now)
             pending.transmitted = True
-            self._in_flight += 1
+            pending.sent_at = now
+            pending.attempts += 1
+            self._in_flight.add(message_id)
             self._queue(pending.send, now)
 
     def _on_welcome(self, welcome: Welcome, now: int) -> list[Event]:
@@ -348,6 +444,13 @@ class ClientSession:
             while self._stream_mark + 1 in self._above_mark:
                 self._stream_mark += 1
                 self._above_mark.discard(self._stream_mark)
+        if self._confirmed_mark is None or anchor > self._confirmed_mark:
+            # The broker holds everything up to its mark confirmed already.
+            self._confirmed_mark = anchor
+            self._confirmed_above = {seq for seq in self._confirmed_above if seq > anchor}
+            while self._confirmed_mark + 1 in self._confirmed_above:
+                self._confirmed_mark += 1
+                self._confirmed_above.discard(self._confirmed_mark)
         self._flush_outbox(now)
         return [
             LoggedIn(welcome.name, welcome.server_time, welcome.limits, welcome.online, resumed)
@@ -356,19 +459,19 @@ class ClientSession:
     def _on_accepted(self, accepted: Accepted, now: int) -> list[Event]:
         events: list[Event] = []
         for message_id, broker_id in zip(accepted.ids, accepted.broker_ids, strict=True):
+            self._in_flight.discard(message_id)
             pending = self._outbox.pop(message_id, None)
             if pending is None:
                 continue  # a repeated acknowledgement
-            if pending.transmitted:
-                self._in_flight = max(0, self._in_flight - 1)
             events.append(MessageAccepted(message_id, broker_id, accepted.accepted_at))
         self._flush_outbox(now)
         return events
 
     def _on_deliver(self, deliver: Deliver, now: int) -> list[Event]:
-        # Always confirm, even a duplicate: the first receipt may have been lost.
-        self._receipt_due = True
         if not self._note_seq(deliver.seq):
+            # A repeat: answer with the confirmed mark, as the first RECEIPT may have been
+            # lost. (A new message is confirmed once the application is done with it.)
+            self._receipt_due = True
             return []
         return [
             IncomingMessage(
@@ -414,15 +517,16 @@ class ClientSession:
                 # The broker forgot us (restart, or we were silent too long): log in again.
                 self.connect(now)
             return []
-        pending = self._outbox.get(error.ref) if error.ref else None
+        pending = self._free_slot(error.ref) if error.ref else None
         if pending is not None:
-            if pending.transmitted:
-                self._in_flight = max(0, self._in_flight - 1)
             if error.code == ErrorCode.RATE_LIMITED.value:
-                pending.transmitted = False
+                pending.attempts = max(0, pending.attempts - 1)  # pacing, not a fault
                 self._hold_until = max(self._hold_until, now + (error.retry_after_ms or 1000))
                 return [BrokerError(error.code, error.message, error.retry_after_ms)]
-            if error.code in _FINAL_SEND_ERRORS:
-                del self._outbox[error.ref]  # type: ignore[arg-type]
+            if error.code in _FINAL_SEND_ERRORS or pending.attempts >= MAX_SEND_ATTEMPTS:
+                del self._outbox[pending.send.id]
                 return [MessageFailed(pending.send.id, pending.send.to, error.code, error.message)]
+            # Any other refusal naming the text: try it again later, a bounded number of
+            # times.
+            self._hold_until = max(self._hold_until, now + (error.retry_after_ms or 1000))
         return [BrokerError(error.code, error.message, error.retry_after_ms)]

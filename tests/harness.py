@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from mangogram_broker.core import BrokerCore, Outgoing, coalesce
 from mangogram_broker.store import MemoryStore, Store
 from mangogram_proto import codec
-from mangogram_proto.events import Event
+from mangogram_proto.events import Event, IncomingMessage
 from mangogram_proto.messages import Limits
 from mangogram_proto.session import ClientSession
 
@@ -36,6 +36,9 @@ class FakeClient:
     events: list[Event] = field(default_factory=list)
     connected: bool = True
     frozen: bool = False
+    # The fake application finishes with each incoming message as it arrives; with
+    # False the test confirms by hand (session.confirm).
+    auto_confirm: bool = True
 
     def take(self, kind: type) -> list:
         """Remove and return the events of one kind."""
@@ -61,9 +64,9 @@ class Network:
         self._next_peer += 1
         return peer
 
-    def join(self, name: str) -> FakeClient:
+    def join(self, name: str, *, auto_confirm: bool = True) -> FakeClient:
         """A new connection whose session logs in as `name`."""
-        client = FakeClient(self.new_peer(), ClientSession(name))
+        client = FakeClient(self.new_peer(), ClientSession(name), auto_confirm=auto_confirm)
         self.clients[client.peer] = client
         client.session.connect(self.now)
         self.pump()
@@ -90,7 +93,12 @@ class Network:
             if client is None or not client.connected:
                 self.raw_replies.setdefault(out.peer, []).append(codec.encode(out.message))
                 continue
-            client.events += client.session.receive(codec.encode(out.message), self.now)
+            events = client.session.receive(codec.encode(out.message), self.now)
+            client.events += events
+            if client.auto_confirm:
+                for event in events:
+                    if isinstance(event, IncomingMessage):
+                        client.session.confirm(event.seq, self.now)
 
     def pump(self, rounds: int = 100) -> None:
         for _ in range(rounds):

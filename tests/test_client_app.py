@@ -81,6 +81,7 @@ def test_chat_with_a_peer_shows_messages_marks_and_leaves_cleanly(broker):
         pipe.send_text("Привіт, Тарасе! 🌻\r")
         message = await next_event(peer, IncomingMessage)
         assert message.text == "Привіт, Тарасе! 🌻" and message.sender == "Олена"
+        peer.confirm(message)  # Тарас's program is done with it: Олена gets ✓✓
         peer.send_text("Олена", "Добрий день! 你好")
         await wait_for(lambda: "Добрий день! 你好" in screen_text(app), what="incoming line")
         await wait_for(lambda: "✓✓" in screen_text(app), what="delivery mark")

@@ -186,6 +186,8 @@ def test_duplicate_deliveries_are_dropped_by_stream_position():
     for deliver in deliveries + deliveries[1:]:  # 2 and 3 come again
         shown += session.receive(codec.encode(deliver), 10)
     assert [e.seq for e in shown] == [1, 2, 3]
+    for event in shown:
+        session.confirm(event.seq, 10)
     receipts = [codec.decode(f) for f in session.data_to_send() if f[1] == b"RECEIPT"]
     assert receipts == [Receipt(3)]  # one, cumulative
 
@@ -194,9 +196,11 @@ def test_a_receipt_never_confirms_past_a_gap():
     session = online_session("bob")
     for seq in (1, 2, 4, 5):
         session.receive(codec.encode(Deliver(f"m{seq}", str(seq), "a", "t", 1, 2, seq)), 10)
+        session.confirm(seq, 10)
     receipts = [codec.decode(f) for f in session.data_to_send() if f[1] == b"RECEIPT"]
     assert receipts == [Receipt(2)]
     session.receive(codec.encode(Deliver("m3", "3", "a", "t", 1, 2, 3)), 11)
+    session.confirm(3, 11)
     receipts = [codec.decode(f) for f in session.data_to_send() if f[1] == b"RECEIPT"]
     assert receipts == [Receipt(5)]
 
@@ -205,6 +209,7 @@ def test_a_gap_in_the_stream_is_not_skipped_on_resume():
     session = ClientSession("bob")
     for seq in (1, 3):
         session.receive(codec.encode(Deliver(f"m{seq}", str(seq), "a", "t", 1, 2, seq)), 10)
+        session.confirm(seq, 10)
     session.connect(20)
     (login,) = [codec.decode(f) for f in session.data_to_send() if f[1] == b"LOGIN"]
     assert login.resume_from == 1  # 2 never arrived, so the broker must send it again
@@ -374,6 +379,7 @@ def test_a_fresh_client_starts_from_the_brokers_mark_not_from_what_it_saw_first(
     welcome = Welcome("bob", 1, "token", TEST_LIMITS, (), stream_mark=3)
     session.receive(codec.encode(welcome), 2)
     session.receive(codec.encode(Deliver("m5", "5", "a", "t", 1, 2, seq=5)), 3)
+    session.confirm(5, 3)
     session.connect(4)
     (login,) = [codec.decode(f) for f in session.data_to_send() if f[1] == b"LOGIN"]
     assert login.resume_from == 3  # seq 4 never arrived: it must not be confirmed

@@ -70,19 +70,27 @@ def message_json(message: IncomingMessage) -> str:
     )
 
 
+def install_stop_handler(stop: Callable[[int, object], None]) -> None:
+    """Call `stop` on Ctrl-C and SIGTERM, and on Ctrl-Break on Windows (its consoles and
+    service managers send no SIGTERM)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    if sys.platform == "win32":
+        signal.signal(signal.SIGBREAK, stop)
+
+
 def listen(
     server: str, name: str, as_json: bool, security: dict[str, Any], out: TextIO = sys.stdout
 ) -> int:
     """Print every incoming message (one JSON object per line with `as_json`) until
-    SIGINT/SIGTERM."""
+    SIGINT/SIGTERM (or Ctrl-Break on Windows, whose consoles send no SIGTERM)."""
     stopping = False
 
     def stop(_signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    install_stop_handler(stop)
 
     def work() -> int:
         with Client(name, server, **security) as client:

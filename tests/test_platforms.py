@@ -269,3 +269,18 @@ def test_two_broker_processes_hand_out_different_first_routing_ids() -> None:
     ]
     assert all(len(i) == 10 and i.startswith("00") for i in ids), ids
     assert ids[0] != ids[1]
+
+
+@pytest.mark.parametrize("platform", ["win32", "linux"])
+def test_listen_stops_cleanly_on_ctrl_break_on_windows(
+    monkeypatch: pytest.MonkeyPatch, platform: str
+) -> None:
+    from mangogram_client import scripting
+
+    installed: list[int] = []
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(signal, "SIGBREAK", 21, raising=False)
+    monkeypatch.setattr(signal, "signal", lambda signum, _handler: installed.append(signum))
+    scripting.install_stop_handler(lambda _signum, _frame: None)
+    expected = [signal.SIGINT, signal.SIGTERM] + ([21] if platform == "win32" else [])
+    assert installed == expected

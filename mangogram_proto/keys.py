@@ -109,7 +109,8 @@ def _fsync_directory(directory: Path) -> None:
 
 # Threads of one process share this; other processes are kept out by the lock file.
 _THREAD_LOCK = threading.Lock()
-LOCK_ATTEMPTS = 200  # Windows: msvcrt retries each attempt for about a second itself
+# Windows: each msvcrt LK_LOCK attempt itself retries for about 10 s, so about 30 s in all.
+LOCK_ATTEMPTS = 3
 
 
 @contextlib.contextmanager
@@ -139,7 +140,7 @@ if sys.platform == "win32":  # (sys.platform, not os.name: mypy --platform reads
                 msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
                 return
             except OSError:
-                continue  # LK_LOCK already waited about a second
+                continue  # LK_LOCK already waited
         raise KeyFileError(f"{lock_path} stayed locked by another program; try again")
 
     def _unlock_file(fd: int) -> None:

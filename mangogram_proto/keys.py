@@ -98,7 +98,11 @@ def _fsync_directory(directory: Path) -> None:
     (NTFS journals the rename itself), so there it is skipped."""
     if os.name == "nt":
         return
-    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as exc:  # the file itself is written and renamed: only durability waits
+        log.debug("cannot open directory %s to fsync it: %s", directory, exc)
+        return
     try:
         os.fsync(fd)
     except OSError as exc:  # some file systems (and macOS network mounts) refuse it

@@ -206,9 +206,9 @@ _SEND = b"SEND"
 # `"id"`, then JSON whitespace, a colon, whitespace and the quote that opens the value.
 _ID_KEY = re.compile(rb'"id"[ \t\n\r]*:[ \t\n\r]*"')
 ID_CANDIDATES = 8
-# The longest JSON text of a MAX_REF_CHARS string: every character escaped as \\uXXXX
-# (6 bytes) or written as 4 UTF-8 bytes.
-_MAX_ID_TEXT = 6 * MAX_REF_CHARS
+# The longest JSON text of a MAX_REF_CHARS string: every character beyond U+FFFF
+# escaped as a surrogate pair, \\uD83E\\uDD6D (12 bytes).
+_MAX_ID_TEXT = 12 * MAX_REF_CHARS
 
 
 def find_id(payload: bytes) -> str | None:

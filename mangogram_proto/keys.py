@@ -98,7 +98,11 @@ def _fsync_directory(directory: Path) -> None:
     (NTFS journals the rename itself), so there it is skipped."""
     if os.name == "nt":
         return
-    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as exc:  # the file itself is written and renamed: only durability waits
+        log.debug("cannot open directory %s to fsync it: %s", directory, exc)
+        return
     try:
         os.fsync(fd)
     except OSError as exc:  # some file systems (and macOS network mounts) refuse it
@@ -109,7 +113,8 @@ def _fsync_directory(directory: Path) -> None:
 
 # Threads of one process share this; other processes are kept out by the lock file.
 _THREAD_LOCK = threading.Lock()
-LOCK_ATTEMPTS = 200  # Windows: msvcrt retries each attempt for about a second itself
+# Windows: each msvcrt LK_LOCK attempt itself retries for about 10 s, so about 30 s in all.
+LOCK_ATTEMPTS = 3
 
 
 @contextlib.contextmanager
@@ -139,7 +144,7 @@ if sys.platform == "win32":  # (sys.platform, not os.name: mypy --platform reads
                 msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
                 return
             except OSError:
-                continue  # LK_LOCK already waited about a second
+                continue  # LK_LOCK already waited
         raise KeyFileError(f"{lock_path} stayed locked by another program; try again")
 
     def _unlock_file(fd: int) -> None:

@@ -357,8 +357,9 @@ def send_text(id_: str, text: str) -> bytes:
         ([SIGNATURE, b"HISTORY", b'{"id":"m-6","peer":"' + b"x" * 3000 + b'"}'], 1000, None),
         ([SIGNATURE, b"SEND", b'{"text":"\\"id\\":\\"fake\\"' + b"z" * 3000 + b'"}'], 1000, None),
         ([SIGNATURE, b"SEND", send_text("i" * 64, "x") + b"}"], None, "i" * 64),
+        ([SIGNATURE, b"SEND", send_text("🥭" * 256, "x" * 3000)], 1000, "🥭" * 256),
     ],
-    ids=range(10),
+    ids=range(11),
 )
 def test_undecodable_send_bodies_still_name_the_message(frames, max_body, ref):
     assert refusal(frames, max_body).ref == ref

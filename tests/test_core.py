@@ -602,3 +602,28 @@ def test_at_the_session_cap_an_online_name_is_taken_and_a_new_one_finds_the_brok
     taken_over = net.raw(net.new_peer(), codec.encode(Login("alice", resume_token=token)))
     assert isinstance(taken_over[0].message, Welcome)  # a takeover adds no session
     assert len(net.core.registry) == 1
+
+
+def test_presence_reaches_everyone_while_at_most_the_limit_are_online_after_the_event(
+    net, monkeypatch
+):
+    # protocol.md section 4: count the users online after the event (with a new user,
+    # without one who left); at most the limit: everyone; above it: contacts only.
+    import mangogram_broker.core as core_module
+
+    monkeypatch.setattr(core_module, "PRESENCE_BROADCAST_LIMIT", 3)
+    alice, bob = net.join("alice"), net.join("bob")
+    carol = net.join("carol")  # 3 online after her login: at the limit
+    assert [p.name for p in alice.take(PresenceChanged)] == ["bob", "carol"]
+    assert [p.name for p in bob.take(PresenceChanged)] == ["carol"]
+    (welcome,) = carol.take(LoggedIn)
+    assert set(welcome.online) == {"alice", "bob"}
+    dave = net.join("dave")  # 4 after his login: above it, and dave has no contacts
+    assert alice.take(PresenceChanged) == [] and bob.take(PresenceChanged) == []
+    (welcome,) = dave.take(LoggedIn)
+    assert welcome.online == ()
+    carol.take(PresenceChanged)
+    dave.session.leave(net.now)  # 3 remain after he left: at the limit again
+    net.pump()
+    assert [p.name for p in alice.take(PresenceChanged)] == ["dave"]
+    assert [p.name for p in carol.take(PresenceChanged)] == ["dave"]

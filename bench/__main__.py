@@ -4,6 +4,7 @@
     python -m bench --quick    # N = 100 and latency only (under a minute)
     python -m bench --json     # one JSON object instead of tables
     python -m bench --repeat 3 # each throughput run three times, systems in turns; medians
+    python -m bench --storm-only --storm 1000   # only the login storm (below)
 
 Systems: the MangoGram broker as shipped (durability full), with durability normal, and
 with its store in memory (a reference for what durability costs: nothing on disk); the
@@ -14,6 +15,9 @@ Every system runs in its own process with the same load generator (`bench.load`)
 another; the server's CPU time comes from the OS (psutil), sampled when the generator
 says its measured window opens and closes. Only loopback addresses are used.
 It warns when the machine is already busy before it starts.
+
+The login storm (`--storm N`): an honest pair's round-trip p99 on the MangoGram broker
+while N new CurveZMQ connections log in at once, as a ratio to its p99 just before.
 """
 
 from __future__ import annotations
@@ -216,6 +220,43 @@ def measure_rtt(system: str, work: Path, count: int) -> dict[str, object]:
             "samples": len(samples)}  # fmt: skip
 
 
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 1)
+
+
+def measure_storm(
+    work: Path, clients: int, count: int, system: str = "mangogram"
+) -> dict[str, object]:
+    """An honest pair's round-trip p99 while `clients` new connections log in at once
+    (CurveZMQ handshakes, ZAP, key discovery unused, LOGINs), against its p99 on the same
+    broker just before: the ratio says how much a connect storm slows everyone else."""
+    server = start_server(system, work / f"storm-{system}-{clients}")
+    try:
+        command = load_command(system, server, "storm", "--clients", str(clients),
+                               "--count", str(count))  # fmt: skip
+        result = run_load(command, 600)
+    finally:
+        server.stop()
+    quiet = [float(s) for s in result["quiet_rtt_us"]]  # type: ignore[attr-defined]
+    during = [float(s) for s in result["storm_rtt_us"]]  # type: ignore[attr-defined]
+    if not quiet or not during:
+        raise RuntimeError("the storm run took no round-trip samples")
+    quiet_p99, storm_p99 = percentile(quiet, 0.99), percentile(during, 0.99)
+    return {
+        "system": system,
+        "clients": clients,
+        "storm_s": result["storm_s"],
+        "quiet_p50_us": percentile(quiet, 0.5),
+        "quiet_p99_us": quiet_p99,
+        "storm_p50_us": percentile(during, 0.5),
+        "storm_p99_us": storm_p99,
+        "storm_max_us": round(max(during), 1),
+        "storm_samples": len(during),
+        "storm_p99_to_quiet_p99": round(storm_p99 / quiet_p99, 2),
+    }
+
+
 def measure_memory(clients: int, work: Path, system: str = "mangogram") -> dict[str, object]:
     server = start_server(system, work / f"memory-{system}-{clients}")
     holders: list[subprocess.Popen[str]] = []
@@ -301,7 +342,20 @@ def main() -> None:
         help="measure each throughput run this many times, the systems taking turns, and"
         " report the median run (the slower middle one for an even count; default 1)",
     )
+    parser.add_argument(
+        "--storm",
+        type=int,
+        help="connections in the login-storm test (default 1000 in a full run, none with"
+        " --quick; 0: skip)",
+    )
+    parser.add_argument("--storm-only", action="store_true", help="run only the login-storm test")
     args = parser.parse_args()
+    storm_clients = args.storm if args.storm is not None else (0 if args.quick else 1000)
+    if args.storm_only:
+        with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+            result = measure_storm(Path(tmp), storm_clients or 1000, args.rtt_count or 500)
+        print(json.dumps(result) if args.json else format_storm(result))
+        return
     sizes = [100] if args.quick else [int(n) for n in (args.sizes or "1,10,100,1000").split(",")]
     warmup = 1.0
     report: dict[str, object] = {"runs": [], "rtt": [], "memory": []}
@@ -320,6 +374,8 @@ def main() -> None:
         count = args.rtt_count or (500 if args.quick else 2000)
         rtts = [measure_rtt(s, work, count) for s in SYSTEMS]
         report["rtt"] = rtts
+        if storm_clients:
+            report["storm"] = measure_storm(work, storm_clients, args.rtt_count or 500)
         if not args.quick and not args.no_memory:
             report["memory"] = [measure_memory(c, work) for c in (1000, 10000)]
             # The same idle clients on the bare ROUTER: what libzmq itself keeps per
@@ -336,6 +392,9 @@ def main() -> None:
         "mangogram_to_thread_server_n1000": ratio(runs, "mangogram", "thread-server", 1000),
         "rtt_p99_to_limit": round(float(mango_p99) / float(limit_p99), 3),  # type: ignore[arg-type]
     }
+    if "storm" in report:
+        ratio_of_storm = report["storm"]["storm_p99_to_quiet_p99"]  # type: ignore[index]
+        report["ratios"]["storm_rtt_p99_to_quiet"] = ratio_of_storm  # type: ignore[index]
     memory = {m["clients"]: m["kb_per_client"] for m in report["memory"]}  # type: ignore[attr-defined]
     bare = {m["clients"]: m["kb_per_client"] for m in report.get("memory_limit", [])}  # type: ignore[attr-defined]
     if 10000 in memory and bare.get(10000):
@@ -362,7 +421,18 @@ def main() -> None:
         for m in report.get(key, []):  # type: ignore[attr-defined]
             print(f"\n{label}: {m['clients']} idle clients, {m['kb_per_client']} KB each,", end=" ")
             print(f"connected in {m['connect_s']} s")
+    if "storm" in report:
+        print("\n" + format_storm(report["storm"]))  # type: ignore[arg-type]
     print("\nratios:", json.dumps(report["ratios"]))
+
+
+def format_storm(result: dict[str, object]) -> str:
+    return (
+        f"login storm, {result['clients']} connections in {result['storm_s']} s:"
+        f" honest pair p99 {result['quiet_p99_us']} µs quiet, {result['storm_p99_us']} µs"
+        f" during (max {result['storm_max_us']}; {result['storm_samples']} samples),"
+        f" ratio {result['storm_p99_to_quiet_p99']}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ import itertools
 import json
 import selectors
 import socket
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -276,6 +278,81 @@ def rtt(args: argparse.Namespace) -> dict[str, object]:
     return {"rtt_us": samples}
 
 
+def round_trips(
+    alice: Client,
+    bob: Client,
+    waiter: Waiter,
+    deadline: float,
+    count: int | None = None,
+    until: Callable[[], bool] = lambda: False,
+) -> list[float]:
+    """Alice sends, Bob answers, Alice hears it: one sample in microseconds per round
+    trip, until there are `count`, `until()` says stop, or the deadline passes."""
+    samples: list[float] = []
+    while (count is None or len(samples) < count) and not until():
+        if time.monotonic() > deadline:
+            break
+        started = time.perf_counter()
+        alice.send_text(bob, PAYLOAD)
+        answered = False
+        while not answered and time.monotonic() < deadline:
+            for client in waiter.ready(100):
+                for _text in client.receive():
+                    if client is bob:
+                        bob.send_text(alice, PAYLOAD)
+                    else:
+                        answered = True
+        if answered:
+            samples.append((time.perf_counter() - started) * 1e6)
+    return samples
+
+
+def storm(args: argparse.Namespace) -> dict[str, object]:
+    """An honest pair's round trips, first on a quiet broker (`--count` of them), then
+    while `--clients` new connections log in at once (another process, started here, as
+    the idle mode); the storm is over when that process reports every client online."""
+    alice, bob = make_clients(args, [f"{args.prefix}a", f"{args.prefix}b"])
+    wait_online([alice, bob], args.system, time.monotonic() + 60)
+    waiter = Waiter([alice, bob], args.system)
+    deadline = time.monotonic() + 120
+    round_trips(alice, bob, waiter, deadline, count=max(1, args.count // 10))  # warm-up
+    quiet = round_trips(alice, bob, waiter, deadline, count=args.count)
+    command = [sys.executable, "-m", "bench.load", args.system, args.endpoint, "idle",
+               "--clients", str(args.clients), "--prefix", f"{args.prefix}storm-"]  # fmt: skip
+    if args.server_key:
+        command.append(f"--server-key={args.server_key}")
+    crowd = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert crowd.stdout is not None
+    online = threading.Event()
+    report: list[str] = []
+
+    def follow() -> None:
+        line = crowd.stdout.readline()  # type: ignore[union-attr]
+        report.append(line)
+        online.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    started = time.monotonic()
+    try:
+        during = round_trips(alice, bob, waiter, started + 300, until=online.is_set)
+    finally:
+        assert crowd.stdin is not None
+        crowd.stdin.close()
+        try:
+            crowd.wait(60)
+        except subprocess.TimeoutExpired:
+            crowd.kill()
+            crowd.wait()
+    if not report or not report[0].startswith("{"):
+        raise SystemExit("the storm's clients never all logged in")
+    return {
+        "quiet_rtt_us": quiet,
+        "storm_rtt_us": during,
+        "storm_s": round(time.monotonic() - started, 3),
+        "storm_clients": args.clients,
+    }
+
+
 def idle(args: argparse.Namespace) -> dict[str, object]:
     started = time.monotonic()
     clients = make_clients(args, [f"{args.prefix}i{i}" for i in range(args.clients)])
@@ -289,7 +366,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="MangoGram benchmark load generator")
     parser.add_argument("system", choices=["mangogram", "limit", "thread-server"])
     parser.add_argument("endpoint")
-    parser.add_argument("mode", choices=["throughput", "rtt", "idle"])
+    parser.add_argument("mode", choices=["throughput", "rtt", "idle", "storm"])
     parser.add_argument("--server-key")
     parser.add_argument("--pairs", type=int, default=1)
     parser.add_argument("--inflight", type=int, default=32)
@@ -303,6 +380,7 @@ def main() -> None:
         "throughput": throughput,  # type: ignore[dict-item]
         "rtt": rtt,
         "idle": idle,
+        "storm": storm,
     }
     result = modes[args.mode](args)
     if result:

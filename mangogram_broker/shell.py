@@ -27,10 +27,10 @@ from mangogram_proto.constants import FRAME_COUNT
 from mangogram_proto.keys import KeyPair
 from mangogram_proto.messages import Accepted, Deliver, Login, Receipt, Welcome
 
+from .authenticator import Authenticator
 from .connections import ConnectionTable
 from .core import BrokerCore, Outgoing, coalesce
 from .crashpoints import CrashPoints
-from .security import ZAP_ENDPOINT, key_reply, zap_reply
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 # turn holds several messages per connection even with thousands connected and their
 # acknowledgements merge; a saturated turn then takes a few hundred milliseconds.
 BATCH = 8192
-KEY_REQUESTS_PER_TURN = 2048
 _LOGIN = Login.COMMAND.encode()
 _RECEIPT = Receipt.COMMAND.encode()
 _NOBLOCK_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
@@ -104,25 +103,23 @@ class BrokerServer:
         # A peer that stops reading gets at most this many queued messages, then sends to
         # it fail (EAGAIN) and what it has not confirmed stays in the store.
         self._router.setsockopt(zmq.SNDHWM, SEND_QUEUE_PER_PEER)
-        self._zap: zmq.Socket[bytes] | None = None
-        self._key_socket: zmq.Socket[bytes] | None = None
+        self._auth: Authenticator | None = None
+        self._logins = 0
         self.key_endpoint: str | None = None
         if keys is not None:
-            # The ZAP handler must exist before the first handshake, in this context.
-            self._zap = self._context.socket(zmq.REP)
-            self._zap.setsockopt(zmq.LINGER, 0)
-            self._zap.bind(ZAP_ENDPOINT)
+            # ZAP and key discovery on their own thread (authenticator.py); the handler
+            # must exist before the first handshake, in this context.
+            self._auth = Authenticator(self._context, keys, key_bind)
+            self.key_endpoint = self._auth.key_endpoint
             self._router.setsockopt(zmq.CURVE_SERVER, 1)
             self._router.setsockopt(zmq.CURVE_SECRETKEY, keys.secret.encode("ascii"))
             self._router.setsockopt(zmq.CURVE_PUBLICKEY, keys.public.encode("ascii"))
-            if key_bind is not None:
-                self._key_socket = self._context.socket(zmq.ROUTER)
-                self._key_socket.setsockopt(zmq.LINGER, 0)
-                self._key_socket.setsockopt(zmq.MAXMSGSIZE, 256)
-                self._key_socket.bind(key_bind)
-                self.key_endpoint = self._key_socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._monitor = self._monitor_socket()
-        self._router.bind(bind)
+        try:
+            self._router.bind(bind)
+        except zmq.ZMQError:
+            self.close()  # the authentication thread too
+            raise
         self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._connections = ConnectionTable()
 
@@ -147,18 +144,11 @@ class BrokerServer:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
-        for extra in (self._zap, self._key_socket):
-            if extra is not None:
-                poller.register(extra, zmq.POLLIN)
         next_expiry = self._clock() + TICK_MS
         try:
             while not self._stopping:
                 ready = dict(poller.poll(TICK_MS))
                 outgoing: list[Outgoing] = []
-                if self._zap is not None and self._zap in ready:
-                    self._answer_zap()
-                if self._key_socket is not None and self._key_socket in ready:
-                    self._answer_key_requests()
                 if self._monitor in ready:
                     outgoing += self._drain_monitor()
                 if self._router in ready:
@@ -173,35 +163,15 @@ class BrokerServer:
                         self._crash.reached("after_commit")
                     self._send_all(coalesce(outgoing), now)
                     self.core.store.commit()  # what send failures changed
+                if self._auth is not None:
+                    self._auth.turn_done(self._logins)  # as many new handshakes may go on
+                    self._logins = 0
         finally:
             self.close()
 
-    def _answer_zap(self) -> None:
-        while True:
-            try:
-                request = self._zap.recv_multipart(zmq.NOBLOCK)  # type: ignore[union-attr]
-            except zmq.Again:
-                return
-            self._zap.send_multipart(zap_reply(request))  # type: ignore[union-attr]
-
-    def _answer_key_requests(self) -> None:
-        assert self._key_socket is not None and self._keys is not None
-        for _ in range(KEY_REQUESTS_PER_TURN):
-            try:
-                request = self._key_socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            reply = key_reply(request, self._keys.public)
-            if reply is not None:
-                try:
-                    self._key_socket.send_multipart(reply, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    log.debug("key request dropped: the asker is not reading")
-
     def close(self) -> None:
-        for extra in (self._zap, self._key_socket):
-            if extra is not None:
-                extra.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         self._router.disable_monitor()
         self._monitor.close(linger=0)
         self._router.close(linger=0)
@@ -230,6 +200,8 @@ class BrokerServer:
             command = frames[1] if len(frames) > 1 else b""
             # The address only matters to LOGIN (registration limits): not read for the rest.
             user_key, address = self._credentials(first, with_address=command == _LOGIN)
+            if command == _LOGIN:
+                self._logins += 1  # admission of new handshakes follows (authenticator.py)
             if command == _RECEIPT:
                 self._crash.reached("before_receipt")
             outgoing += self.core.handle_frames(peer, frames, now, user_key, address)

@@ -21,7 +21,7 @@ def test_bench_reports_every_system_with_ratios():
     # Its own session, so that on a timeout the servers and generators it started go too.
     bench = subprocess.Popen(
         [sys.executable, "-m", "bench", "--sizes", "10", "--window", "0.3", "--no-memory",
-         "--rtt-count", "40", "--repeat", "2", "--json"],
+         "--rtt-count", "40", "--repeat", "2", "--storm", "0", "--json"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
@@ -139,3 +139,14 @@ def test_the_store_scale_benchmark_reports_the_longest_loop_turns(tmp_path):
     assert report["housekeeping_turns"] == 30
     assert 0 < report["longest_retention_work_ms"] <= report["longest_housekeeping_turn_ms"]
     assert report["login_turn_busy_user_ms"] > 0 and report["login_turn_ordinary_user_ms"] > 0
+
+
+def test_the_login_storm_is_measured_against_the_quiet_broker(tmp_path):
+    from bench.__main__ import measure_storm
+
+    result = measure_storm(tmp_path, clients=20, count=30)
+    assert result["clients"] == 20
+    assert 0 < result["quiet_p50_us"] <= result["quiet_p99_us"]
+    assert result["storm_samples"] >= 1
+    assert 0 < result["storm_p50_us"] <= result["storm_p99_us"] <= result["storm_max_us"]
+    assert result["storm_p99_to_quiet_p99"] > 0

@@ -229,8 +229,8 @@ def measure_storm(
     work: Path, clients: int, count: int, system: str = "mangogram"
 ) -> dict[str, object]:
     """An honest pair's round-trip p99 while `clients` new connections log in at once
-    (CurveZMQ handshakes, ZAP, key discovery unused, LOGINs), against its p99 on the same
-    broker just before: the ratio says how much a connect storm slows everyone else."""
+    (CurveZMQ handshakes, ZAP, LOGINs), against its p99 on the same broker just before:
+    the ratio says how much a connect storm slows everyone else."""
     server = start_server(system, work / f"storm-{system}-{clients}")
     try:
         command = load_command(system, server, "storm", "--clients", str(clients),

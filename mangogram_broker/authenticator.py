@@ -122,7 +122,10 @@ class Authenticator:
     def turn_done(self, logins: int) -> None:
         """Report the LOGINs the loop turn handled: as many more handshakes may go on."""
         if logins:
-            self._channel.send(logins.to_bytes(4, "big"))
+            try:
+                self._channel.send(logins.to_bytes(4, "big"), zmq.NOBLOCK)
+            except zmq.Again:  # the thread is far behind (or gone): never block the loop
+                log.warning("the authentication thread is not reading; admissions wait")
 
     def stop(self) -> None:
         """Stop the thread (it closes its sockets) and close the channel."""

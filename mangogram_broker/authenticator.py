@@ -20,6 +20,9 @@ Theory of operation
   LOGINs per turn, between everyone else's messages. An admitted client that never sends
   LOGIN stops counting after `ADMISSION_TIMEOUT_S`. (A handshake that waits longer than
   libzmq's handshake interval, 30 s, is dropped; the client reconnects.)
+* Waiting handshakes are admitted in turns by IP address (`FairQueue`): handshakes that
+  never log in hold a slot until the timeout, and one address opening them by the
+  hundred must not starve everyone else's.
 """
 
 from __future__ import annotations
@@ -75,6 +78,32 @@ class AdmissionGate:
         if not self._admitted:
             return None
         return max(0.0, self._admitted[0] + self._timeout_s - now)
+
+
+class FairQueue:
+    """Waiting handshakes, taken in turns by address (round robin), so that one address
+    flooding handshakes that never log in holds only its share of the admissions."""
+
+    def __init__(self) -> None:
+        self._by_address: dict[bytes, deque[list[bytes]]] = {}  # in turn order
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def put(self, address: bytes, request: list[bytes]) -> None:
+        self._by_address.setdefault(address, deque()).append(request)
+        self._count += 1
+
+    def take(self) -> list[bytes]:
+        """The next request in turn; the queue must not be empty."""
+        address, waiting = next(iter(self._by_address.items()))
+        request = waiting.popleft()
+        del self._by_address[address]
+        if waiting:
+            self._by_address[address] = waiting  # to the back of the line
+        self._count -= 1
+        return request
 
 
 class Authenticator:
@@ -153,7 +182,7 @@ class Authenticator:
         for socket in (self._zap, self._key_socket, self._thread_end):
             if socket is not None:
                 poller.register(socket, zmq.POLLIN)
-        waiting: deque[list[bytes]] = deque()
+        waiting = FairQueue()
         gate = self._gate
         while True:
             timeout: int | None = None
@@ -173,14 +202,16 @@ class Authenticator:
             if self._zap in ready:
                 while True:
                     try:
-                        waiting.append(self._zap.recv_multipart(zmq.NOBLOCK))
+                        request = self._zap.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
+                    # [routing id, b"", version, request id, domain, address, ...]
+                    waiting.put(request[5] if len(request) > 5 else b"", request)
             if self._key_socket is not None and self._key_socket in ready:
                 self._answer_key_requests(self._key_socket)
             now = time.monotonic()
             while waiting and gate.admit(now):
-                self._admit(waiting.popleft())
+                self._admit(waiting.take())
 
     def _admit(self, request: list[bytes]) -> None:
         # [routing id, empty delimiter, ZAP request...]: libzmq sends it as a REQ would.

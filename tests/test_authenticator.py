@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import zmq
 
-from mangogram_broker.authenticator import ADMIT_AHEAD, AdmissionGate, Authenticator
+from mangogram_broker.authenticator import ADMIT_AHEAD, AdmissionGate, Authenticator, FairQueue
 from mangogram_proto.keys import KEY_COMMAND, KEY_SIGNATURE, KeyPair
 
 
@@ -26,6 +26,20 @@ def test_an_admission_that_never_logs_in_stops_counting_after_the_timeout():
     assert not gate.admit(2.9)
     assert gate.wait_s(2.5) == pytest.approx(0.5)
     assert gate.admit(3.0)
+
+
+def test_waiting_handshakes_are_taken_in_turns_by_address():
+    queue = FairQueue()
+    for number in range(5):
+        queue.put(b"10.0.0.66", [b"flood %d" % number])
+    queue.put(b"10.0.0.1", [b"alice"])
+    queue.put(b"10.0.0.2", [b"bob"])
+    queue.put(b"10.0.0.1", [b"alice again"])
+    assert len(queue) == 8
+    taken = [queue.take()[0] for _ in range(8)]
+    assert taken[:4] == [b"flood 0", b"alice", b"bob", b"flood 1"]
+    assert taken[4:] == [b"alice again", b"flood 2", b"flood 3", b"flood 4"]
+    assert len(queue) == 0
 
 
 @pytest.fixture

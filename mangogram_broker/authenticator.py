@@ -22,7 +22,9 @@ Theory of operation
   libzmq's handshake interval, 30 s, is dropped; the client reconnects.)
 * Waiting handshakes are admitted in turns by IP address (`FairQueue`): handshakes that
   never log in hold a slot until the timeout, and one address opening them by the
-  hundred must not starve everyone else's.
+  hundred must not starve everyone else's. One that has waited `MAX_WAIT_S` is admitted
+  at once: pacing must never make a handshake time out (the client would take it for a
+  wrong server key), so a storm larger than the loop can take in that time is let in.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import logging
 import threading
 import time
 from collections import deque
+from typing import Any
 
 import zmq
 
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 # bounds a turn's LOGIN work to a few tenths of a second; see python -m bench --storm-only.
 ADMIT_AHEAD = 8
 ADMISSION_TIMEOUT_S = 2.0
+# A handshake waits for admission at most this long (libzmq drops one after 30 s).
+MAX_WAIT_S = 10.0
 KEY_REQUESTS_PER_WAKE = 2048
 STOP = b"S"  # a report of LOGINs is four bytes
 STOP_TIMEOUT_S = 5.0
@@ -82,27 +87,63 @@ class AdmissionGate:
 
 class FairQueue:
     """Waiting handshakes, taken in turns by address (round robin), so that one address
-    flooding handshakes that never log in holds only its share of the admissions."""
+    flooding handshakes that never log in holds only its share of the admissions; and
+    oldest first once one has waited `max_wait_s`, so that pacing never makes a handshake
+    overrun libzmq's handshake interval (a client would see a failed handshake). Pure:
+    the clock is passed in."""
 
-    def __init__(self) -> None:
-        self._by_address: dict[bytes, deque[list[bytes]]] = {}  # in turn order
+    def __init__(self, max_wait_s: float = MAX_WAIT_S) -> None:
+        self._max_wait_s = max_wait_s
+        # Entries are [request, taken]; each address's in arrival order, addresses in turn
+        # order. `_arrivals` holds every entry in arrival order, taken ones dropped lazily.
+        self._by_address: dict[bytes, deque[list[Any]]] = {}
+        self._arrivals: deque[tuple[float, bytes, list[Any]]] = deque()
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
 
-    def put(self, address: bytes, request: list[bytes]) -> None:
-        self._by_address.setdefault(address, deque()).append(request)
+    def put(self, address: bytes, request: list[bytes], now: float) -> None:
+        entry: list[Any] = [request, False]
+        self._by_address.setdefault(address, deque()).append(entry)
+        self._arrivals.append((now, address, entry))
         self._count += 1
 
     def take(self) -> list[bytes]:
         """The next request in turn; the queue must not be empty."""
-        address, waiting = next(iter(self._by_address.items()))
-        request = waiting.popleft()
-        del self._by_address[address]
+        address = next(iter(self._by_address))
+        return self._take_from(address)
+
+    def take_overdue(self, now: float) -> list[list[bytes]]:
+        """Every request that has waited `max_wait_s` or more, oldest first."""
+        overdue = []
+        while self._arrivals:
+            arrived, address, entry = self._arrivals[0]
+            if entry[1]:
+                self._arrivals.popleft()
+            elif arrived + self._max_wait_s <= now:
+                # The oldest waiting request is the first of its address's.
+                overdue.append(self._take_from(address))
+            else:
+                break
+        return overdue
+
+    def overdue_in_s(self, now: float) -> float | None:
+        """How long until the oldest waiting request is overdue (None: nothing waits)."""
+        while self._arrivals and self._arrivals[0][2][1]:
+            self._arrivals.popleft()
+        if not self._arrivals:
+            return None
+        return max(0.0, self._arrivals[0][0] + self._max_wait_s - now)
+
+    def _take_from(self, address: bytes) -> list[bytes]:
+        waiting = self._by_address.pop(address)
+        entry = waiting.popleft()
+        entry[1] = True
         if waiting:
             self._by_address[address] = waiting  # to the back of the line
         self._count -= 1
+        request: list[bytes] = entry[0]
         return request
 
 
@@ -120,9 +161,11 @@ class Authenticator:
         keys: KeyPair,
         key_bind: str | None,
         gate: AdmissionGate | None = None,
+        max_wait_s: float = MAX_WAIT_S,
     ) -> None:
         self._public = keys.public
         self._gate = gate or AdmissionGate()  # the authentication thread's from here on
+        self._max_wait_s = max_wait_s
         # ROUTER, not REP: requests can wait for admission while others are read.
         self._zap = context.socket(zmq.ROUTER)
         self._zap.setsockopt(zmq.LINGER, 0)
@@ -182,13 +225,14 @@ class Authenticator:
         for socket in (self._zap, self._key_socket, self._thread_end):
             if socket is not None:
                 poller.register(socket, zmq.POLLIN)
-        waiting = FairQueue()
+        waiting = FairQueue(self._max_wait_s)
         gate = self._gate
         while True:
             timeout: int | None = None
-            wait_s = gate.wait_s(time.monotonic()) if waiting else None
-            if wait_s is not None:  # wake when the oldest admission stops counting
-                timeout = int(wait_s * 1000) + 1
+            if waiting:  # wake when an admission stops counting or a request is overdue
+                now = time.monotonic()
+                waits = (gate.wait_s(now), waiting.overdue_in_s(now))
+                timeout = int(min(w for w in waits if w is not None) * 1000) + 1
             ready = dict(poller.poll(timeout))
             if self._thread_end in ready:
                 while True:
@@ -206,10 +250,14 @@ class Authenticator:
                     except zmq.Again:
                         break
                     # [routing id, b"", version, request id, domain, address, ...]
-                    waiting.put(request[5] if len(request) > 5 else b"", request)
+                    address = request[5] if len(request) > 5 else b""
+                    waiting.put(address, request, time.monotonic())
             if self._key_socket is not None and self._key_socket in ready:
                 self._answer_key_requests(self._key_socket)
             now = time.monotonic()
+            for overdue in waiting.take_overdue(now):
+                gate.admit(now)  # counted when there is room; admitted anyway
+                self._admit(overdue)
             while waiting and gate.admit(now):
                 self._admit(waiting.take())
 

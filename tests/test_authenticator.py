@@ -29,25 +29,43 @@ def test_an_admission_that_never_logs_in_stops_counting_after_the_timeout():
 
 
 def test_waiting_handshakes_are_taken_in_turns_by_address():
-    queue = FairQueue()
+    queue = FairQueue(max_wait_s=10.0)
     for number in range(5):
-        queue.put(b"10.0.0.66", [b"flood %d" % number])
-    queue.put(b"10.0.0.1", [b"alice"])
-    queue.put(b"10.0.0.2", [b"bob"])
-    queue.put(b"10.0.0.1", [b"alice again"])
+        queue.put(b"10.0.0.66", [b"flood %d" % number], 0.0)
+    queue.put(b"10.0.0.1", [b"alice"], 0.0)
+    queue.put(b"10.0.0.2", [b"bob"], 0.0)
+    queue.put(b"10.0.0.1", [b"alice again"], 0.0)
     assert len(queue) == 8
     taken = [queue.take()[0] for _ in range(8)]
     assert taken[:4] == [b"flood 0", b"alice", b"bob", b"flood 1"]
     assert taken[4:] == [b"alice again", b"flood 2", b"flood 3", b"flood 4"]
     assert len(queue) == 0
+    assert queue.overdue_in_s(99.0) is None
+
+
+def test_a_handshake_that_waited_too_long_is_taken_oldest_first():
+    queue = FairQueue(max_wait_s=10.0)
+    queue.put(b"a", [b"a1"], 0.0)
+    queue.put(b"b", [b"b1"], 1.0)
+    queue.put(b"a", [b"a2"], 2.0)
+    queue.put(b"c", [b"c1"], 3.0)
+    assert queue.take() == [b"a1"]  # in turn, before it is overdue
+    assert queue.overdue_in_s(5.0) == pytest.approx(6.0)  # b1, waiting since 1.0
+    assert queue.take_overdue(10.5) == []
+    assert queue.take_overdue(12.0) == [[b"b1"], [b"a2"]]
+    assert len(queue) == 1
+    assert queue.overdue_in_s(12.0) == pytest.approx(1.0)
+    assert queue.take() == [b"c1"]
+    assert queue.take_overdue(100.0) == []
 
 
 @pytest.fixture
 def served(zctx):
     """A CurveZMQ ROUTER with the authenticator, in one context; closed at the end."""
     keys = KeyPair.generate()
-    # A timeout far longer than the test's waits: only LOGIN reports admit more.
-    auth = Authenticator(zctx, keys, "tcp://127.0.0.1:*", AdmissionGate(timeout_s=600))
+    # Timeouts far longer than the test's waits: only LOGIN reports admit more.
+    gate = AdmissionGate(timeout_s=600)
+    auth = Authenticator(zctx, keys, "tcp://127.0.0.1:*", gate, max_wait_s=600)
     router = zctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.setsockopt(zmq.CURVE_SERVER, 1)
@@ -96,6 +114,30 @@ def test_handshakes_are_admitted_only_as_the_routing_thread_handles_logins(serve
     finally:
         for sock in clients:
             sock.close(linger=0)
+
+
+def test_a_handshake_is_never_held_past_the_longest_wait(zctx):
+    # No LOGIN is ever reported, yet every client gets through once it has waited.
+    keys = KeyPair.generate()
+    gate = AdmissionGate(ahead=1, timeout_s=600)
+    auth = Authenticator(zctx, keys, None, gate, max_wait_s=0.2)
+    router = zctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.CURVE_SERVER, 1)
+    router.setsockopt(zmq.CURVE_SECRETKEY, keys.secret.encode())
+    router.setsockopt(zmq.CURVE_PUBLICKEY, keys.public.encode())
+    router.bind("tcp://127.0.0.1:*")
+    endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+    clients = [curve_client(zctx, keys, endpoint) for _ in range(4)]
+    try:
+        for sock in clients:
+            sock.send(b"login")
+        expect_arrivals(router, 4)
+    finally:
+        for sock in clients:
+            sock.close(linger=0)
+        router.close(linger=0)
+        auth.stop()
 
 
 def test_admitted_clients_carry_their_key_and_key_discovery_answers(served, zctx):

@@ -1,5 +1,11 @@
 """The interactive chat: a prompt_toolkit prompt with a status toolbar, and rich lines
-printed above it as messages arrive (patch_stdout keeps them off the line being typed)."""
+printed above it as messages arrive (patch_stdout keeps them off the line being typed).
+
+One prompt runs from the first keystroke to the last: Enter hands the line to
+`_accept` instead of ending the prompt, so the terminal never leaves raw mode between
+lines (keys typed in such a gap would be echoed into the transcript), and a sent line
+is shown once, as the rendered message, not also as an echoed prompt line. Questions
+asked while logging in (server, name, trust) are asked in the same input line."""
 
 from __future__ import annotations
 
@@ -7,14 +13,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.buffer import Buffer
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.input import Input
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit.output import Output
 from prompt_toolkit.patch_stdout import patch_stdout
 from rich.console import Console
@@ -78,6 +87,21 @@ class NameCompleter(Completer):
                 yield Completion(name, start_position=-len(prefix))
 
 
+@contextlib.contextmanager
+def _logging_above_prompt() -> Iterator[None]:
+    """Point log handlers at the current (patched) stderr, so a warning is printed above
+    the input line rather than into it; the old streams come back afterwards."""
+    moved: list[tuple[logging.StreamHandler[Any], Any]] = []
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.__stderr__:
+            moved.append((handler, handler.setStream(sys.stderr)))
+    try:
+        yield
+    finally:
+        for handler, stream in moved:
+            handler.setStream(stream)
+
+
 class ChatApp:
     """One run of the interactive client.
 
@@ -117,6 +141,12 @@ class ChatApp:
         self._closing = False
         self.exit_code = 0
         self._patch_stdout = input is None
+        # Lines typed before anyone asks for them: answers to the next login question, or
+        # chat lines acted on once logged in.
+        self._typed: asyncio.Queue[str] = asyncio.Queue()
+        self._question: tuple[str, asyncio.Future[str]] | None = None
+        self._chatting = False
+        self._quit = asyncio.Event()
         self._prompt: PromptSession[str] = PromptSession(
             input=input,
             output=output,
@@ -124,7 +154,40 @@ class ChatApp:
             complete_while_typing=False,
             bottom_toolbar=lambda: FormattedText(self.state.toolbar()),
             refresh_interval=0.5,
+            key_bindings=self._key_bindings(),
         )
+        self._prompt.default_buffer.accept_handler = self._accept
+
+    def _key_bindings(self) -> KeyBindings:
+        bindings = KeyBindings()
+
+        @bindings.add("c-c")
+        def _interrupt(event: KeyPressEvent) -> None:
+            # As in shells: Ctrl-C drops a half-typed line; on an empty line it quits.
+            if event.current_buffer.text:
+                event.current_buffer.reset()
+            else:
+                event.app.exit(exception=EOFError)  # KeyboardInterrupt would escape asyncio.run
+
+        return bindings
+
+    def _accept(self, buffer: Buffer) -> bool:
+        """Enter pressed: hand the line on; True keeps it in the input line for editing."""
+        text = buffer.text
+        if self._question is not None:
+            _label, answer = self._question
+            self._question = None
+            if not answer.done():
+                answer.set_result(text)
+            return False
+        if not self._chatting or self.connection is None:
+            self._typed.put_nowait(text)
+            return False
+        keep = self._act(self.connection, text)
+        if keep is None:
+            self._quit.set()
+            return False
+        return keep
 
     def show(self, lines: Iterable[Line], *, shown: IncomingMessage | None = None) -> None:
         """Print `lines`; then confirm `shown`, the incoming message among them (only
@@ -144,40 +207,73 @@ class ChatApp:
     async def run(self) -> int:
         """Log in, chat until /exit, Ctrl-D or Ctrl-C; returns the exit code."""
         context = patch_stdout(raw=True) if self._patch_stdout else contextlib.nullcontext()
-        with context:
-            connection, runner = await self._log_in()
-            if connection is None or runner is None:
-                return self.exit_code
-            pump = asyncio.create_task(self._pump_events(connection))
-            try:
-                if self.initial_peer:
-                    self.show(self.state.switch_peer(self.initial_peer, wall_clock_ms()))
-                await self._chat(connection)
-            finally:
-                connection.stop()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(runner, 3)
-                # A flag, not cancel(): Python 3.11's wait_for can swallow a cancellation.
-                self._closing = True
-                await asyncio.gather(pump, return_exceptions=True)
-                self.show(self.state.due(wall_clock_ms() + 10**9))
-        return 0
+        with context, _logging_above_prompt():
+            # The work first: its first line is printed before the prompt is first drawn.
+            work = asyncio.create_task(self._work())
+            ui = asyncio.create_task(self._prompt.prompt_async(self._prompt_text))
+            await asyncio.wait({ui, work}, return_when=asyncio.FIRST_COMPLETED)
+            if ui.done() and not work.done():
+                if self._chatting:
+                    self._quit.set()  # leave politely: the session says GOODBYE
+                else:
+                    work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            if not ui.done():
+                self._prompt.app.exit()
+            await asyncio.gather(ui, return_exceptions=True)
+        return self.exit_code
+
+    async def _work(self) -> None:
+        connection, runner = await self._log_in()
+        if connection is None or runner is None:
+            return
+        pump = asyncio.create_task(self._pump_events(connection))
+        try:
+            if self.initial_peer:
+                self.show(self.state.switch_peer(self.initial_peer, wall_clock_ms()))
+            self._chatting = True
+            # What was typed while connecting is acted on now, in order.
+            while not self._typed.empty():
+                if self._act(connection, self._typed.get_nowait()) is None:
+                    return
+            await self._quit.wait()
+        finally:
+            self._chatting = False
+            connection.stop()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(runner, 3)
+            # A flag, not cancel(): Python 3.11's wait_for can swallow a cancellation.
+            self._closing = True
+            await asyncio.gather(pump, return_exceptions=True)
+            self.show(self.state.due(wall_clock_ms() + 10**9))
+
+    async def _ask(self, label: str, default: str = "", *, fresh: bool = False) -> str:
+        """Ask a question in the input line and wait for Enter. A line typed ahead answers
+        it, unless `fresh` (a trust decision must follow the question, not precede it)."""
+        if fresh:
+            while not self._typed.empty():
+                self._typed.get_nowait()
+        elif not self._typed.empty():
+            return self._typed.get_nowait()
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._question = (label, answer)
+        buffer = self._prompt.default_buffer
+        if default and not buffer.text:
+            buffer.document = Document(default, len(default))
+        if self._prompt.app.is_running:
+            self._prompt.app.invalidate()
+        try:
+            return await answer
+        finally:
+            self._question = None
 
     async def _log_in(self) -> tuple[AsyncConnection | None, asyncio.Task[None] | None]:
         if self._ask_server:
-            try:
-                answer = await self._prompt.prompt_async("server: ", default=self.server)
-            except (EOFError, KeyboardInterrupt):
-                return None, None
+            answer = await self._ask("server: ", self.server)
             self.server = answer.strip() or self.server
         while True:
             if not self.name:
-                try:
-                    self.name = (
-                        await self._prompt.prompt_async("your name: ", default=self.default_name)
-                    ).strip()
-                except (EOFError, KeyboardInterrupt):
-                    return None, None
+                self.name = (await self._ask("your name: ", self.default_name)).strip()
                 if not self.name:
                     continue
             self.show([SystemLine(wall_clock_ms(), f"connecting to {self.server} as {self.name}…")])
@@ -232,10 +328,7 @@ class ChatApp:
                 )
             ]
         )
-        try:
-            answer = await self._prompt.prompt_async("trust this server and remember it? [y/N] ")
-        except (EOFError, KeyboardInterrupt):
-            answer = ""
+        answer = await self._ask("trust this server and remember it? [y/N] ", fresh=True)
         if answer.strip().lower() not in ("y", "yes"):
             self.show([SystemLine(wall_clock_ms(), "not trusted; nothing was sent", "error")])
             self.exit_code = 1
@@ -298,26 +391,20 @@ class ChatApp:
             elif event is not None and self._prompt.app.is_running:
                 self._prompt.app.invalidate()
 
-    async def _chat(self, connection: AsyncConnection) -> None:
-        while True:
-            try:
-                line = await self._prompt.prompt_async(self._prompt_text)
-            except (EOFError, KeyboardInterrupt):
-                return
-            if not self._act(connection, line):
-                return
-
     def _prompt_text(self) -> str:
+        if self._question is not None:
+            return self._question[0]
         return f"[{self.state.peer}] › " if self.state.peer else "› "
 
-    def _act(self, connection: AsyncConnection, line: str) -> bool:
-        """Carry out one typed line; False means leave."""
+    def _act(self, connection: AsyncConnection, line: str) -> bool | None:
+        """Carry out one typed line. Returns None to leave, True to keep the line in the
+        input for editing, False when it is done with."""
         command = parse_input(line)
         now = wall_clock_ms()
         if isinstance(command, Exit):
-            return False
+            return None
         if isinstance(command, Nothing):
-            return True
+            return False
         if isinstance(command, Hint):
             self.show([SystemLine(now, command.text)])
         elif isinstance(command, ShowHelp):
@@ -344,4 +431,4 @@ class ChatApp:
                 self.show([SystemLine(now, f"cannot send that: {exc}", "error")])
                 return True
             self.state.sent(message_id, to, command.text, now)
-        return True
+        return False

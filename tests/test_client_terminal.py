@@ -1,0 +1,171 @@
+"""The console client in a real terminal (tmux), one behaviour a newcomer noticed per test:
+the real `python client.py` against the real broker on 127.0.0.1, read back from the screen.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import sys
+import time
+
+import pytest
+
+from mangogram_proto import Client
+
+from .conftest import ROOT, BrokerProcess
+from .test_client_e2e import Tmux, client_env
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is installed by .ci/run"),
+]
+
+
+@pytest.fixture
+def tmux():
+    server = Tmux()
+    yield server
+    server.kill()
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 free now (the broker's chat and key-discovery ports)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port >= 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free pair of ports")
+
+
+def client_cmd(server: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "client.py"), "--server", server, *args]
+
+
+def keys(tmux: Tmux, session: str, *names: str) -> None:
+    """Press keys by tmux name ("C-c", "Enter") or type literal text ("-l", "text")."""
+    tmux.run("send-keys", "-t", session, *names)
+
+
+INPUT_ROW = re.compile(r"^(\[[^\]]*\] )?›( |$)")
+
+
+def transcript_rows(screen: str) -> list[str]:
+    """The rows above the input line (the last row that starts with a prompt)."""
+    rows = screen.splitlines()
+    inputs = [i for i, row in enumerate(rows) if INPUT_ROW.match(row)]
+    return rows[: inputs[-1]] if inputs else rows
+
+
+def input_row(screen: str) -> str:
+    return [row for row in screen.splitlines() if INPUT_ROW.match(row)][-1]
+
+
+def wait_until(check, what: str, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)  # polling, bounded by the deadline
+
+
+def test_keys_typed_while_connecting_stay_in_the_input_line(tmux, tmp_path):
+    port = free_port_pair()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    tmux.start("olena", client_cmd(endpoint, "--name", "Олена"), client_env(tmp_path, "olena"))
+    tmux.wait_for("olena", "connecting to")
+    keys(tmux, "olena", "-l", "typed while connecting")
+    tmux.wait_for("olena", r"(?m)^› typed while connecting")
+    broker = BrokerProcess(tmp_path / "data", bind=endpoint)
+    try:
+        screen = tmux.wait_for("olena", "logged in as Олена", timeout=20)
+        leaked = [r for r in transcript_rows(screen) if "typed while connecting" in r]
+        assert not leaked, screen
+        # Enter with no conversation open: the text stays, to be sent once one is.
+        keys(tmux, "olena", "Enter")
+        screen = tmux.wait_for("olena", "choose whom to talk to first")
+        assert not [r for r in transcript_rows(screen) if "typed while connecting" in r]
+        assert input_row(screen).startswith("› typed while connecting")
+    finally:
+        broker.kill()
+
+
+def test_a_burst_of_lines_shows_each_message_once_and_nothing_raw(broker, tmux, tmp_path):
+    taras = Client("Тарас", broker.endpoint)
+    try:
+        taras.login(timeout=10)
+        command = client_cmd(broker.endpoint, "--name", "Олена", "--to", "Тарас")
+        tmux.start("olena", command, client_env(tmp_path, "olena"))
+
+        def olena_sees_taras() -> bool:
+            taras.next_event(timeout=0.1)  # keeps Тарас's session alive meanwhile
+            return "talking to Тарас (online)" in tmux.screen("olena")
+
+        wait_until(olena_sees_taras, "Олена to see Тарас online")
+        burst: list[str] = []
+        for i in range(1, 13):
+            burst += [f"quick-{i}", "Enter"]  # not key names, so tmux types them as text
+        # One send-keys: the keys arrive back to back, as from a fast typist.
+        keys(tmux, "olena", *burst)
+        got = []
+        deadline = time.monotonic() + 20
+        while len(got) < 12 and time.monotonic() < deadline:
+            message = taras.receive(timeout=0.5)
+            if message is not None:
+                got.append(message.text)
+        assert got == [f"quick-{i}" for i in range(1, 13)], tmux.screen("olena")
+
+        def all_shown() -> str | None:
+            taras.next_event(timeout=0.1)
+            screen = tmux.screen("olena")
+            rows = transcript_rows(screen)
+            return screen if any(re.search(r"quick-12 ✓", r) for r in rows) else None
+
+        screen = wait_until(all_shown, "the twelfth message on screen")
+        rows = transcript_rows(screen)
+        for i in range(1, 13):
+            shown = [r for r in rows if re.search(rf"quick-{i}\b", r)]
+            assert len(shown) == 1, screen  # once, as the message; no echo of the typing
+            assert len(re.findall(r"quick-", shown[0])) == 1, screen  # no keys leaked into it
+        assert not [r for r in rows if "›" in r], screen
+    finally:
+        taras.close()
+
+
+def test_ctrl_c_clears_a_half_typed_line_and_quits_on_an_empty_one(broker, tmux, tmp_path):
+    command = client_cmd(broker.endpoint, "--name", "Олена")
+    tmux.start("olena", command, client_env(tmp_path, "olena"))
+    tmux.wait_for("olena", "logged in as Олена")
+    keys(tmux, "olena", "-l", "half-typed")
+    tmux.wait_for("olena", r"(?m)^› half-typed")
+    keys(tmux, "olena", "C-c")
+
+    def cleared() -> str | None:
+        screen = tmux.screen("olena")
+        return screen if "half-typed" not in screen else None
+
+    screen = wait_until(cleared, "the line to be cleared")
+    assert "[exited" not in screen and "online" in screen.rstrip().splitlines()[-1]
+    keys(tmux, "olena", "C-c")
+    assert tmux.exit_status("olena") == 0
+    assert broker.wait_for_log("Олена is offline \\(left")
+
+
+def test_ctrl_d_on_an_empty_line_quits(broker, tmux, tmp_path):
+    command = client_cmd(broker.endpoint, "--name", "Олена")
+    tmux.start("olena", command, client_env(tmp_path, "olena"))
+    tmux.wait_for("olena", "logged in as Олена")
+    keys(tmux, "olena", "C-d")
+    assert tmux.exit_status("olena") == 0

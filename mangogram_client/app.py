@@ -56,7 +56,7 @@ from .commands import (
 )
 from .lines import Line, SystemLine
 from .render import TranscriptRenderer
-from .settings import save_remembered
+from .settings import normalise_address, save_remembered
 from .state import ChatState
 
 log = logging.getLogger(__name__)
@@ -268,9 +268,13 @@ class ChatApp:
             self._question = None
 
     async def _log_in(self) -> tuple[AsyncConnection | None, asyncio.Task[None] | None]:
-        if self._ask_server:
+        while self._ask_server:
             answer = await self._ask("server: ", self.server)
-            self.server = answer.strip() or self.server
+            try:
+                self.server = normalise_address(answer or self.server)
+                break
+            except ValueError as exc:
+                self.show([SystemLine(wall_clock_ms(), str(exc), "error")])
         while True:
             if not self.name:
                 self.name = (await self._ask("your name: ", self.default_name)).strip()

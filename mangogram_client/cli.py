@@ -19,7 +19,7 @@ from mangogram_proto.keys import (
     user_config_dir,
 )
 
-from .settings import config_dir, load_config_file, load_remembered
+from .settings import config_dir, load_config_file, load_remembered, normalise_address
 
 EPILOG = """\
 interactive commands: /to NAME, @NAME text, /users, /help, /exit (or Ctrl-D / Ctrl-C).
@@ -55,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG % (config_dir() / "config.toml"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--server", help=f"broker endpoint (default {DEFAULT_ENDPOINT})")
+    parser.add_argument(
+        "--server",
+        help="broker address: host, host:port or tcp://host:port"
+        f" (default {DEFAULT_ENDPOINT}) [MANGOGRAM_SERVER]",
+    )
     parser.add_argument("--name", help="your user name (asked for if missing)")
     parser.add_argument("--to", help="whom to talk to (opens that conversation)")
     parser.add_argument("--config", type=Path, help="config file (TOML with server, name, to)")
@@ -112,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config_file(args.config)
     remembered = load_remembered()
     given_server = args.server or os.environ.get("MANGOGRAM_SERVER") or config.get("server")
-    server = given_server or remembered.server or DEFAULT_ENDPOINT
+    try:
+        server = normalise_address(given_server or remembered.server or DEFAULT_ENDPOINT)
+    except ValueError as exc:
+        parser.error(str(exc))
     name = args.name or os.environ.get("MANGOGRAM_NAME") or config.get("name")
     to = args.to or os.environ.get("MANGOGRAM_TO") or config.get("to")
     if args.json and not args.listen:

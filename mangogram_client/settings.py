@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from mangogram_proto.constants import DEFAULT_ENDPOINT
 from mangogram_proto.keys import user_config_dir
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,44 @@ def config_dir() -> Path:
     """The user config dir (`MANGOGRAM_CONFIG_DIR` overrides, e.g. for tests); the SDK keeps
     the identity and pinned server keys there too."""
     return user_config_dir()
+
+
+DEFAULT_PORT = int(DEFAULT_ENDPOINT.rpartition(":")[2])
+
+
+def normalise_address(text: str) -> str:
+    """A broker address as a person types it, made a ZeroMQ endpoint.
+
+    `host`, `host:port`, `tcp://host` and `tcp://host:port` are all accepted (IPv6 in
+    brackets, `[::1]:5555`, or bare, `::1`); the port defaults to 5555. `ipc://` and
+    `inproc://` endpoints pass unchanged.
+
+    Raises:
+        ValueError: not an address; the message says what is wrong, to show the user.
+    """
+    address = text.strip()
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme.lower() in ("ipc", "inproc"):
+        return address
+    if sep and scheme.lower() != "tcp":
+        raise ValueError(f"{text!r}: only tcp:// addresses are supported")
+    if not sep:
+        rest = address
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port = tail[1:] if tail.startswith(":") else tail
+        host = f"[{host}]"
+    elif rest.count(":") > 1:
+        host, port = f"[{rest}]", ""  # a bare IPv6 address
+    else:
+        host, _, port = rest.partition(":")
+    if not host or host == "[]" or any(c.isspace() or c in "/@" for c in host):
+        raise ValueError(f"{text!r} is not an address; try host, host:port or tcp://host:port")
+    if not port:
+        return f"tcp://{host}:{DEFAULT_PORT}"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+    return f"tcp://{host}:{int(port)}"
 
 
 @dataclass

@@ -308,9 +308,11 @@ def test_first_run_asks_for_server_and_name_and_remembers_them(broker, tmp_path,
                 ask_server=True,
             )
             runner = asyncio.create_task(app.run())
-            pipe.send_text("\x15" + broker.endpoint + "\r")
+            pipe.send_text("\x15localhost:port\r")  # a mistake is explained, then asked again
+            pipe.send_text(broker.endpoint.removeprefix("tcp://") + "\r")  # no scheme needed
             pipe.send_text("Зоряна\r")
             await wait_for(lambda: app.state.connection == "online", what="login")
+            assert "the port must be a number" in screen.getvalue()
             pipe.send_text("\x03")  # Ctrl-C leaves cleanly
             return await asyncio.wait_for(runner, 10)
 

@@ -17,6 +17,7 @@ from mangogram_client.commands import (
 )
 from mangogram_client.lines import ChatLine, SystemLine
 from mangogram_client.render import render_plain
+from mangogram_client.settings import normalise_address
 from mangogram_client.state import DELIVERY_GRACE_MS, UNACCEPTED_GRACE_MS, ChatState
 from mangogram_proto.events import (
     ConnectionLost,
@@ -272,3 +273,26 @@ def test_a_server_key_starting_with_a_dash_is_not_taken_for_an_option():
     key = "-" + "a" * 39
     args = build_parser().parse_args(glue_key_values(["--server-key", key, "--name", "x"]))
     assert args.server_key == key and args.name == "x"
+
+
+@pytest.mark.parametrize(
+    ("typed", "endpoint"),
+    [
+        ("localhost", "tcp://localhost:5555"),
+        ("localhost:47310", "tcp://localhost:47310"),
+        ("tcp://localhost:47310", "tcp://localhost:47310"),
+        ("tcp://chat.example.org", "tcp://chat.example.org:5555"),
+        (" 10.0.0.7:6000 ", "tcp://10.0.0.7:6000"),
+        ("[::1]:6000", "tcp://[::1]:6000"),
+        ("::1", "tcp://[::1]:5555"),
+        ("ipc:///tmp/mangogram", "ipc:///tmp/mangogram"),
+    ],
+)
+def test_an_address_is_accepted_with_or_without_scheme_and_port(typed, endpoint):
+    assert normalise_address(typed) == endpoint
+
+
+@pytest.mark.parametrize("typed", ["", "host:port", "host:70000", "http://host", "a b", "tcp://:5"])
+def test_a_broken_address_is_explained(typed):
+    with pytest.raises(ValueError, match="address|port|tcp://"):
+        normalise_address(typed)

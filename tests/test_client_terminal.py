@@ -169,3 +169,25 @@ def test_ctrl_d_on_an_empty_line_quits(broker, tmux, tmp_path):
     tmux.wait_for("olena", "logged in as Олена")
     keys(tmux, "olena", "C-d")
     assert tmux.exit_status("olena") == 0
+
+
+ENCRYPTED = {"MANGOGRAM_INSECURE_PLAINTEXT": "0"}
+
+
+def trust_and_log_in(tmux: Tmux, session: str, broker: BrokerProcess, name: str) -> str:
+    tmux.wait_for(session, re.escape(broker.fingerprint), timeout=20)
+    tmux.wait_for(session, r"trust this server and remember it\? \[y/N\]")
+    tmux.type(session, "y")
+    return tmux.wait_for(session, f"logged in as {name}", timeout=20)
+
+
+def test_an_address_without_tcp_scheme_is_accepted(tmux, tmp_path):
+    port = free_port_pair()
+    broker = BrokerProcess(tmp_path / "data", bind=f"tcp://127.0.0.1:{port}", env=ENCRYPTED)
+    try:
+        env = client_env(tmp_path, "olena") | ENCRYPTED
+        tmux.start("olena", client_cmd(f"localhost:{port}", "--name", "Олена"), env)
+        screen = trust_and_log_in(tmux, "olena", broker, "Олена")
+        assert f"connecting to tcp://localhost:{port} as Олена" in screen
+    finally:
+        broker.kill()

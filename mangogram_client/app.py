@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 LOGIN_HINT_AFTER_S = 5.0
 TICK_S = 0.1
+# One try at learning a new server's key; short, so Ctrl-C is not kept waiting long.
+KEY_ATTEMPT_MS = 1000
 
 
 class NameCompleter(Completer):
@@ -314,14 +316,8 @@ class ChatApp:
         known = KnownServers(user_config_dir() / "known_servers")
         if known.lookup(self.server) is not None:
             return True
-        try:
-            where = os.environ.get("MANGOGRAM_KEY_ENDPOINT") or key_endpoint_for(self.server)
-            key = await asyncio.to_thread(fetch_server_key, where)
-        except (TimeoutError, KeyFileError, ValueError) as exc:
-            self.show(
-                [SystemLine(wall_clock_ms(), f"cannot learn the server's key: {exc}", "error")]
-            )
-            self.exit_code = 1
+        key = await self._fetch_key()
+        if key is None:
             return False
         self.show(
             [
@@ -339,6 +335,41 @@ class ChatApp:
             return False
         known.pin(self.server, key)
         return True
+
+    async def _fetch_key(self) -> str | None:
+        """Ask the broker for its key until it answers: a broker that is down now may be
+        up in a minute, as a known one is waited for. Errors speak of the address the
+        user gave, not of the key port beside it."""
+        hinted = False
+        while True:
+            try:
+                where = os.environ.get("MANGOGRAM_KEY_ENDPOINT") or key_endpoint_for(self.server)
+                return await asyncio.to_thread(fetch_server_key, where, KEY_ATTEMPT_MS)
+            except TimeoutError:
+                if not hinted:
+                    hinted = True
+                    self.show(
+                        [
+                            SystemLine(
+                                wall_clock_ms(),
+                                f"no answer from {self.server} yet; is the broker running?"
+                                " Still trying (Ctrl-C to quit)",
+                                "error",
+                            )
+                        ]
+                    )
+            except (KeyFileError, ValueError) as exc:
+                self.show(
+                    [
+                        SystemLine(
+                            wall_clock_ms(),
+                            f"cannot learn the key of {self.server}: {exc}",
+                            "error",
+                        )
+                    ]
+                )
+                self.exit_code = 1
+                return None
 
     async def _await_login(
         self, connection: AsyncConnection, runner: asyncio.Task[None]

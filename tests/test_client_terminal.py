@@ -191,3 +191,16 @@ def test_an_address_without_tcp_scheme_is_accepted(tmux, tmp_path):
         assert f"connecting to tcp://localhost:{port} as Олена" in screen
     finally:
         broker.kill()
+
+
+def test_first_connection_to_a_broker_that_is_down_waits_for_it(tmux, tmp_path):
+    port = free_port_pair()
+    env = client_env(tmp_path, "olena") | ENCRYPTED
+    tmux.start("olena", client_cmd(f"127.0.0.1:{port}", "--name", "Олена"), env)
+    tmux.wait_for("olena", rf"no answer from tcp://127\.0\.0\.1:{port} yet", timeout=20)
+    broker = BrokerProcess(tmp_path / "data", bind=f"tcp://127.0.0.1:{port}", env=ENCRYPTED)
+    try:
+        screen = trust_and_log_in(tmux, "olena", broker, "Олена")
+        assert f":{port + 1}" not in screen  # the key port was never the user's business
+    finally:
+        broker.kill()

@@ -154,11 +154,14 @@ class ChatApp:
             output=output,
             completer=NameCompleter(self.state),
             complete_while_typing=False,
-            bottom_toolbar=lambda: FormattedText(self.state.toolbar()),
+            bottom_toolbar=lambda: FormattedText(self.state.toolbar(self._columns())),
             refresh_interval=0.5,
             key_bindings=self._key_bindings(),
         )
         self._prompt.default_buffer.accept_handler = self._accept
+
+    def _columns(self) -> int:
+        return self._prompt.app.output.get_size().columns
 
     def _key_bindings(self) -> KeyBindings:
         bindings = KeyBindings()

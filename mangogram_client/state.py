@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
+from prompt_toolkit.utils import get_cwidth
+
 from mangogram_proto.events import (
     BrokerError,
     Closed,
@@ -53,6 +55,11 @@ class _OwnMessage:
 def clock_time(at_ms: int) -> str:
     """HH:MM in the viewer's local time."""
     return datetime.fromtimestamp(at_ms / 1000).strftime("%H:%M")
+
+
+def _cells(parts: list[tuple[str, str]]) -> int:
+    """Terminal cells of toolbar fragments, measured as prompt_toolkit draws them."""
+    return sum(get_cwidth(c) for _style, text in parts for c in text)
 
 
 def snippet(text: str) -> str:
@@ -177,27 +184,62 @@ class ChatState:
 
     # The bottom toolbar
 
-    def toolbar(self) -> list[tuple[str, str]]:
-        """Styled fragments for prompt_toolkit's bottom toolbar."""
+    def toolbar(self, width: int | None = None) -> list[tuple[str, str]]:
+        """Styled fragments for prompt_toolkit's bottom toolbar, fitted to `width` cells.
+
+        What matters most survives a narrow terminal: the connection state and the unread
+        counter; the rest is shortened, then dropped (the "seen" time first, then the
+        online count, then our own name before the peer's)."""
         state_style = {
             "online": "bg:ansigreen fg:ansiblack",
             "reconnecting": "bg:ansiyellow fg:ansiblack",
         }.get(self.connection, "bg:ansired fg:ansiwhite")
-        parts: list[tuple[str, str]] = [(state_style, f" {self.connection} "), ("", " ")]
-        parts.append(
-            ("bold", f"{self.me} → {self.peer}" if self.peer else "no conversation: /to NAME")
-        )
-        seen = self.seen_at.get(name_key(self.peer)) if self.peer else None
-        if seen is not None:
-            parts.append(("", f" (seen {clock_time(seen)})"))
+        state = (state_style, f" {self.connection} ")
+        peer_key = name_key(self.peer) if self.peer else None
+        seen = self.seen_at.get(peer_key) if peer_key else None
         count = len([k for k in self.online if k != name_key(self.me)])
-        parts.append(("", f"  ·  {count} online"))
-        if self.unread:
-            unread = ", ".join(
-                f"{self._display.get(k, k)} ({n})" for k, n in sorted(self.unread.items())
-            )
-            parts.append(("fg:ansiyellow bold", f"  ·  unread: {unread}"))
-        return parts
+        total = sum(self.unread.values())
+        unread_full = ", ".join(
+            f"{self._display.get(k, k)} ({n})" for k, n in sorted(self.unread.items())
+        )
+        # Variants from the fullest to the shortest; the first that fits is shown.
+        peer_forms = (
+            [f"{self.me} → {self.peer}", f"→ {self.peer}"]
+            if self.peer
+            else ["no conversation: /to NAME", "/to NAME"]
+        )
+        seen_forms = [f" (seen {clock_time(seen)})", ""] if seen is not None else [""]
+        online_forms = [f"  ·  {count} online", f" · {count} on", ""]
+        unread_forms = (
+            [f"  ·  unread: {unread_full}", f" · unread {total}", f" · ✉{total}"] if total else [""]
+        )
+        variants = [
+            (peer, seen_text, online, unread)
+            for unread in unread_forms
+            for online in online_forms
+            for seen_text in seen_forms
+            for peer in peer_forms
+        ]
+        # Prefer keeping the unread details, then the online count, then "seen".
+        for peer, seen_text, online, unread in variants:
+            parts = [state, ("", " "), ("bold", peer)]
+            if seen_text:
+                parts.append(("", seen_text))
+            if online:
+                parts.append(("", online))
+            if unread:
+                parts.append(("fg:ansiyellow bold", unread))
+            if width is None or _cells(parts) <= width:
+                return parts
+        # Nothing fits: the state and the unread count stay, the peer gets what is left.
+        tail = [("fg:ansiyellow bold", unread_forms[-1])] if total else []
+        if self.connection != "online":
+            state = (state_style, self.connection[:3])
+        room = (width or 0) - _cells([state, ("", " "), *tail])
+        peer = peer_forms[-1]
+        while peer and _cells([("", peer)]) > room:
+            peer = peer[:-2] + "…" if len(peer) > 1 else ""
+        return [state, ("", " "), ("bold", peer), *tail]
 
     def completions(self) -> list[str]:
         """Names worth offering for Tab: online users and everyone who wrote to us (names

@@ -296,3 +296,21 @@ def test_an_address_is_accepted_with_or_without_scheme_and_port(typed, endpoint)
 def test_a_broken_address_is_explained(typed):
     with pytest.raises(ValueError, match="address|port|tcp://"):
         normalise_address(typed)
+
+
+@pytest.mark.parametrize("width", [200, 80, 60, 40, 30, 20, 14])
+def test_toolbar_fits_the_width_and_keeps_state_and_unread(width):
+    from prompt_toolkit.formatted_text.utils import fragment_list_width
+
+    state = ChatState("Олена")
+    state.on_event(LoggedIn("Олена", 0, TEST_LIMITS, ("Тарас", "Mei", "Bohdan"), False), 0)
+    state.switch_peer("Тарас", 0)
+    for sender in ("Mei", "Mei", "Bohdan"):
+        state.on_event(IncomingMessage("i", "b", sender, "hi", 0, 0), 0)
+    parts = state.toolbar(width)
+    text = "".join(t for _, t in parts)
+    assert fragment_list_width(parts) <= width, text
+    assert text.startswith(" online "), text
+    assert "3" in text and ("unread" in text or "✉" in text), text
+    if width >= 80:
+        assert "unread: Bohdan (1), Mei (2)" in text and "Олена → Тарас" in text

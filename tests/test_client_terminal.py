@@ -5,6 +5,7 @@ the real `python client.py` against the real broker on 127.0.0.1, read back from
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -49,6 +50,20 @@ def free_port_pair() -> int:
 
 def client_cmd(server: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / "client.py"), "--server", server, *args]
+
+
+def start_sized(
+    tmux: Tmux, session: str, command: list[str], env: dict[str, str], size: tuple[int, int]
+) -> None:
+    """As Tmux.start, in a terminal of `size` (columns, rows)."""
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    line = f'env {exports} {shlex.join(command)}; echo "[exited $?]"; sleep 30'
+    columns, rows = size
+    tmux.run("new-session", "-d", "-s", session, "-x", str(columns), "-y", str(rows), line)
+
+
+def toolbar_row(screen: str) -> str:
+    return [row for row in screen.splitlines() if row.strip()][-1]
 
 
 def keys(tmux: Tmux, session: str, *names: str) -> None:
@@ -204,3 +219,17 @@ def test_first_connection_to_a_broker_that_is_down_waits_for_it(tmux, tmp_path):
         assert f":{port + 1}" not in screen  # the key port was never the user's business
     finally:
         broker.kill()
+
+
+def test_at_40_columns_the_toolbar_keeps_the_unread_counter(broker, tmux, tmp_path):
+    command = client_cmd(broker.endpoint, "--name", "Олена", "--to", "Тарас")
+    start_sized(tmux, "olena", command, client_env(tmp_path, "olena"), (40, 12))
+    tmux.wait_for("olena", r"talking to Тарас")
+    with Client("Mei", broker.endpoint) as mei:
+        mei.send("Олена", "你好! slides?", wait=True)
+        screen = tmux.wait_for("olena", r"你好! slides\?")
+    toolbar = wait_until(
+        lambda: row if "Mei (1)" in (row := toolbar_row(tmux.screen("olena"))) else None,
+        "the unread counter in the toolbar",
+    )
+    assert toolbar.startswith(" online") and "Тарас" in toolbar, screen

@@ -136,6 +136,7 @@ class ChatApp:
         self.default_name = default_name or ""
         self.initial_peer = peer
         self.console = console or Console(force_terminal=True, highlight=False)
+        self._own_console = console is None
         self.state = ChatState(name or "")
         self.renderer = TranscriptRenderer(me=name or "")
         self.connection: AsyncConnection | None = None
@@ -197,6 +198,11 @@ class ChatApp:
     def show(self, lines: Iterable[Line], *, shown: IncomingMessage | None = None) -> None:
         """Print `lines`; then confirm `shown`, the incoming message among them (only
         now that it is on screen: a client killed before gets it again)."""
+        if self._own_console:
+            # Lay rows out for the width prompt_toolkit draws in: rich alone would trust
+            # a stale COLUMNS variable, and a row wider than the terminal wraps.
+            size = self._prompt.app.output.get_size()
+            self.console.size = (size.columns, size.rows)
         for line in lines:
             for renderable in self.renderer.render(line):
                 self.console.print(renderable)

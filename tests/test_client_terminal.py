@@ -60,6 +60,9 @@ def start_sized(
     line = f'env {exports} {shlex.join(command)}; echo "[exited $?]"; sleep 30'
     columns, rows = size
     tmux.run("new-session", "-d", "-s", session, "-x", str(columns), "-y", str(rows), line)
+    # A detached session can start at the default 80x24 before taking its size: say it
+    # again, so the program (which follows SIGWINCH) sees the size under test.
+    tmux.run("resize-window", "-t", session, "-x", str(columns), "-y", str(rows))
 
 
 def toolbar_row(screen: str) -> str:
@@ -233,3 +236,18 @@ def test_at_40_columns_the_toolbar_keeps_the_unread_counter(broker, tmux, tmp_pa
         "the unread counter in the toolbar",
     )
     assert toolbar.startswith(" online") and "Тарас" in toolbar, screen
+
+
+def test_a_skin_tone_emoji_leaves_no_blank_row(broker, tmux, tmp_path):
+    command = client_cmd(broker.endpoint, "--name", "Олена", "--to", "Mei")
+    start_sized(tmux, "olena", command, client_env(tmp_path, "olena"), (40, 20))
+    tmux.wait_for("olena", r"talking to Mei")
+    with Client("Mei", broker.endpoint) as mei:
+        mei.send("Олена", "a 👍🏽", wait=True)
+        mei.send("Олена", "next line", wait=True)
+        tmux.wait_for("olena", r"next line")
+    # Rows as drawn: without -J, which would join a wrapped row to the one it spilled into.
+    screen = tmux.run("capture-pane", "-p", "-t", "olena")
+    rows = screen.splitlines()
+    first = next(i for i, row in enumerate(rows) if "a 👍🏽" in row)
+    assert "next line" in rows[first + 1], screen

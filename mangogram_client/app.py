@@ -40,6 +40,7 @@ from mangogram_proto.keys import (
     user_config_dir,
 )
 from mangogram_proto.names import name_key
+from mangogram_proto.session import State
 from mangogram_proto.transport import wall_clock_ms
 
 from .commands import (
@@ -65,6 +66,8 @@ LOGIN_HINT_AFTER_S = 5.0
 TICK_S = 0.1
 # One try at learning a new server's key; short, so Ctrl-C is not kept waiting long.
 KEY_ATTEMPT_MS = 1000
+# How often to look again for the broker with the pinned key after an impostor answered.
+KEY_RETRY_S = 2.0
 
 
 class NameCompleter(Completer):
@@ -247,7 +250,13 @@ class ChatApp:
             while not self._typed.empty():
                 if self._act(connection, self._typed.get_nowait()) is None:
                     return
-            await self._quit.wait()
+            while True:
+                quit_asked = asyncio.create_task(self._quit.wait())
+                await asyncio.wait({quit_asked, runner}, return_when=asyncio.FIRST_COMPLETED)
+                if self._quit.is_set():
+                    break
+                quit_asked.cancel()
+                runner = await self._retry_after_key_failure(connection, runner)
         finally:
             self._chatting = False
             connection.stop()
@@ -257,6 +266,28 @@ class ChatApp:
             self._closing = True
             await asyncio.gather(pump, return_exceptions=True)
             self.show(self.state.due(wall_clock_ms() + 10**9))
+
+    async def _retry_after_key_failure(
+        self, connection: AsyncConnection, runner: asyncio.Task[None]
+    ) -> asyncio.Task[None]:
+        """The connection gave up on its own: the broker answering at our address does not
+        hold the key we pinned (the pump has said so, once). Keep refusing it, and try
+        again every few seconds, so that the real broker is found when it is back.
+
+        The session is reopened rather than replaced: its outbox keeps what was typed
+        meanwhile (sent once, with the same ids, after the next login) and its resume
+        token keeps our name."""
+        with contextlib.suppress(Exception):
+            await runner
+        if connection.failure is None:
+            # Ended for another reason (a refused re-login): nothing to retry.
+            await self._quit.wait()
+            return runner
+        # Reopened at once, so a text typed now is queued, not refused as "closed".
+        connection.failure = None
+        connection.session.state = State.DISCONNECTED
+        await asyncio.sleep(KEY_RETRY_S)  # paced retries against an impostor
+        return asyncio.create_task(connection.run())
 
     async def _ask(self, label: str, default: str = "", *, fresh: bool = False) -> str:
         """Ask a question in the input line and wait for Enter. A line typed ahead answers

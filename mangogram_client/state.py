@@ -40,6 +40,8 @@ UNACCEPTED_GRACE_MS = 1000
 DELAYED_AFTER_MS = 30_000
 SNIPPET_CHARS = 30
 QUIET_PRESENCE_ABOVE = 20
+# The connection state while an impostor (a broker without the pinned key) answers.
+WRONG_KEY = "wrong server key"
 
 
 @dataclass
@@ -169,6 +171,20 @@ class ChatState:
                 text = f"slow down: {text} (retrying in {event.retry_after_ms / 1000:.1f} s)"
             return [SystemLine(now, text, "error")]
         if isinstance(event, LoginRefused):
+            if event.code == "server_key":
+                # Said once; the app keeps trying for the broker with the pinned key.
+                if self.connection == WRONG_KEY:
+                    return []
+                self.connection = WRONG_KEY
+                return [
+                    SystemLine(now, event.message, "error"),
+                    SystemLine(
+                        now,
+                        "not sending anything to it; what you type is kept and sent once"
+                        " the broker with the expected key answers again (Ctrl-C quits)",
+                        "error",
+                    ),
+                ]
             self.connection = "offline"
             return [SystemLine(now, event.message, "error")]
         if isinstance(event, Closed):

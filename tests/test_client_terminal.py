@@ -14,6 +14,7 @@ import time
 import pytest
 
 from mangogram_proto import Client
+from mangogram_proto.keys import KeyPair
 
 from .conftest import ROOT, BrokerProcess
 from .test_client_e2e import Tmux, client_env
@@ -251,3 +252,43 @@ def test_a_skin_tone_emoji_leaves_no_blank_row(broker, tmux, tmp_path):
     rows = screen.splitlines()
     first = next(i for i, row in enumerate(rows) if "a 👍🏽" in row)
     assert "next line" in rows[first + 1], screen
+
+
+def test_after_an_impostor_the_client_recovers_when_the_real_broker_is_back(tmux, tmp_path):
+    port = free_port_pair()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    real = BrokerProcess(tmp_path / "real", bind=endpoint, env=ENCRYPTED)
+    brokers = [real]
+    try:
+        taras_key = KeyPair.generate()
+
+        def taras() -> Client:
+            return Client(
+                "Тарас", endpoint, server_key=real.public_key, identity=taras_key, plaintext=False
+            )
+
+        with taras():
+            pass  # Тарас has a mailbox now
+        env = client_env(tmp_path, "olena") | ENCRYPTED
+        command = client_cmd(endpoint, "--name", "Олена", "--to", "Тарас")
+        tmux.start("olena", command, env)
+        trust_and_log_in(tmux, "olena", real, "Олена")
+        real.kill()
+        impostor = BrokerProcess(tmp_path / "impostor", bind=endpoint, env=ENCRYPTED)
+        brokers.append(impostor)
+        tmux.wait_for("olena", "does not hold the expected key", timeout=30)
+        tmux.type("olena", "написано під час підміни")
+        screen = tmux.wait_for("olena", "wrong server key")  # the toolbar
+        assert "session is closed" not in screen
+        impostor.kill()
+        brokers.append(BrokerProcess(tmp_path / "real", bind=endpoint, env=ENCRYPTED))
+        screen = tmux.wait_for("olena", r"· reconnected|logged in as Олена(?s:.*)logged in", 30)
+        assert screen.count("does not hold the expected key") == 1, screen
+        with taras() as client:
+            message = client.receive(timeout=10)
+        assert message is not None and message.text == "написано під час підміни"
+        screen = tmux.screen("olena")
+        assert toolbar_row(screen).startswith(" online"), screen
+    finally:
+        for broker in brokers:
+            broker.kill()

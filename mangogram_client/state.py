@@ -153,16 +153,21 @@ class ChatState:
             return [SystemLine(now, self.online_summary())]
         if isinstance(event, LoggedIn):
             self.me = event.name
+            was = self.connection
             self.connection = "online"
             self.online = {name_key(n): n for n in event.online}
             self.online.setdefault(name_key(event.name), event.name)
-            if event.resumed:
-                return [SystemLine(now, "reconnected")]
+            if event.resumed or was in ("reconnecting", WRONG_KEY):
+                return [SystemLine(now, "reconnected", "joined")]
             return [
                 SystemLine(now, f"logged in as {event.name}"),
                 SystemLine(now, self.online_summary()),
             ]
         if isinstance(event, ConnectionLost):
+            # Each failed attempt during an outage is another ConnectionLost: said once,
+            # the toolbar shows the rest.
+            if self.connection == "reconnecting":
+                return []
             self.connection = "reconnecting"
             return [SystemLine(now, "connection lost; reconnecting…", "error")]
         if isinstance(event, BrokerError):

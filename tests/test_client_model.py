@@ -314,3 +314,15 @@ def test_toolbar_fits_the_width_and_keeps_state_and_unread(width):
     assert "3" in text and ("unread" in text or "✉" in text), text
     if width >= 80:
         assert "unread: Bohdan (1), Mei (2)" in text and "Олена → Тарас" in text
+
+
+def test_an_outage_is_said_once_and_its_end_too():
+    state = ChatState("Олена")
+    state.on_event(LoggedIn("Олена", 0, TEST_LIMITS, (), False), 0)
+    lost = [state.on_event(ConnectionLost("no reply"), t) for t in (1, 2, 3)]
+    assert [len(lines) for lines in lost] == [1, 0, 0]
+    assert state.connection == "reconnecting"
+    # A restarted broker does not know our resume token: still "reconnected", not a login.
+    back = state.on_event(LoggedIn("Олена", 0, TEST_LIMITS, (), False), 4)
+    assert [line.text for line in back] == ["reconnected"]
+    assert state.connection == "online"

@@ -282,7 +282,7 @@ def test_after_an_impostor_the_client_recovers_when_the_real_broker_is_back(tmux
         assert "session is closed" not in screen
         impostor.kill()
         brokers.append(BrokerProcess(tmp_path / "real", bind=endpoint, env=ENCRYPTED))
-        screen = tmux.wait_for("olena", r"· reconnected|logged in as Олена(?s:.*)logged in", 30)
+        screen = tmux.wait_for("olena", "reconnected", 30)
         assert screen.count("does not hold the expected key") == 1, screen
         with taras() as client:
             message = client.receive(timeout=10)
@@ -292,3 +292,31 @@ def test_after_an_impostor_the_client_recovers_when_the_real_broker_is_back(tmux
     finally:
         for broker in brokers:
             broker.kill()
+
+
+def test_an_outage_is_announced_once_and_its_end_too(tmux, tmp_path):
+    broker = BrokerProcess(tmp_path / "data")
+    endpoint = broker.endpoint
+    brokers = [broker]
+    try:
+        # INFO logging shows each reconnection attempt, so the test can count them.
+        command = client_cmd(endpoint, "--name", "Олена", "--log-level", "INFO")
+        tmux.start("olena", command, client_env(tmp_path, "olena"))
+        tmux.wait_for("olena", "logged in as Олена")
+        broker.kill()
+        tmux.wait_for("olena", "connection lost")
+        wait_until(
+            lambda: tmux.screen("olena").count("; reconnecting in") >= 3,
+            "three attempts to reconnect",
+            timeout=30,
+        )
+        screen = tmux.screen("olena")
+        assert screen.count("connection lost") == 1, screen
+        assert toolbar_row(screen).startswith(" reconnecting"), screen
+        brokers.append(BrokerProcess(tmp_path / "data", bind=endpoint))
+        screen = tmux.wait_for("olena", "reconnected", timeout=30)
+        assert toolbar_row(screen).startswith(" online"), screen
+        assert screen.count("connection lost") == 1, screen
+    finally:
+        for each in brokers:
+            each.kill()

@@ -44,7 +44,6 @@ from mangogram_proto.session import State
 from mangogram_proto.transport import wall_clock_ms
 
 from .commands import (
-    HELP_TEXT,
     Exit,
     Hint,
     ListUsers,
@@ -53,6 +52,7 @@ from .commands import (
     ShowHelp,
     ShowHistory,
     SwitchPeer,
+    help_lines,
     parse_input,
 )
 from .lines import Line, SystemLine
@@ -483,7 +483,7 @@ class ChatApp:
         if isinstance(command, Hint):
             self.show([SystemLine(now, command.text)])
         elif isinstance(command, ShowHelp):
-            self.show([SystemLine(now, HELP_TEXT)])
+            self.show([SystemLine(now, "commands:"), *(SystemLine(now, h) for h in help_lines())])
         elif isinstance(command, ListUsers):
             connection.request_online()
         elif isinstance(command, ShowHistory):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mangogram_client.commands import (
+    COMMANDS,
     Exit,
     Hint,
     ListUsers,
@@ -13,6 +14,7 @@ from mangogram_client.commands import (
     SendText,
     ShowHelp,
     SwitchPeer,
+    help_lines,
     parse_input,
 )
 from mangogram_client.lines import ChatLine, SystemLine
@@ -326,3 +328,13 @@ def test_an_outage_is_said_once_and_its_end_too():
     back = state.on_event(LoggedIn("Олена", 0, TEST_LIMITS, (), False), 4)
     assert [line.text for line in back] == ["reconnected"]
     assert state.connection == "online"
+
+
+def test_help_is_an_aligned_list_one_command_a_row():
+    lines = [SystemLine(T, text) for text in help_lines()]
+    rows = [r for r in render_plain(lines, "Олена", width=100).splitlines() if "·" in r]
+    assert len(rows) == len(help_lines()) >= 8
+    starts = {row.index(what) for row, (_, what) in zip(rows, COMMANDS, strict=True)}
+    assert len(starts) == 1, rows  # every description begins in the same column
+    for command in ("/to NAME", "@NAME text", "/history [N]", "/users", "/help", "/exit"):
+        assert sum(command in row for row in rows) == 1

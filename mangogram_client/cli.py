@@ -19,10 +19,13 @@ from mangogram_proto.keys import (
     user_config_dir,
 )
 
+from .commands import help_lines
 from .settings import config_dir, load_config_file, load_remembered, normalise_address
 
 EPILOG = """\
-interactive commands: /to NAME, @NAME text, /users, /help, /exit (or Ctrl-D / Ctrl-C).
+interactive commands:
+%s
+
 settings: flags win over MANGOGRAM_SERVER / MANGOGRAM_NAME / MANGOGRAM_TO, which win over
 the config file (%s), which wins over the server and name remembered from last time.
 """
@@ -52,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="client.py",
         description="MangoGram console client: private messages in your terminal.",
-        epilog=EPILOG % (config_dir() / "config.toml"),
+        epilog=EPILOG % ("\n".join(f"  {h}" for h in help_lines()), config_dir() / "config.toml"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

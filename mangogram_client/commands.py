@@ -11,7 +11,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("@NAME text", "send one message to NAME, staying where you are"),
     ("/history [N]", "the last N messages (20) with the open conversation"),
     ("/users", "who is online"),
-    ("/help", "this list"),
+    ("/help", "list these commands"),
     ("/exit", "leave (or Ctrl-D; Ctrl-C clears the line, then leaves)"),
     ("//text", "send text that starts with /"),
 )

@@ -245,6 +245,22 @@ def test_client_help_describes_modes(tmp_path):
         assert word in done.stdout
 
 
+def test_client_help_lists_every_interactive_command(tmp_path):
+    from mangogram_client.commands import COMMANDS
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "client.py"), "--help"],
+        env=client_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    for command, what in COMMANDS:
+        assert f"{command}" in done.stdout and what in done.stdout, command
+    assert "/history [N]" in done.stdout
+
+
 def test_text_typed_while_broker_is_down_is_sent_once_after_reconnect(tmp_path, zctx):
     first = BrokerProcess(tmp_path / "data")
     endpoint = first.endpoint

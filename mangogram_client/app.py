@@ -158,11 +158,20 @@ class ChatApp:
             output=output,
             completer=NameCompleter(self.state),
             complete_while_typing=False,
-            bottom_toolbar=lambda: FormattedText(self.state.toolbar(self._columns())),
+            bottom_toolbar=lambda: FormattedText(
+                self.state.toolbar(self._columns(), self._text_being_typed())
+            ),
             refresh_interval=0.5,
             key_bindings=self._key_bindings(),
         )
         self._prompt.default_buffer.accept_handler = self._accept
+
+    def _text_being_typed(self) -> str:
+        """The message text the input line would send (without an @NAME prefix)."""
+        if self._question is not None:
+            return ""
+        command = parse_input(self._prompt.default_buffer.text)
+        return command.text if isinstance(command, SendText) else ""
 
     def _columns(self) -> int:
         return self._prompt.app.output.get_size().columns
@@ -499,6 +508,10 @@ class ChatApp:
                 self.show(
                     [SystemLine(now, "choose whom to talk to first: /to NAME (Tab completes)")]
                 )
+                return True
+            problem = self.state.text_problem(command.text)
+            if problem is not None:
+                self.show([SystemLine(now, problem, "error")])
                 return True
             try:
                 message_id = connection.send_text(to, command.text)

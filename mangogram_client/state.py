@@ -30,6 +30,7 @@ from mangogram_proto.events import (
     OnlineUsers,
     PresenceChanged,
 )
+from mangogram_proto.messages import Limits
 from mangogram_proto.names import name_key
 
 from .lines import ChatLine, Line, Mark, SystemLine
@@ -42,6 +43,8 @@ SNIPPET_CHARS = 30
 QUIET_PRESENCE_ABOVE = 20
 # The connection state while an impostor (a broker without the pinned key) answers.
 WRONG_KEY = "wrong server key"
+# The toolbar counts the characters typed from this share of the length limit on.
+COUNTER_FROM = 0.8
 
 
 @dataclass
@@ -86,6 +89,8 @@ class ChatState:
         self._unseen: dict[str, list[str]] = {}
         self._reads: list[str] = []
         self.seen_at: dict[str, int] = {}
+        # What the broker accepts, as announced at login.
+        self.limits: Limits | None = None
 
     # User actions
 
@@ -153,6 +158,7 @@ class ChatState:
             return [SystemLine(now, self.online_summary())]
         if isinstance(event, LoggedIn):
             self.me = event.name
+            self.limits = event.limits
             was = self.connection
             self.connection = "online"
             self.online = {name_key(n): n for n in event.online}
@@ -205,7 +211,34 @@ class ChatState:
 
     # The bottom toolbar
 
-    def toolbar(self, width: int | None = None) -> list[tuple[str, str]]:
+    def text_problem(self, text: str) -> str | None:
+        """Why the broker would refuse `text` for its length, or None if it would not."""
+        if self.limits is None:
+            return None
+        chars, size = len(text), len(text.encode("utf-8"))
+        if chars > self.limits.max_text_chars:
+            return (
+                f"too long to send: {chars} characters, the limit is"
+                f" {self.limits.max_text_chars}; it is still in the input line to shorten"
+            )
+        if size > self.limits.max_text_bytes:
+            return (
+                f"too long to send: {size} bytes of UTF-8, the limit is"
+                f" {self.limits.max_text_bytes}; it is still in the input line to shorten"
+            )
+        return None
+
+    def length_counter(self, text: str) -> tuple[str, str] | None:
+        """A toolbar fragment counting `text` against the limit once it is near, else None."""
+        if self.limits is None:
+            return None
+        limit = self.limits.max_text_chars
+        if len(text) < limit * COUNTER_FROM:
+            return None
+        style = "bg:ansired fg:ansiwhite bold" if self.text_problem(text) else "fg:ansiyellow"
+        return (style, f" {len(text)}/{limit} ")
+
+    def toolbar(self, width: int | None = None, typed: str = "") -> list[tuple[str, str]]:
         """Styled fragments for prompt_toolkit's bottom toolbar, fitted to `width` cells.
 
         What matters most survives a narrow terminal: the connection state and the unread
@@ -216,6 +249,8 @@ class ChatState:
             "reconnecting": "bg:ansiyellow fg:ansiblack",
         }.get(self.connection, "bg:ansired fg:ansiwhite")
         state = (state_style, f" {self.connection} ")
+        counter = self.length_counter(typed)
+        lead = [state, counter] if counter else [state]
         peer_key = name_key(self.peer) if self.peer else None
         seen = self.seen_at.get(peer_key) if peer_key else None
         count = len([k for k in self.online if k != name_key(self.me)])
@@ -243,7 +278,7 @@ class ChatState:
         ]
         # Prefer keeping the unread details, then the online count, then "seen".
         for peer, seen_text, online, unread in variants:
-            parts = [state, ("", " "), ("bold", peer)]
+            parts = [*lead, ("", " "), ("bold", peer)]
             if seen_text:
                 parts.append(("", seen_text))
             if online:
@@ -256,11 +291,12 @@ class ChatState:
         tail = [("fg:ansiyellow bold", unread_forms[-1])] if total else []
         if self.connection != "online":
             state = (state_style, self.connection[:3])
-        room = (width or 0) - _cells([state, ("", " "), *tail])
+        lead[0] = state
+        room = (width or 0) - _cells([*lead, ("", " "), *tail])
         peer = peer_forms[-1]
         while peer and _cells([("", peer)]) > room:
             peer = peer[:-2] + "…" if len(peer) > 1 else ""
-        return [state, ("", " "), ("bold", peer), *tail]
+        return [*lead, ("", " "), ("bold", peer), *tail]
 
     def completions(self) -> list[str]:
         """Names worth offering for Tab: online users and everyone who wrote to us (names

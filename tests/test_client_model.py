@@ -338,3 +338,17 @@ def test_help_is_an_aligned_list_one_command_a_row():
     assert len(starts) == 1, rows  # every description begins in the same column
     for command in ("/to NAME", "@NAME text", "/history [N]", "/users", "/help", "/exit"):
         assert sum(command in row for row in rows) == 1
+
+
+def test_text_over_the_announced_limits_is_caught_before_sending():
+    state = ChatState("Олена")
+    assert state.text_problem("x" * 10**6) is None  # no limits known before login
+    state.on_event(LoggedIn("Олена", 0, TEST_LIMITS, (), False), 0)
+    limit = TEST_LIMITS.max_text_chars
+    assert state.text_problem("x" * limit) is None
+    assert "characters" in (state.text_problem("x" * (limit + 1)) or "")
+    assert state.length_counter("x" * (limit // 2)) is None
+    near = state.length_counter("x" * limit)
+    assert near is not None and near[1].strip() == f"{limit}/{limit}"
+    text = "".join(t for _, t in state.toolbar(40, "x" * (limit + 5)))
+    assert f"{limit + 5}/{limit}" in text

@@ -320,3 +320,28 @@ def test_an_outage_is_announced_once_and_its_end_too(tmux, tmp_path):
     finally:
         for each in brokers:
             each.kill()
+
+
+def test_an_over_long_message_is_counted_refused_and_kept_for_editing(tmux, tmp_path):
+    broker = BrokerProcess(tmp_path / "data", "--max-text-chars", "300")
+    try:
+        command = client_cmd(broker.endpoint, "--name", "Олена", "--to", "Тарас")
+        tmux.start("olena", command, client_env(tmp_path, "olena"))
+        tmux.wait_for("olena", r"talking to Тарас")
+        keys(tmux, "olena", "-l", "x" * 250)
+        screen = tmux.wait_for("olena", r"250/300")  # counted once near the limit
+        assert "250/300" in toolbar_row(screen), screen
+        keys(tmux, "olena", "-l", "y" * 70)
+        screen = tmux.wait_for("olena", r"320/300")
+        keys(tmux, "olena", "Enter")
+        screen = tmux.wait_for("olena", r"too long to send: 320 characters, the limit is 300")
+        assert "xxxx" not in "".join(transcript_rows(screen)), screen  # neither shown nor sent
+        assert input_row(screen).startswith("[Тарас] › xxxx"), screen
+        keys(tmux, "olena", "C-u")
+        tmux.type("olena", "коротко")
+        screen = tmux.wait_for("olena", r"Олена коротко")
+        assert [r for r in transcript_rows(screen) if "Олена " in r and "·" not in r] == [
+            r for r in transcript_rows(screen) if "Олена коротко" in r
+        ], screen  # the long text was never sent: the short one is our only message
+    finally:
+        broker.kill()

@@ -68,6 +68,8 @@ TICK_S = 0.1
 KEY_ATTEMPT_MS = 1000
 # How often to look again for the broker with the pinned key after an impostor answered.
 KEY_RETRY_S = 2.0
+# The toolbar's state while the client asks for the server, the name, or trust.
+SETTING_UP = "not connected"
 
 
 class NameCompleter(Completer):
@@ -153,6 +155,8 @@ class ChatApp:
         self._question: tuple[str, asyncio.Future[str]] | None = None
         self._chatting = False
         self._quit = asyncio.Event()
+        # Set once the prompt runs: before that its start would wipe a pre-filled answer.
+        self._ui_started = asyncio.Event()
         self._prompt: PromptSession[str] = PromptSession(
             input=input,
             output=output,
@@ -233,7 +237,9 @@ class ChatApp:
         with context, _logging_above_prompt():
             # The work first: its first line is printed before the prompt is first drawn.
             work = asyncio.create_task(self._work())
-            ui = asyncio.create_task(self._prompt.prompt_async(self._prompt_text))
+            ui = asyncio.create_task(
+                self._prompt.prompt_async(self._prompt_text, pre_run=self._ui_started.set)
+            )
             await asyncio.wait({ui, work}, return_when=asyncio.FIRST_COMPLETED)
             if ui.done() and not work.done():
                 if self._chatting:
@@ -308,6 +314,7 @@ class ChatApp:
             return self._typed.get_nowait()
         answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._question = (label, answer)
+        await self._ui_started.wait()
         buffer = self._prompt.default_buffer
         if default and not buffer.text:
             buffer.document = Document(default, len(default))
@@ -319,6 +326,8 @@ class ChatApp:
             self._question = None
 
     async def _log_in(self) -> tuple[AsyncConnection | None, asyncio.Task[None] | None]:
+        # The order a newcomer meets: the server, its fingerprint, then the name.
+        self.state.connection = SETTING_UP
         while self._ask_server:
             answer = await self._ask("server: ", self.server)
             try:
@@ -326,14 +335,16 @@ class ChatApp:
                 break
             except ValueError as exc:
                 self.show([SystemLine(wall_clock_ms(), str(exc), "error")])
+        if not await self._trust_server():
+            return None, None
         while True:
             if not self.name:
                 self.name = (await self._ask("your name: ", self.default_name)).strip()
                 if not self.name:
+                    self.show([SystemLine(wall_clock_ms(), "a name is needed to log in", "error")])
                     continue
+            self.state.connection = "connecting"
             self.show([SystemLine(wall_clock_ms(), f"connecting to {self.server} as {self.name}…")])
-            if not await self._trust_server():
-                return None, None
             connection = AsyncConnection(self.name, self.server, **self._security)
             runner = asyncio.create_task(connection.run())
             outcome = await self._await_login(connection, runner)
@@ -349,10 +360,13 @@ class ChatApp:
                 await runner
             if outcome is None or connection.failure is not None:
                 return None, None
-            self.show(
-                [SystemLine(wall_clock_ms(), f"{outcome.message} — try another name", "error")]
-            )
-            self.default_name = self.name
+            self.state.connection = SETTING_UP
+            text = outcome.message
+            if "another" not in text:
+                text += "; try another name"
+            self.show([SystemLine(wall_clock_ms(), text, "error")])
+            # Not offered again: the same name would be refused again.
+            self.default_name = ""
             self.name = None
 
     async def _trust_server(self) -> bool:

@@ -345,3 +345,26 @@ def test_an_over_long_message_is_counted_refused_and_kept_for_editing(tmux, tmp_
         ], screen  # the long text was never sent: the short one is our only message
     finally:
         broker.kill()
+
+
+def test_first_run_asks_server_then_fingerprint_then_name(tmux, tmp_path):
+    port = free_port_pair()
+    broker = BrokerProcess(tmp_path / "data", bind=f"tcp://127.0.0.1:{port}", env=ENCRYPTED)
+    try:
+        env = client_env(tmp_path, "olena") | ENCRYPTED
+        tmux.start("olena", [sys.executable, str(ROOT / "client.py")], env)
+        screen = tmux.wait_for("olena", r"(?m)^server: tcp://127\.0\.0\.1:5555")
+        assert toolbar_row(screen).startswith(" not connected"), screen  # not "connecting"
+        keys(tmux, "olena", "C-u")
+        tmux.type("olena", f"127.0.0.1:{port}")
+        screen = tmux.wait_for("olena", re.escape(broker.fingerprint))
+        assert "your name:" not in screen  # the key is checked before a name is given
+        tmux.wait_for("olena", r"trust this server and remember it\? \[y/N\]")
+        tmux.type("olena", "y")
+        tmux.wait_for("olena", r"(?m)^your name: *$")
+        keys(tmux, "olena", "Enter")  # an empty name is explained, not silently asked again
+        tmux.wait_for("olena", "a name is needed")
+        tmux.type("olena", "Олена")
+        tmux.wait_for("olena", "logged in as Олена")
+    finally:
+        broker.kill()

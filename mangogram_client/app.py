@@ -29,6 +29,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from rich.console import Console
 
 from mangogram_proto.aio import AsyncConnection
+from mangogram_proto.errors import ErrorCode
 from mangogram_proto.events import Closed, Event, IncomingMessage, LoggedIn, LoginRefused
 from mangogram_proto.keys import (
     KeyFileError,
@@ -138,7 +139,9 @@ class ChatApp:
         self.server = server
         self._ask_server = ask_server
         self.name = name
+        self._name_given = bool(name)
         self.default_name = default_name or ""
+        self._remembered_name = default_name
         self.initial_peer = peer
         self.console = console or Console(force_terminal=True, highlight=False)
         self._own_console = console is None
@@ -354,7 +357,9 @@ class ChatApp:
                 self.renderer.me = outcome.name
                 self.show(self.state.on_event(outcome, wall_clock_ms()))
                 if self._remember:
-                    save_remembered(self.server, outcome.name)
+                    # A name given for this run (--name) does not replace the remembered one.
+                    keep = self._remembered_name if self._name_given else None
+                    save_remembered(self.server, keep or outcome.name)
                 return connection, runner
             with contextlib.suppress(Exception):
                 await runner
@@ -362,7 +367,14 @@ class ChatApp:
                 return None, None
             self.state.connection = SETTING_UP
             text = outcome.message
-            if "another" not in text:
+            if outcome.code == ErrorCode.NAME_TAKEN and connection.security is not None:
+                # Encrypted, the broker checks the key first: a name online with our own
+                # key is ours, in another window or on another machine.
+                text = (
+                    f"{self.name} is you, logged in elsewhere with your key (another window"
+                    " or machine): /exit there and log in again here, or pick another name"
+                )
+            elif "another" not in text:
                 text += "; try another name"
             self.show([SystemLine(wall_clock_ms(), text, "error")])
             # Not offered again: the same name would be refused again.

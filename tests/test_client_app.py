@@ -17,7 +17,7 @@ from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
 from mangogram_client.app import ChatApp
-from mangogram_client.settings import load_config_file, load_remembered
+from mangogram_client.settings import load_config_file, load_remembered, save_remembered
 from mangogram_proto import Client, loops
 from mangogram_proto.aio import AsyncConnection
 from mangogram_proto.events import IncomingMessage, LoggedIn, MessageRead, PresenceChanged
@@ -422,5 +422,76 @@ def test_first_connection_shows_the_fingerprint_and_asks_before_trusting(tmp_pat
         assert code == 0 and "logged in as Олена" in screen
         pinned = (tmp_path / "config" / "known_servers").read_text()
         assert broker.public_key in pinned
+    finally:
+        broker.kill()
+
+
+def run_app(app: ChatApp, pipe, script) -> int:
+    async def main() -> int:
+        runner = asyncio.create_task(app.run())
+        try:
+            await asyncio.wait_for(script(app, pipe), 30)
+        except BaseException:
+            runner.cancel()
+            raise
+        return await asyncio.wait_for(runner, 10)
+
+    return asyncio.run(main())
+
+
+def test_a_name_given_for_one_run_does_not_replace_the_remembered_one(
+    broker, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MANGOGRAM_CONFIG_DIR", str(tmp_path / "config"))
+    save_remembered(broker.endpoint, "Олена")
+
+    async def script(app, pipe):
+        await wait_for(lambda: app.state.connection == "online", what="login")
+        pipe.send_text("/exit\r")
+
+    with create_pipe_input() as pipe:
+        console = Console(file=io.StringIO(), width=100, color_system=None)
+        app = ChatApp(
+            broker.endpoint,
+            "Оля",  # as from --name
+            default_name=load_remembered().name,
+            console=console,
+            input=pipe,
+            output=DummyOutput(),
+        )
+        assert run_app(app, pipe, script) == 0
+    assert load_remembered().name == "Олена"
+
+
+def test_own_name_online_elsewhere_is_called_you(tmp_path, monkeypatch):
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    monkeypatch.setenv("MANGOGRAM_CONFIG_DIR", str(tmp_path / "config"))
+    broker = BrokerProcess(tmp_path / "data", env={"MANGOGRAM_INSECURE_PLAINTEXT": "0"})
+    try:
+
+        async def script(app, pipe):
+            # Another window of ours: the same config dir, so the same key.
+            mine = AsyncConnection("Mei", broker.endpoint, server_key=broker.public_key)
+            mine_task = asyncio.create_task(mine.run())
+            await next_event(mine, LoggedIn)
+            pipe.send_text("Mei\r")
+            await wait_for(lambda: "is you, logged in elsewhere" in screen_text(app), what="you")
+            mine.stop()
+            await mine_task
+            pipe.send_text("\x04")
+
+        with create_pipe_input() as pipe:
+            console = Console(file=io.StringIO(), width=100, color_system=None)
+            app = ChatApp(
+                broker.endpoint.replace("*", ""),
+                None,
+                console=console,
+                input=pipe,
+                output=DummyOutput(),
+                remember=False,
+                security={"server_key": broker.public_key},
+            )
+            run_app(app, pipe, script)
+        assert "try another name" not in console.file.getvalue()
     finally:
         broker.kill()

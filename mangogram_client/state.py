@@ -39,6 +39,8 @@ from .lines import ChatLine, Line, Mark, SystemLine
 DELIVERY_GRACE_MS = 300
 UNACCEPTED_GRACE_MS = 1000
 DELAYED_AFTER_MS = 30_000
+# How long late delivery receipts are gathered before one line says them all.
+RECEIPT_BATCH_MS = 300
 SNIPPET_CHARS = 30
 QUIET_PRESENCE_ABOVE = 20
 # The connection state while an impostor (a broker without the pinned key) answers.
@@ -88,6 +90,8 @@ class ChatState:
         # Broker ids shown but not yet seen in the open conversation, per sender key.
         self._unseen: dict[str, list[str]] = {}
         self._reads: list[str] = []
+        # Per recipient key: when to say it, their display name, the texts they got.
+        self._late_receipts: dict[str, tuple[int, str, list[str]]] = {}
         self.seen_at: dict[str, int] = {}
         # What the broker accepts, as announced at login.
         self.limits: Limits | None = None
@@ -120,7 +124,7 @@ class ChatState:
         for message_id, own in list(self._own.items()):
             if not own.printed and own.print_at <= now:
                 lines.append(self._print_own(message_id, own))
-        return lines
+        return lines + self._receipt_lines(now)
 
     def take_reads(self) -> list[str]:
         """Broker ids the user has now seen in the open conversation: send READ for each."""
@@ -129,6 +133,7 @@ class ChatState:
 
     def next_due(self) -> int | None:
         waiting = [o.print_at for o in self._own.values() if not o.printed]
+        waiting += [at for at, _to, _texts in self._late_receipts.values()]
         return min(waiting) if waiting else None
 
     # Session events
@@ -358,7 +363,28 @@ class ChatState:
         if not own.printed:
             return [self._print_own(event.id, own)]
         del self._own[event.id]
-        return [SystemLine(now, f"✓✓ {event.to} got “{snippet(own.text)}”", "receipt")]
+        # Late receipts come in bursts (after a reconnect, one per message): gathered
+        # for a moment and said in one line per person.
+        key = name_key(event.to)
+        batch = self._late_receipts.setdefault(key, (now + RECEIPT_BATCH_MS, event.to, []))
+        batch[2].append(own.text)
+        return []
+
+    def _receipt_lines(self, now: int) -> list[Line]:
+        lines: list[Line] = []
+        for key, (at, to, texts) in list(self._late_receipts.items()):
+            if at > now:
+                continue
+            del self._late_receipts[key]
+            if len(texts) == 1:
+                text = f"✓✓ {to} got “{snippet(texts[0])}”"
+            else:
+                text = (
+                    f"✓✓ {to} got {len(texts)} messages, “{snippet(texts[0])}” to"
+                    f" “{snippet(texts[-1])}”"
+                )
+            lines.append(SystemLine(now, text, "receipt"))
+        return lines
 
     def _failed(self, event: MessageFailed, now: int) -> list[Line]:
         own = self._own.get(event.id)

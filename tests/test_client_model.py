@@ -20,7 +20,12 @@ from mangogram_client.commands import (
 from mangogram_client.lines import ChatLine, SystemLine
 from mangogram_client.render import render_plain
 from mangogram_client.settings import normalise_address
-from mangogram_client.state import DELIVERY_GRACE_MS, UNACCEPTED_GRACE_MS, ChatState
+from mangogram_client.state import (
+    DELIVERY_GRACE_MS,
+    RECEIPT_BATCH_MS,
+    UNACCEPTED_GRACE_MS,
+    ChatState,
+)
 from mangogram_proto.events import (
     ConnectionLost,
     IncomingMessage,
@@ -105,8 +110,32 @@ def test_own_message_prints_with_single_tick_then_gets_a_receipt_line():
     state.on_event(MessageAccepted("m1", "b1", T + 1), T + 1)
     (line,) = state.due(T + 1 + DELIVERY_GRACE_MS)
     assert line.mark == "sent"
-    (receipt,) = state.on_event(MessageDelivered("m1", "b1", "Тарас", T + 5000), T + 5000)
+    assert state.on_event(MessageDelivered("m1", "b1", "Тарас", T + 5000), T + 5000) == []
+    (receipt,) = state.due(T + 5000 + RECEIPT_BATCH_MS)
     assert receipt.kind == "receipt" and "✓✓ Тарас" in receipt.text and "…" in receipt.text
+
+
+def test_a_burst_of_late_receipts_is_one_line_per_person():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("Тарас", T)
+    for i in range(12):
+        state.sent(f"m{i}", "Тарас", f"повідомлення {i}", T)
+    state.sent("x", "Mei", "hi Mei", T)
+    printed = state.due(T + UNACCEPTED_GRACE_MS)  # the broker is away: printed with ○
+    assert len(printed) == 13
+    later = T + 60_000  # back after a reconnect: every receipt at once
+    lines = []
+    for i in range(12):
+        lines += state.on_event(MessageDelivered(f"m{i}", f"b{i}", "Тарас", later), later)
+    lines += state.on_event(MessageDelivered("x", "bx", "Mei", later), later)
+    assert lines == []
+    assert state.next_due() == later + RECEIPT_BATCH_MS
+    texts = [line.text for line in state.due(later + RECEIPT_BATCH_MS)]
+    assert texts == [
+        "✓✓ Тарас got 12 messages, “повідомлення 0” to “повідомлення 11”",
+        "✓✓ Mei got “hi Mei”",
+    ]
 
 
 def test_unaccepted_message_shows_pending_after_grace():

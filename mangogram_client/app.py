@@ -58,7 +58,7 @@ from .commands import (
 )
 from .lines import Line, SystemLine
 from .render import TranscriptRenderer
-from .settings import normalise_address, save_remembered
+from .settings import load_contacts, normalise_address, save_contacts, save_remembered
 from .state import ChatState
 
 log = logging.getLogger(__name__)
@@ -284,6 +284,8 @@ class ChatApp:
             self._closing = True
             await asyncio.gather(pump, return_exceptions=True)
             self.show(self.state.due(wall_clock_ms() + 10**9))
+            if self._remember:
+                save_contacts(self.server, self.state.contacts)
 
     async def _retry_after_key_failure(
         self, connection: AsyncConnection, runner: asyncio.Task[None]
@@ -353,6 +355,8 @@ class ChatApp:
             outcome = await self._await_login(connection, runner)
             if isinstance(outcome, LoggedIn):
                 self.connection = connection
+                if self._remember:
+                    self.state.contacts.update(load_contacts(self.server))
                 self.state.me = outcome.name
                 self.renderer.me = outcome.name
                 self.show(self.state.on_event(outcome, wall_clock_ms()))

@@ -113,3 +113,38 @@ def save_remembered(server: str, name: str) -> None:
         tmp.replace(path)
     except OSError as exc:
         log.warning("could not remember settings in %s: %s", path, exc)
+
+
+def _contacts_path() -> Path:
+    return config_dir() / "contacts.json"
+
+
+def load_contacts(server: str) -> dict[str, str]:
+    """The people talked with on `server` in earlier runs, by name key."""
+    try:
+        data = json.loads(_contacts_path().read_text(encoding="utf-8"))
+        saved = data[server]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    return {k: v for k, v in saved.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def save_contacts(server: str, contacts: dict[str, str]) -> None:
+    """Keep `contacts` for `server` (other servers' entries stay); failure costs only Tab."""
+    path = _contacts_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            data = {}
+    except (OSError, ValueError):
+        data = {}
+    data[server] = contacts
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, ensure_ascii=False), "utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("could not save contacts in %s: %s", path, exc)

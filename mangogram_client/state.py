@@ -85,7 +85,10 @@ class ChatState:
         self.unread: Counter[str] = Counter()
         self._display: dict[str, str] = {}
         self._talked_with: set[str] = set()
-        self._heard_from: dict[str, str] = {}
+        # People we have talked with, by key: offered by Tab even when offline, and kept
+        # across runs (the app saves them). Names we typed count once the broker took a
+        # message for them (it refuses names nobody has), so typos are not offered.
+        self.contacts: dict[str, str] = {}
         self._own: dict[str, _OwnMessage] = {}
         # Broker ids shown but not yet seen in the open conversation, per sender key.
         self._unseen: dict[str, list[str]] = {}
@@ -143,6 +146,8 @@ class ChatState:
             return self._incoming(event, now)
         if isinstance(event, MessageAccepted):
             own = self._own.get(event.id)
+            if own is not None:
+                self.contacts.setdefault(name_key(own.to), own.to)
             if own is not None and own.mark == "pending":
                 own.mark = "sent"
                 own.print_at = min(own.print_at, now + DELIVERY_GRACE_MS)
@@ -304,9 +309,9 @@ class ChatState:
         return [*lead, ("", " "), ("bold", peer), *tail]
 
     def completions(self) -> list[str]:
-        """Names worth offering for Tab: online users and everyone who wrote to us (names
-        we typed ourselves may be misspelt, so they are not offered)."""
-        names = dict(self._heard_from)
+        """Names worth offering for Tab: who is online and everyone we have talked with,
+        online or not (see `contacts`)."""
+        names = dict(self.contacts)
         names.update(self.online)
         names.pop(name_key(self.me), None)
         return sorted(names.values(), key=name_key)
@@ -316,7 +321,7 @@ class ChatState:
     def _incoming(self, message: IncomingMessage, now: int) -> list[Line]:
         key = name_key(message.sender)
         self._display[key] = message.sender
-        self._heard_from[key] = message.sender
+        self.contacts[key] = message.sender
         self._talked_with.add(key)
         lines: list[Line] = []
         if self.peer is None:
@@ -398,6 +403,9 @@ class ChatState:
         return [SystemLine(now, f"✗ “{snippet(own.text)}” — {event.message}", "error")]
 
     def _history(self, event: HistoryReceived, now: int) -> list[Line]:
+        for item in event.items:
+            for name in (item.sender, item.to):
+                self.contacts.setdefault(name_key(name), name)
         if not event.items:
             return [SystemLine(now, f"no earlier messages with {event.peer}")]
         me = name_key(self.me)

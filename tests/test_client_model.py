@@ -209,6 +209,21 @@ def test_tab_completion_offers_online_users_and_senders_not_typos():
     assert state.completions() == ["Zoë"]
 
 
+def test_tab_completion_offers_offline_people_we_talked_with():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.sent("m1", "Богдан", "привіт", T)  # offline, but the broker took it: he exists
+    state.on_event(MessageAccepted("m1", "b1", T + 1), T + 1)
+    state.sent("m2", "тарсс", "typo", T)  # refused: never offered
+    state.on_event(MessageFailed("m2", "тарсс", "unknown_recipient", "nobody is called тарсс"), T)
+    state.on_event(OnlineUsers(("Олена",)), T)
+    assert state.completions() == ["Богдан"]
+    # A new run starts with the contacts the app saved.
+    again = ChatState("Олена")
+    again.contacts.update(state.contacts)
+    assert again.completions() == ["Богдан"]
+
+
 def test_a_conversation_renders_with_times_names_and_marks():
     state = ChatState("Олена")
     lines = state.on_event(LoggedIn("Олена", T, TEST_LIMITS, ("Тарас",), False), T)

@@ -368,3 +368,25 @@ def test_first_run_asks_server_then_fingerprint_then_name(tmux, tmp_path):
         tmux.wait_for("olena", "logged in as Олена")
     finally:
         broker.kill()
+
+
+def test_tab_completes_people_offline_and_after_a_restart(broker, tmux, tmp_path):
+    with Client("Богдан", broker.endpoint):
+        pass  # Богдан exists, and is offline from now on
+    env = client_env(tmp_path, "olena")
+    tmux.start("olena", client_cmd(broker.endpoint, "--name", "Олена"), env)
+    tmux.wait_for("olena", "logged in as Олена")
+    tmux.type("olena", "@Богдан привіт")
+    tmux.wait_for("olena", r"привіт ✓")
+    for run in range(2):
+        keys(tmux, "olena", "-l", "/to Бо")
+        keys(tmux, "olena", "Tab")
+        tmux.wait_for("olena", r"(?m)^› /to Богдан")
+        keys(tmux, "olena", "Enter")
+        tmux.wait_for("olena", r"talking to Богдан \(offline\)")
+        tmux.type("olena", "/exit")
+        assert tmux.exit_status("olena") == 0
+        if run == 0:
+            tmux.kill()
+            tmux.start("olena", client_cmd(broker.endpoint, "--name", "Олена"), env)
+            tmux.wait_for("olena", "logged in as Олена")

@@ -56,9 +56,9 @@ from .commands import (
     help_lines,
     parse_input,
 )
-from .lines import Line, SystemLine
+from .lines import ChatLine, Line, SystemLine
 from .render import TranscriptRenderer
-from .settings import load_contacts, normalise_address, save_contacts, save_remembered
+from .settings import ChatMemory, load_memory, normalise_address, save_memory, save_remembered
 from .state import ChatState
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,9 @@ KEY_ATTEMPT_MS = 1000
 KEY_RETRY_S = 2.0
 # The toolbar's state while the client asks for the server, the name, or trust.
 SETTING_UP = "not connected"
+# xterm's title stack: save the terminal's title before changing it, restore it at exit.
+TITLE_PUSH = "\x1b[22;0t"
+TITLE_POP = "\x1b[23;0t"
 
 
 class NameCompleter(Completer):
@@ -133,6 +136,8 @@ class ChatApp:
         output: Output | None = None,
         remember: bool = True,
         ask_server: bool = False,
+        bell: bool = False,
+        title: bool = False,
         security: dict[str, Any] | None = None,
     ) -> None:
         self._security = dict(security or {})
@@ -149,6 +154,9 @@ class ChatApp:
         self.renderer = TranscriptRenderer(me=name or "")
         self.connection: AsyncConnection | None = None
         self._remember = remember
+        self._bell = bell
+        self._title = title
+        self._title_shown: int | None = None
         self._closing = False
         self.exit_code = 0
         self._patch_stdout = input is None
@@ -217,11 +225,14 @@ class ChatApp:
     def show(self, lines: Iterable[Line], *, shown: IncomingMessage | None = None) -> None:
         """Print `lines`; then confirm `shown`, the incoming message among them (only
         now that it is on screen: a client killed before gets it again)."""
+        lines = list(lines)
         if self._own_console:
             # Lay rows out for the width prompt_toolkit draws in: rich alone would trust
             # a stale COLUMNS variable, and a row wider than the terminal wraps.
             size = self._prompt.app.output.get_size()
             self.console.size = (size.columns, size.rows)
+        if self._bell and any(isinstance(x, ChatLine) and x.elsewhere and not x.own for x in lines):
+            self.console.bell()  # someone wrote in a conversation that is not open
         for line in lines:
             for renderable in self.renderer.render(line):
                 self.console.print(renderable)
@@ -231,8 +242,24 @@ class ChatApp:
             # Shown in the open conversation means read: tell the senders.
             for broker_id in self.state.take_reads():
                 self.connection.mark_read(broker_id)
+        if self._title:
+            self._set_title(sum(self.state.unread.values()))
         if self._prompt.app.is_running:
             self._prompt.app.invalidate()
+
+    def _set_title(self, unread: int | None) -> None:
+        """Name the unread count in the window title; None gives the title back."""
+        if unread is None:
+            if self._title_shown is not None:
+                self.console.file.write(TITLE_POP)
+                self.console.file.flush()
+            return
+        if unread == self._title_shown:
+            return
+        if self._title_shown is None:
+            self.console.file.write(TITLE_PUSH)  # xterm keeps the old title to restore
+        self._title_shown = unread
+        self.console.set_window_title(f"MangoGram ({unread} unread)" if unread else "MangoGram")
 
     async def run(self) -> int:
         """Log in, chat until /exit, Ctrl-D or Ctrl-C; returns the exit code."""
@@ -285,7 +312,9 @@ class ChatApp:
             await asyncio.gather(pump, return_exceptions=True)
             self.show(self.state.due(wall_clock_ms() + 10**9))
             if self._remember:
-                save_contacts(self.server, self.state.contacts)
+                save_memory(self.server, ChatMemory(self.state.contacts, dict(self.state.unread)))
+            if self._title:
+                self._set_title(None)
 
     async def _retry_after_key_failure(
         self, connection: AsyncConnection, runner: asyncio.Task[None]
@@ -356,7 +385,7 @@ class ChatApp:
             if isinstance(outcome, LoggedIn):
                 self.connection = connection
                 if self._remember:
-                    self.state.contacts.update(load_contacts(self.server))
+                    self.state.remember(load_memory(self.server))
                 self.state.me = outcome.name
                 self.renderer.me = outcome.name
                 self.show(self.state.on_event(outcome, wall_clock_ms()))

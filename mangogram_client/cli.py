@@ -91,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="development only: talk to a plaintext broker on loopback"
         " [MANGOGRAM_INSECURE_PLAINTEXT=1]",
     )
+    parser.add_argument(
+        "--no-bell",
+        action="store_true",
+        help="no terminal bell for a message in another conversation (config: bell = false)",
+    )
+    parser.add_argument(
+        "--no-title",
+        action="store_true",
+        help="leave the window title alone; by default it shows the unread count"
+        " (config: title = false)",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--send", metavar="TEXT", help="send TEXT to --to and exit once accepted")
     mode.add_argument("--listen", action="store_true", help="print incoming messages; no prompt")
@@ -110,6 +121,11 @@ def glue_key_values(argv: list[str]) -> list[str]:
         else:
             glued.append(arg)
     return glued
+
+
+def _enabled(setting: str | None) -> bool:
+    """A config file switch: on unless it says false (TOML's false arrives as "False")."""
+    return setting is None or setting.strip().lower() not in ("false", "0", "no", "off")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         default_name=remembered.name,
         ask_server=not given_server,
         security=security,
+        bell=not args.no_bell and _enabled(config.get("bell")),
+        title=not args.no_title and _enabled(config.get("title")),
     )
     try:
         return loops.run(app.run())

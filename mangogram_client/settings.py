@@ -86,7 +86,7 @@ def load_config_file(path: Path | None) -> dict[str, str]:
         return {}
     except (tomllib.TOMLDecodeError, OSError) as exc:
         raise SystemExit(f"cannot read config file {path}: {exc}") from None
-    return {k: str(v) for k, v in data.items() if k in ("server", "name", "to")}
+    return {k: str(v) for k, v in data.items() if k in ("server", "name", "to", "bell", "title")}
 
 
 def load_remembered() -> Remembered:
@@ -115,32 +115,44 @@ def save_remembered(server: str, name: str) -> None:
         log.warning("could not remember settings in %s: %s", path, exc)
 
 
-def _contacts_path() -> Path:
+def _memory_path() -> Path:
     return config_dir() / "contacts.json"
 
 
-def load_contacts(server: str) -> dict[str, str]:
-    """The people talked with on `server` in earlier runs, by name key."""
+@dataclass
+class ChatMemory:
+    """What one server's chats leave for the next run: who we talked with (name key →
+    display name) and how many messages each left unread."""
+
+    contacts: dict[str, str]
+    unread: dict[str, int]
+
+
+def load_memory(server: str) -> ChatMemory:
+    """The contacts and unread counts saved for `server`; empty if none or unreadable."""
     try:
-        data = json.loads(_contacts_path().read_text(encoding="utf-8"))
-        saved = data[server]
+        saved = json.loads(_memory_path().read_text(encoding="utf-8"))[server]
+        contacts, unread = saved["contacts"], saved["unread"]
     except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    if not isinstance(saved, dict):
-        return {}
-    return {k: v for k, v in saved.items() if isinstance(k, str) and isinstance(v, str)}
+        return ChatMemory({}, {})
+    if not isinstance(contacts, dict) or not isinstance(unread, dict):
+        return ChatMemory({}, {})
+    return ChatMemory(
+        {k: v for k, v in contacts.items() if isinstance(k, str) and isinstance(v, str)},
+        {k: n for k, n in unread.items() if isinstance(k, str) and isinstance(n, int) and n > 0},
+    )
 
 
-def save_contacts(server: str, contacts: dict[str, str]) -> None:
-    """Keep `contacts` for `server` (other servers' entries stay); failure costs only Tab."""
-    path = _contacts_path()
+def save_memory(server: str, memory: ChatMemory) -> None:
+    """Keep `memory` for `server` (other servers' entries stay); failure is only logged."""
+    path = _memory_path()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             data = {}
     except (OSError, ValueError):
         data = {}
-    data[server] = contacts
+    data[server] = {"contacts": memory.contacts, "unread": memory.unread}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

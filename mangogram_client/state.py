@@ -34,6 +34,7 @@ from mangogram_proto.messages import Limits
 from mangogram_proto.names import name_key
 
 from .lines import ChatLine, Line, Mark, SystemLine
+from .settings import ChatMemory
 
 # How long an own message waits for its ✓✓ before it is printed anyway.
 DELIVERY_GRACE_MS = 300
@@ -98,6 +99,13 @@ class ChatState:
         self.seen_at: dict[str, int] = {}
         # What the broker accepts, as announced at login.
         self.limits: Limits | None = None
+
+    def remember(self, memory: ChatMemory) -> None:
+        """Start from what an earlier run left: contacts and unread counts."""
+        self.contacts.update(memory.contacts)
+        for key, count in memory.unread.items():
+            self.unread[key] += count
+            self._display.setdefault(key, memory.contacts.get(key, key))
 
     # User actions
 

@@ -396,3 +396,15 @@ def test_text_over_the_announced_limits_is_caught_before_sending():
     assert near is not None and near[1].strip() == f"{limit}/{limit}"
     text = "".join(t for _, t in state.toolbar(40, "x" * (limit + 5)))
     assert f"{limit + 5}/{limit}" in text
+
+
+def test_unread_counts_and_contacts_carry_over_from_the_last_run():
+    from mangogram_client.settings import ChatMemory
+
+    state = ChatState("Олена")
+    state.remember(ChatMemory({"mei": "Mei"}, {"mei": 2}))
+    logged_in(state)
+    assert "unread: Mei (2)" in "".join(t for _, t in state.toolbar())
+    assert "Mei" in state.completions()
+    state.switch_peer("mei", T)
+    assert not state.unread

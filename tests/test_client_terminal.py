@@ -387,6 +387,46 @@ def test_tab_completes_people_offline_and_after_a_restart(broker, tmux, tmp_path
         tmux.type("olena", "/exit")
         assert tmux.exit_status("olena") == 0
         if run == 0:
-            tmux.kill()
+            tmux.run("kill-session", "-t", "olena")
             tmux.start("olena", client_cmd(broker.endpoint, "--name", "Олена"), env)
             tmux.wait_for("olena", "logged in as Олена")
+
+
+def pane(tmux: Tmux, session: str, variable: str) -> str:
+    return tmux.run("display-message", "-p", "-t", session, f"#{{{variable}}}").strip()
+
+
+def test_other_conversations_ring_retitle_and_keep_unread_across_restarts(broker, tmux, tmp_path):
+    env = client_env(tmp_path, "olena")
+    command = client_cmd(broker.endpoint, "--name", "Олена", "--to", "Тарас")
+    tmux.start("olena", command, env)
+    tmux.wait_for("olena", r"talking to Тарас")
+    title_before = pane(tmux, "olena", "pane_title")
+    with Client("Mei", broker.endpoint) as mei:
+        mei.send("Олена", "are you there?", wait=True)
+        tmux.wait_for("olena", r"are you there\?")
+    wait_until(lambda: pane(tmux, "olena", "pane_title") == "MangoGram (1 unread)", "title")
+    wait_until(lambda: pane(tmux, "olena", "window_bell_flag") == "1", "the bell")
+    tmux.type("olena", "/exit")
+    assert tmux.exit_status("olena") == 0
+    assert pane(tmux, "olena", "pane_title") != "MangoGram (1 unread)"  # given back
+    tmux.run("kill-session", "-t", "olena")
+    tmux.start("olena", command, env)
+    tmux.wait_for("olena", r"talking to Тарас")
+    wait_until(
+        lambda: s if "unread: Mei (1)" in toolbar_row(s := tmux.screen("olena")) else None,
+        "the unread count from the last run",
+    )
+    assert title_before != "MangoGram (1 unread)"
+
+
+def test_bell_and_title_can_be_turned_off(broker, tmux, tmp_path):
+    command = client_cmd(broker.endpoint, "--name", "Олена", "--to", "Тарас")
+    tmux.start("olena", [*command, "--no-bell", "--no-title"], client_env(tmp_path, "olena"))
+    tmux.wait_for("olena", r"talking to Тарас")
+    title_before = pane(tmux, "olena", "pane_title")
+    with Client("Mei", broker.endpoint) as mei:
+        mei.send("Олена", "are you there?", wait=True)
+        tmux.wait_for("olena", r"unread: Mei \(1\)")
+    assert pane(tmux, "olena", "pane_title") == title_before
+    assert pane(tmux, "olena", "window_bell_flag") == "0"

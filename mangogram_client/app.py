@@ -202,6 +202,17 @@ class ChatApp:
             else:
                 event.app.exit(exception=EOFError)  # KeyboardInterrupt would escape asyncio.run
 
+        # Up and Down walk the lines sent before. Bound here because, with the prompt
+        # kept running across lines, the default binding did not fire in tmux (checked
+        # in test_up_recalls_the_lines_sent_before).
+        @bindings.add("up")
+        def _previous(event: KeyPressEvent) -> None:
+            event.current_buffer.auto_up(count=event.arg)
+
+        @bindings.add("down")
+        def _next(event: KeyPressEvent) -> None:
+            event.current_buffer.auto_down(count=event.arg)
+
         return bindings
 
     def _accept(self, buffer: Buffer) -> bool:

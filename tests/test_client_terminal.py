@@ -430,3 +430,16 @@ def test_bell_and_title_can_be_turned_off(broker, tmux, tmp_path):
         tmux.wait_for("olena", r"unread: Mei \(1\)")
     assert pane(tmux, "olena", "pane_title") == title_before
     assert pane(tmux, "olena", "window_bell_flag") == "0"
+
+
+def test_up_recalls_the_lines_sent_before(broker, tmux, tmp_path):
+    command = client_cmd(broker.endpoint, "--name", "Олена", "--to", "Тарас")
+    tmux.start("olena", command, client_env(tmp_path, "olena"))
+    tmux.wait_for("olena", r"talking to Тарас")
+    for text in ("перший", "другий"):
+        tmux.type("olena", text)
+        tmux.wait_for("olena", rf"Олена {text}")
+    keys(tmux, "olena", "Up", "Up")
+    wait_until(lambda: input_row(tmux.screen("olena")).endswith("› перший"), "the first line")
+    keys(tmux, "olena", "Down")
+    wait_until(lambda: input_row(tmux.screen("olena")).endswith("› другий"), "the second line")

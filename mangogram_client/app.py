@@ -178,6 +178,10 @@ class ChatApp:
             ),
             refresh_interval=0.5,
             key_bindings=self._key_bindings(),
+            # One input row that scrolls sideways, as in irssi and weechat: a long line
+            # that wrapped would push the transcript up the scrollback, and clearing it
+            # left blank rows where the chat had been.
+            wrap_lines=False,
         )
         self._prompt.default_buffer.accept_handler = self._accept
 

@@ -443,3 +443,25 @@ def test_up_recalls_the_lines_sent_before(broker, tmux, tmp_path):
     wait_until(lambda: input_row(tmux.screen("olena")).endswith("› перший"), "the first line")
     keys(tmux, "olena", "Down")
     wait_until(lambda: input_row(tmux.screen("olena")).endswith("› другий"), "the second line")
+
+
+def test_recalling_and_clearing_a_long_line_keeps_the_transcript_in_view(broker, tmux, tmp_path):
+    command = client_cmd(broker.endpoint, "--name", "Олена", "--to", "Тарас")
+    start_sized(tmux, "olena", command, client_env(tmp_path, "olena"), (40, 12))
+    tmux.wait_for("olena", r"talking to Тарас")
+    tmux.type("olena", "z" * 900)  # longer than the screen is high, once wrapped
+    tmux.wait_for("olena", r"zzz [○✓✗]")
+    tmux.type("olena", "last words")
+    tmux.wait_for("olena", r"last words")
+    keys(tmux, "olena", "Up", "Up")  # the long line again
+
+    def recalled() -> bool:
+        """The row just above the toolbar (where the input ends) holds the long line."""
+        visible = [r for r in tmux.run("capture-pane", "-p", "-t", "olena").splitlines() if r]
+        return "zzzzzzzzzz" in visible[-2]
+
+    wait_until(recalled, "the recalled line")
+    keys(tmux, "olena", "C-u")
+    wait_until(lambda: not recalled(), "the line cleared")
+    visible = tmux.run("capture-pane", "-p", "-t", "olena")  # the screen, not the scrollback
+    assert "last words" in visible, visible

@@ -457,6 +457,8 @@ class ChatApp:
             self.exit_code = 1
             return False
         known.pin(self.server, key)
+        # The answer is not echoed (the input line is reused): say what it did.
+        self.show([SystemLine(wall_clock_ms(), "trusted; this key is expected from now on")])
         return True
 
     async def _fetch_key(self) -> str | None:

@@ -361,6 +361,7 @@ def test_first_run_asks_server_then_fingerprint_then_name(tmux, tmp_path):
         assert "your name:" not in screen  # the key is checked before a name is given
         tmux.wait_for("olena", r"trust this server and remember it\? \[y/N\]")
         tmux.type("olena", "y")
+        tmux.wait_for("olena", "trusted; this key is expected from now on")
         tmux.wait_for("olena", r"(?m)^your name: *$")
         keys(tmux, "olena", "Enter")  # an empty name is explained, not silently asked again
         tmux.wait_for("olena", "a name is needed")

@@ -94,8 +94,9 @@ class ChatState:
         # Broker ids shown but not yet seen in the open conversation, per sender key.
         self._unseen: dict[str, list[str]] = {}
         self._reads: list[str] = []
-        # Per recipient key: when to say it, their display name, the texts they got.
-        self._late_receipts: dict[str, tuple[int, str, list[str]]] = {}
+        # Per ("sent" or "delivered", recipient key): when to say it, their display name,
+        # the texts: marks that came after their messages were printed.
+        self._late_receipts: dict[tuple[str, str], tuple[int, str, list[str]]] = {}
         self.seen_at: dict[str, int] = {}
         # What the broker accepts, as announced at login.
         self.limits: Limits | None = None
@@ -159,6 +160,8 @@ class ChatState:
             if own is not None and own.mark == "pending":
                 own.mark = "sent"
                 own.print_at = min(own.print_at, now + DELIVERY_GRACE_MS)
+                if own.printed:  # shown with ○ while the broker was away
+                    self._late(("sent", name_key(own.to)), own.to, own.text, now)
             return []
         if isinstance(event, MessageDelivered):
             return self._delivered(event, now)
@@ -379,23 +382,33 @@ class ChatState:
         # Late receipts come in bursts (after a reconnect, one per message): gathered
         # for a moment and said in one line per person.
         key = name_key(event.to)
-        batch = self._late_receipts.setdefault(key, (now + RECEIPT_BATCH_MS, event.to, []))
-        batch[2].append(own.text)
+        sent = self._late_receipts.get(("sent", key))
+        if sent is not None and own.text in sent[2]:
+            sent[2].remove(own.text)  # delivered says more than sent
+        self._late(("delivered", key), event.to, own.text, now)
         return []
+
+    def _late(self, batch_key: tuple[str, str], to: str, text: str, now: int) -> None:
+        batch = self._late_receipts.setdefault(batch_key, (now + RECEIPT_BATCH_MS, to, []))
+        batch[2].append(text)
 
     def _receipt_lines(self, now: int) -> list[Line]:
         lines: list[Line] = []
-        for key, (at, to, texts) in list(self._late_receipts.items()):
+        for (kind, key), (at, to, texts) in list(self._late_receipts.items()):
             if at > now:
                 continue
-            del self._late_receipts[key]
-            if len(texts) == 1:
-                text = f"✓✓ {to} got “{snippet(texts[0])}”"
+            del self._late_receipts[(kind, key)]
+            if not texts:
+                continue
+            first, last = snippet(texts[0]), snippet(texts[-1])
+            if kind == "delivered":
+                text = f"✓✓ {to} got “{first}”"
+                if len(texts) > 1:
+                    text = f"✓✓ {to} got {len(texts)} messages, “{first}” to “{last}”"
             else:
-                text = (
-                    f"✓✓ {to} got {len(texts)} messages, “{snippet(texts[0])}” to"
-                    f" “{snippet(texts[-1])}”"
-                )
+                text = f"✓ the broker has “{first}” for {to}"
+                if len(texts) > 1:
+                    text = f"✓ the broker has {len(texts)} messages for {to}, “{first}” to “{last}”"
             lines.append(SystemLine(now, text, "receipt"))
         return lines
 

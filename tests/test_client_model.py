@@ -408,3 +408,17 @@ def test_unread_counts_and_contacts_carry_over_from_the_last_run():
     assert "Mei" in state.completions()
     state.switch_peer("mei", T)
     assert not state.unread
+
+
+def test_messages_shown_pending_then_taken_by_the_broker_say_so_once():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("Тарас", T)
+    for i in range(3):
+        state.sent(f"m{i}", "Тарас", f"лист {i}", T)
+    assert [line.mark for line in state.due(T + UNACCEPTED_GRACE_MS)] == ["pending"] * 3
+    later = T + 30_000  # the broker is back; Тарас is offline: accepted, not delivered
+    for i in range(3):
+        assert state.on_event(MessageAccepted(f"m{i}", f"b{i}", later), later) == []
+    (line,) = state.due(later + RECEIPT_BATCH_MS)
+    assert line.text == "✓ the broker has 3 messages for Тарас, “лист 0” to “лист 2”"

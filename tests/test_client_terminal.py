@@ -89,14 +89,15 @@ def input_row(screen: str) -> str:
     return [row for row in screen.splitlines() if INPUT_ROW.match(row)][-1]
 
 
-def wait_until(check, what: str, timeout: float = 15.0):
+def wait_until(check, what: str, timeout: float = 15.0, context=lambda: ""):
+    """Poll `check` until it returns something true; `context()` explains a timeout."""
     deadline = time.monotonic() + timeout
     while True:
         result = check()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}\n{context()}")
         time.sleep(0.1)  # polling, bounded by the deadline
 
 
@@ -388,9 +389,17 @@ def test_tab_completes_people_offline_and_after_a_restart(broker, tmux, tmp_path
         tmux.type("olena", "/exit")
         assert tmux.exit_status("olena") == 0
         if run == 0:
-            tmux.run("kill-session", "-t", "olena")
-            tmux.start("olena", client_cmd(broker.endpoint, "--name", "Олена"), env)
+            restart(tmux, "olena", client_cmd(broker.endpoint, "--name", "Олена"), env)
             tmux.wait_for("olena", "logged in as Олена")
+
+
+def restart(tmux: Tmux, session: str, command: list[str], env: dict[str, str]) -> None:
+    """Run `command` again in a fresh window of the same name. The old session is killed
+    only after a placeholder exists: killing the last session ends the tmux server, and a
+    new-session racing that exit fails."""
+    tmux.run("new-session", "-d", "-s", "placeholder", "sleep 60")
+    tmux.run("kill-session", "-t", session)
+    tmux.start(session, command, env)
 
 
 def pane(tmux: Tmux, session: str, variable: str) -> str:
@@ -406,17 +415,24 @@ def test_other_conversations_ring_retitle_and_keep_unread_across_restarts(broker
     with Client("Mei", broker.endpoint) as mei:
         mei.send("Олена", "are you there?", wait=True)
         tmux.wait_for("olena", r"are you there\?")
-    wait_until(lambda: pane(tmux, "olena", "pane_title") == "MangoGram (1 unread)", "title")
-    wait_until(lambda: pane(tmux, "olena", "window_bell_flag") == "1", "the bell")
+
+    def context() -> str:
+        title, bell = pane(tmux, "olena", "pane_title"), pane(tmux, "olena", "window_bell_flag")
+        return f"title {title!r}, bell {bell!r}\n{tmux.screen('olena')}"
+
+    wait_until(
+        lambda: pane(tmux, "olena", "pane_title") == "MangoGram (1 unread)", "title", 15, context
+    )
+    wait_until(lambda: pane(tmux, "olena", "window_bell_flag") == "1", "the bell", 15, context)
     tmux.type("olena", "/exit")
     assert tmux.exit_status("olena") == 0
-    assert pane(tmux, "olena", "pane_title") != "MangoGram (1 unread)"  # given back
-    tmux.run("kill-session", "-t", "olena")
-    tmux.start("olena", command, env)
+    assert pane(tmux, "olena", "pane_title") != "MangoGram (1 unread)", context()  # given back
+    restart(tmux, "olena", command, env)
     tmux.wait_for("olena", r"talking to Тарас")
     wait_until(
         lambda: s if "unread: Mei (1)" in toolbar_row(s := tmux.screen("olena")) else None,
         "the unread count from the last run",
+        context=context,
     )
     assert title_before != "MangoGram (1 unread)"
 

@@ -59,7 +59,7 @@ from .commands import (
 from .lines import ChatLine, Line, SystemLine
 from .render import TranscriptRenderer
 from .settings import ChatMemory, load_memory, normalise_address, save_memory, save_remembered
-from .state import ChatState
+from .state import ChatState, snippet
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,12 @@ class ChatApp:
                 answer.set_result(text)
             return False
         if not self._chatting or self.connection is None:
+            if isinstance(parse_input(text), Exit):
+                self._prompt.app.exit(result="")  # no need to wait for a login to leave
+                return False
             self._typed.put_nowait(text)
+            if text.strip():
+                self.show([SystemLine(wall_clock_ms(), f"“{snippet(text)}” waits for the login")])
             return False
         keep = self._act(self.connection, text)
         if keep is None:
@@ -308,8 +313,13 @@ class ChatApp:
             self._chatting = True
             # What was typed while connecting is acted on now, in order.
             while not self._typed.empty():
-                if self._act(connection, self._typed.get_nowait()) is None:
+                text = self._typed.get_nowait()
+                keep = self._act(connection, text)
+                if keep is None:
                     return
+                buffer = self._prompt.default_buffer
+                if keep and not buffer.text:
+                    buffer.document = Document(text, len(text))  # back to the input line
             while True:
                 quit_asked = asyncio.create_task(self._quit.wait())
                 await asyncio.wait({quit_asked, runner}, return_when=asyncio.FIRST_COMPLETED)

@@ -108,18 +108,34 @@ def test_keys_typed_while_connecting_stay_in_the_input_line(tmux, tmp_path):
     tmux.wait_for("olena", "connecting to")
     keys(tmux, "olena", "-l", "typed while connecting")
     tmux.wait_for("olena", r"(?m)^› typed while connecting")
+    keys(tmux, "olena", "Enter")  # kept for after the login, and said so
+    tmux.wait_for("olena", "“typed while connecting” waits for the login")
+    keys(tmux, "olena", "-l", "/to Тарас")
+    keys(tmux, "olena", "Enter")
     broker = BrokerProcess(tmp_path / "data", bind=endpoint)
     try:
         screen = tmux.wait_for("olena", "logged in as Олена", timeout=20)
-        leaked = [r for r in transcript_rows(screen) if "typed while connecting" in r]
+        # After the login the lines are acted on in order: the text had no conversation
+        # yet, so it is back in the input line; then the conversation opens.
+        screen = tmux.wait_for("olena", r"talking to Тарас")
+        assert "choose whom to talk to first" in screen
+        leaked = [
+            r for r in transcript_rows(screen) if "typed while connecting" in r and "“" not in r
+        ]
         assert not leaked, screen
-        # Enter with no conversation open: the text stays, to be sent once one is.
+        assert input_row(screen) == "[Тарас] › typed while connecting", screen
         keys(tmux, "olena", "Enter")
-        screen = tmux.wait_for("olena", "choose whom to talk to first")
-        assert not [r for r in transcript_rows(screen) if "typed while connecting" in r]
-        assert input_row(screen).startswith("› typed while connecting")
+        tmux.wait_for("olena", r"Олена typed while connecting [○✓✗]")
     finally:
         broker.kill()
+
+
+def test_exit_typed_while_connecting_leaves_at_once(tmux, tmp_path):
+    endpoint = f"tcp://127.0.0.1:{free_port_pair()}"  # nothing answers there
+    tmux.start("olena", client_cmd(endpoint, "--name", "Олена"), client_env(tmp_path, "olena"))
+    tmux.wait_for("olena", "connecting to")
+    tmux.type("olena", "/exit")
+    assert tmux.exit_status("olena") == 0
 
 
 def test_a_burst_of_lines_shows_each_message_once_and_nothing_raw(broker, tmux, tmp_path):

@@ -94,6 +94,8 @@ class ChatState:
         # Broker ids shown but not yet seen in the open conversation, per sender key.
         self._unseen: dict[str, list[str]] = {}
         self._reads: list[str] = []
+        # Ids of messages this session sent to its own name (their DELIVER is not shown).
+        self._to_myself: set[str] = set()
         # Per ("sent" or "delivered", recipient key): when to say it, their display name,
         # the texts: marks that came after their messages were printed.
         self._late_receipts: dict[tuple[str, str], tuple[int, str, list[str]]] = {}
@@ -129,6 +131,8 @@ class ChatState:
         self._display.setdefault(key, to)
         self.unread.pop(key, None)  # answering someone means their messages were seen
         self._own[message_id] = _OwnMessage(to, text, now, now + UNACCEPTED_GRACE_MS)
+        if key == name_key(self.me):
+            self._to_myself.add(message_id)
 
     def due(self, now: int) -> list[Line]:
         """Own messages whose grace period ran out, printed with what is known so far."""
@@ -330,6 +334,11 @@ class ChatState:
     # Internals
 
     def _incoming(self, message: IncomingMessage, now: int) -> list[Line]:
+        if message.id in self._to_myself:
+            # A note to ourselves from this very session: its own line already shows it.
+            self._to_myself.discard(message.id)
+            self._reads.append(message.broker_id)
+            return []
         key = name_key(message.sender)
         self._display[key] = message.sender
         self.contacts[key] = message.sender

@@ -422,3 +422,17 @@ def test_messages_shown_pending_then_taken_by_the_broker_say_so_once():
         assert state.on_event(MessageAccepted(f"m{i}", f"b{i}", later), later) == []
     (line,) = state.due(later + RECEIPT_BATCH_MS)
     assert line.text == "✓ the broker has 3 messages for Тарас, “лист 0” to “лист 2”"
+
+
+def test_a_note_to_myself_is_shown_once():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("олена", T)
+    state.sent("m1", "олена", "купити хліб", T)
+    echo = IncomingMessage("m1", "b1", "Олена", "купити хліб", T, T + 1)
+    assert state.on_event(echo, T + 1) == []
+    (line,) = state.on_event(MessageDelivered("m1", "b1", "Олена", T + 2), T + 2)
+    assert line.own and line.text == "купити хліб"
+    # From another session of mine (another id) it is news, and shown.
+    other = IncomingMessage("z9", "b2", "Олена", "з телефона", T, T + 3)
+    assert [x.text for x in state.on_event(other, T + 3)] == ["з телефона"]

@@ -498,3 +498,13 @@ def test_recalling_and_clearing_a_long_line_keeps_the_transcript_in_view(broker,
     wait_until(lambda: not recalled(), "the line cleared")
     visible = tmux.run("capture-pane", "-p", "-t", "olena")  # the screen, not the scrollback
     assert "last words" in visible, visible
+
+
+def test_a_message_to_myself_shows_once(broker, tmux, tmp_path):
+    command = client_cmd(broker.endpoint, "--name", "Олена", "--to", "Олена")
+    tmux.start("olena", command, client_env(tmp_path, "olena"))
+    tmux.wait_for("olena", r"talking to Олена")
+    tmux.type("olena", "нотатка собі")
+    screen = tmux.wait_for("olena", r"нотатка собі ✓✓")
+    rows = [r for r in transcript_rows(screen) if "нотатка собі" in r]
+    assert len(rows) == 1, screen

@@ -60,6 +60,7 @@ from .lines import ChatLine, Line, SystemLine
 from .render import TranscriptRenderer
 from .settings import ChatMemory, load_memory, normalise_address, save_memory, save_remembered
 from .state import ChatState, snippet
+from .widths import InputAsDrawn
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,7 @@ class ChatApp:
             # that wrapped would push the transcript up the scrollback, and clearing it
             # left blank rows where the chat had been.
             wrap_lines=False,
+            input_processors=[InputAsDrawn()],
         )
         self._prompt.default_buffer.accept_handler = self._accept
 

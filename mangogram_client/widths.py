@@ -24,6 +24,9 @@ from collections.abc import Callable
 
 import rich.cells
 import rich.segment
+from prompt_toolkit.formatted_text import StyleAndTextTuples
+from prompt_toolkit.layout.processors import Processor, Transformation, TransformationInput
+from prompt_toolkit.layout.utils import explode_text_fragments
 
 SKIN_TONES = range(0x1F3FB, 0x1F400)
 # FE0F not followed by a zero-width joiner (so not inside a ZWJ sequence).
@@ -53,3 +56,49 @@ def install() -> None:
     for module in (rich.cells, rich.segment):
         setattr(module, "get_character_cell_size", cell_size)  # noqa: B010
     rich.cells.cached_cell_len.cache_clear()
+
+
+ZWJ = "\u200d"
+REGIONAL_INDICATORS = range(0x1F1E6, 0x1F200)
+
+
+class InputAsDrawn(Processor):
+    """Show the input line so that prompt_toolkit's cell count is what the terminal draws.
+
+    prompt_toolkit places the input code point by code point (wcwidth): a ZWJ sequence
+    (👨‍👩‍👧) is 6 cells to it and a flag (🇺🇦) 4, while tmux and modern terminals
+    draw each as one 2-cell glyph, so the cursor would sit past the text. In the input
+    line only (the text sent is unchanged), joiners are left out, so the sequence shows
+    as its parts, which every terminal draws as prompt_toolkit counts them, and a flag's
+    regional indicators show as its two letters (🇺🇦 as UA)."""
+
+    def apply_transformation(self, transformation_input: TransformationInput) -> Transformation:
+        fragments = explode_text_fragments(transformation_input.fragments)
+        out: StyleAndTextTuples = []
+        source_to_display: list[int] = []
+        for fragment in fragments:
+            style, char = fragment[0], fragment[1]
+            source_to_display.append(len(out))
+            if char == ZWJ:
+                continue
+            if len(char) == 1 and ord(char) in REGIONAL_INDICATORS:
+                char = chr(ord("A") + ord(char) - REGIONAL_INDICATORS.start)
+            # Mouse handlers (a third item) stay, so a click still places the cursor.
+            out.append((style, char, *fragment[2:]))
+        display_to_source = [0] * (len(out) + 1)
+        for source, display in reversed(list(enumerate(source_to_display))):
+            display_to_source[display] = source
+        display_to_source[len(out)] = len(source_to_display)
+        end = len(out)
+
+        def to_display(i: int) -> int:
+            return (
+                source_to_display[i]
+                if i < len(source_to_display)
+                else end + i - len(source_to_display)
+            )
+
+        def to_source(i: int) -> int:
+            return display_to_source[i] if i <= end else len(source_to_display) + i - end
+
+        return Transformation(out, to_display, to_source)

@@ -514,3 +514,23 @@ def test_a_message_to_myself_shows_once(broker, tmux, tmp_path):
     screen = tmux.wait_for("olena", r"нотатка собі ✓✓")
     rows = [r for r in transcript_rows(screen) if "нотатка собі" in r]
     assert len(rows) == 1, screen
+
+
+def test_the_cursor_follows_emoji_sequences_in_the_input_line(broker, tmux, tmp_path):
+    command = client_cmd(broker.endpoint, "--name", "Олена", "--to", "Тарас")
+    tmux.start("olena", command, client_env(tmp_path, "olena"))
+    tmux.wait_for("olena", r"talking to Тарас")
+    keys(tmux, "olena", "-l", "x👨‍👩‍👧🇺🇦👍🏽")
+    row = wait_until(
+        lambda: r if "x" in (r := input_row(tmux.screen("olena"))) else None, "the typed line"
+    )
+    # Where tmux puts the cursor is where prompt_toolkit believes the text ends; both must
+    # be where tmux drew the last glyph: "[Тарас] › " (10) + x (1) + 👨👩👧 (6) + UA (2) + 👍🏽 (4).
+    assert row.startswith("[Тарас] › x"), row
+    wait_until(
+        lambda: pane(tmux, "olena", "cursor_x") == "23",
+        "the cursor after the text",
+        context=lambda: f"{pane(tmux, 'olena', 'cursor_x')} {row!r}",
+    )
+    tmux.type("olena", "")
+    tmux.wait_for("olena", r"Олена x👨‍👩‍👧🇺🇦👍🏽")  # sent as typed

@@ -465,3 +465,23 @@ def test_emoji_rows_are_never_wider_than_the_terminal(text, width):
         out.print(renderable)
     for row in out.file.getvalue().splitlines():  # type: ignore[attr-defined]
         assert drawn_cells(row) <= width, row
+
+
+def test_input_line_shows_emoji_sequences_as_prompt_toolkit_counts_them():
+    from prompt_toolkit.formatted_text.utils import fragment_list_to_text, fragment_list_width
+    from prompt_toolkit.layout.processors import TransformationInput
+
+    from mangogram_client.widths import InputAsDrawn
+
+    text = "a👨‍👩‍👧🇺🇦b"
+    source = [("", text)]
+    shown = InputAsDrawn().apply_transformation(
+        TransformationInput(None, None, 0, lambda i: i, source, 80, 1)  # type: ignore[arg-type]
+    )
+    assert fragment_list_to_text(shown.fragments) == "a👨👩👧UAb"
+    # 1 + three 2-cell faces + 2 letters + 1: what a terminal draws for these code points.
+    assert fragment_list_width(shown.fragments) == 10
+    # The cursor maps both ways: after "b" in the text is after "b" on screen.
+    assert shown.source_to_display(len(text)) == len("a👨👩👧UAb")
+    assert shown.display_to_source(len("a👨👩👧UAb")) == len(text)
+    assert shown.source_to_display(text.index("🇺")) == 4

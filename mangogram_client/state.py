@@ -122,7 +122,19 @@ class ChatState:
         self._reads += self._unseen.pop(key, [])
         status = "online" if key in self.online else "offline"
         extra = f", {unread} unread above" if unread else ""
-        return [SystemLine(now, f"talking to {shown} ({status}{extra})")]
+        lines: list[Line] = [SystemLine(now, f"talking to {shown} ({status}{extra})")]
+        if key not in self.online and key not in self.contacts and key != name_key(self.me):
+            # The protocol cannot ask whether a name exists; say what is known at once.
+            lines.append(
+                SystemLine(
+                    now,
+                    f"nobody called {shown} is online or among the people you have talked"
+                    " with; check the spelling (Tab completes known names). If nobody has"
+                    " the name, your first message will be refused.",
+                    "error",
+                )
+            )
+        return lines
 
     def sent(self, message_id: str, to: str, text: str, now: int) -> None:
         """We queued a message; it is printed when its fate is known (see `due`)."""

@@ -436,3 +436,15 @@ def test_a_note_to_myself_is_shown_once():
     # From another session of mine (another id) it is news, and shown.
     other = IncomingMessage("z9", "b2", "Олена", "з телефона", T, T + 3)
     assert [x.text for x in state.on_event(other, T + 3)] == ["з телефона"]
+
+
+def test_to_a_name_nobody_known_has_says_so_at_once():
+    state = ChatState("Олена")
+    logged_in(state)  # Тарас and Mei are online
+    (line,) = state.switch_peer("тарас", T)
+    assert line.text == "talking to Тарас (online)"
+    talking, warning = state.switch_peer("Nobody", T)
+    assert talking.text == "talking to Nobody (offline)"
+    assert warning.kind == "error" and "nobody called Nobody is online" in warning.text
+    state.contacts["богдан"] = "Богдан"  # talked with before: offline is expected
+    assert len(state.switch_peer("богдан", T)) == 1

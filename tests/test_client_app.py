@@ -436,7 +436,7 @@ def run_app(app: ChatApp, pipe, script) -> int:
             raise
         return await asyncio.wait_for(runner, 10)
 
-    return asyncio.run(main())
+    return loops.run(main())
 
 
 def test_a_name_given_for_one_run_does_not_replace_the_remembered_one(

@@ -156,7 +156,8 @@ class ChatApp:
         self.connection: AsyncConnection | None = None
         self._remember = remember
         self._bell = bell
-        self._title = title
+        # A legacy Windows console has no escape sequences: its title is left alone.
+        self._title = title and not self.console.legacy_windows
         self._title_shown: int | None = None
         self._closing = False
         self.exit_code = 0

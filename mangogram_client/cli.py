@@ -19,10 +19,13 @@ from mangogram_proto.keys import (
     user_config_dir,
 )
 
-from .settings import config_dir, load_config_file, load_remembered
+from .commands import help_lines
+from .settings import config_dir, load_config_file, load_remembered, normalise_address
 
 EPILOG = """\
-interactive commands: /to NAME, @NAME text, /users, /help, /exit (or Ctrl-D / Ctrl-C).
+interactive commands:
+%s
+
 settings: flags win over MANGOGRAM_SERVER / MANGOGRAM_NAME / MANGOGRAM_TO, which win over
 the config file (%s), which wins over the server and name remembered from last time.
 """
@@ -52,10 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="client.py",
         description="MangoGram console client: private messages in your terminal.",
-        epilog=EPILOG % (config_dir() / "config.toml"),
+        epilog=EPILOG % ("\n".join(f"  {h}" for h in help_lines()), config_dir() / "config.toml"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--server", help=f"broker endpoint (default {DEFAULT_ENDPOINT})")
+    parser.add_argument(
+        "--server",
+        help="broker address: host, host:port or tcp://host:port"
+        f" (default {DEFAULT_ENDPOINT}) [MANGOGRAM_SERVER]",
+    )
     parser.add_argument("--name", help="your user name (asked for if missing)")
     parser.add_argument("--to", help="whom to talk to (opens that conversation)")
     parser.add_argument("--config", type=Path, help="config file (TOML with server, name, to)")
@@ -84,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="development only: talk to a plaintext broker on loopback"
         " [MANGOGRAM_INSECURE_PLAINTEXT=1]",
     )
+    parser.add_argument(
+        "--no-bell",
+        action="store_true",
+        help="no terminal bell for a message in another conversation (config: bell = false)",
+    )
+    parser.add_argument(
+        "--no-title",
+        action="store_true",
+        help="leave the window title alone; by default it shows the unread count"
+        " (config: title = false)",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--send", metavar="TEXT", help="send TEXT to --to and exit once accepted")
     mode.add_argument("--listen", action="store_true", help="print incoming messages; no prompt")
@@ -105,6 +123,11 @@ def glue_key_values(argv: list[str]) -> list[str]:
     return glued
 
 
+def _enabled(setting: str | None) -> bool:
+    """A config file switch: on unless it says false (TOML's false arrives as "False")."""
+    return setting is None or setting.strip().lower() not in ("false", "0", "no", "off")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(glue_key_values(sys.argv[1:] if argv is None else argv))
@@ -112,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config_file(args.config)
     remembered = load_remembered()
     given_server = args.server or os.environ.get("MANGOGRAM_SERVER") or config.get("server")
-    server = given_server or remembered.server or DEFAULT_ENDPOINT
+    try:
+        server = normalise_address(given_server or remembered.server or DEFAULT_ENDPOINT)
+    except ValueError as exc:
+        parser.error(str(exc))
     name = args.name or os.environ.get("MANGOGRAM_NAME") or config.get("name")
     to = args.to or os.environ.get("MANGOGRAM_TO") or config.get("to")
     if args.json and not args.listen:
@@ -161,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         default_name=remembered.name,
         ask_server=not given_server,
         security=security,
+        bell=not args.no_bell and _enabled(config.get("bell")),
+        title=not args.no_title and _enabled(config.get("title")),
     )
     try:
         return loops.run(app.run())

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-HELP_TEXT = (
-    "/to NAME  talk to NAME (Tab completes)  ·  @NAME text  one message to NAME  ·  "
-    "/history [N]  the last N messages with the open conversation  ·  "
-    "/users  who is online  ·  /help  this  ·  /exit  leave (or Ctrl-D)  ·  "
-    "//text  send text starting with /"
+#: Every interactive command with what it does: `/help` and `client.py --help` show it.
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("/to NAME", "talk to NAME (Tab completes names)"),
+    ("text", "send text to the open conversation"),
+    ("@NAME text", "send one message to NAME, staying where you are"),
+    ("/history [N]", "the last N messages (20) with the open conversation"),
+    ("/users", "who is online"),
+    ("/help", "list these commands"),
+    ("/exit", "leave (or Ctrl-D; Ctrl-C clears the line, then leaves)"),
+    ("//text", "send text that starts with /"),
 )
+
+
+def help_lines() -> list[str]:
+    """The commands as an aligned list, one a line."""
+    width = max(len(command) for command, _ in COMMANDS)
+    return [f"{command.ljust(width)}  {what}" for command, what in COMMANDS]
+
+
 DEFAULT_HISTORY = 20
 MAX_HISTORY = 200
 

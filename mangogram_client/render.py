@@ -35,7 +35,12 @@ from rich.text import Text
 
 from mangogram_proto.names import name_key
 
+from . import widths
 from .lines import ChatLine, Line, Mark, SystemKind, SystemLine
+
+# Before anything is measured: rich must count emoji cells as prompt_toolkit and the
+# terminal do (see widths.py), or a row can wrap into a blank line.
+widths.install()
 
 __all__ = [
     "NAME_PALETTE",
@@ -126,14 +131,15 @@ def safe_text(text: str) -> str:
 
     Carriage returns and Unicode line separators become newlines; other control
     characters become visible symbols, so a peer cannot move the cursor, recolour the
-    screen or retitle the window.
+    screen or retitle the window. Emoji selectors terminals disagree on are dropped
+    (`widths.display_text`).
     """
-    return _CONTROL.sub(_visible_control, _LINE_BREAKS.sub("\n", text))
+    return _CONTROL.sub(_visible_control, _LINE_BREAKS.sub("\n", widths.display_text(text)))
 
 
 def _safe_name(name: str) -> str:
     """A name kept on one row: line breaks and tabs are shown as symbols too."""
-    return _ANY_CONTROL.sub(_visible_control, _LINE_BREAKS.sub("\n", name))
+    return _ANY_CONTROL.sub(_visible_control, _LINE_BREAKS.sub("\n", widths.display_text(name)))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
+from prompt_toolkit.utils import get_cwidth
+
 from mangogram_proto.events import (
     BrokerError,
     Closed,
@@ -28,16 +30,24 @@ from mangogram_proto.events import (
     OnlineUsers,
     PresenceChanged,
 )
+from mangogram_proto.messages import Limits
 from mangogram_proto.names import name_key
 
 from .lines import ChatLine, Line, Mark, SystemLine
+from .settings import ChatMemory
 
 # How long an own message waits for its ✓✓ before it is printed anyway.
 DELIVERY_GRACE_MS = 300
 UNACCEPTED_GRACE_MS = 1000
 DELAYED_AFTER_MS = 30_000
+# How long late delivery receipts are gathered before one line says them all.
+RECEIPT_BATCH_MS = 300
 SNIPPET_CHARS = 30
 QUIET_PRESENCE_ABOVE = 20
+# The connection state while an impostor (a broker without the pinned key) answers.
+WRONG_KEY = "wrong server key"
+# The toolbar counts the characters typed from this share of the length limit on.
+COUNTER_FROM = 0.8
 
 
 @dataclass
@@ -53,6 +63,11 @@ class _OwnMessage:
 def clock_time(at_ms: int) -> str:
     """HH:MM in the viewer's local time."""
     return datetime.fromtimestamp(at_ms / 1000).strftime("%H:%M")
+
+
+def _cells(parts: list[tuple[str, str]]) -> int:
+    """Terminal cells of toolbar fragments, measured as prompt_toolkit draws them."""
+    return sum(get_cwidth(c) for _style, text in parts for c in text)
 
 
 def snippet(text: str) -> str:
@@ -71,12 +86,29 @@ class ChatState:
         self.unread: Counter[str] = Counter()
         self._display: dict[str, str] = {}
         self._talked_with: set[str] = set()
-        self._heard_from: dict[str, str] = {}
+        # People we have talked with, by key: offered by Tab even when offline, and kept
+        # across runs (the app saves them). Names we typed count once the broker took a
+        # message for them (it refuses names nobody has), so typos are not offered.
+        self.contacts: dict[str, str] = {}
         self._own: dict[str, _OwnMessage] = {}
         # Broker ids shown but not yet seen in the open conversation, per sender key.
         self._unseen: dict[str, list[str]] = {}
         self._reads: list[str] = []
+        # Ids of messages this session sent to its own name (their DELIVER is not shown).
+        self._to_myself: set[str] = set()
+        # Per ("sent" or "delivered", recipient key): when to say it, their display name,
+        # the texts: marks that came after their messages were printed.
+        self._late_receipts: dict[tuple[str, str], tuple[int, str, list[str]]] = {}
         self.seen_at: dict[str, int] = {}
+        # What the broker accepts, as announced at login.
+        self.limits: Limits | None = None
+
+    def remember(self, memory: ChatMemory) -> None:
+        """Start from what an earlier run left: contacts and unread counts."""
+        self.contacts.update(memory.contacts)
+        for key, count in memory.unread.items():
+            self.unread[key] += count
+            self._display.setdefault(key, memory.contacts.get(key, key))
 
     # User actions
 
@@ -90,7 +122,19 @@ class ChatState:
         self._reads += self._unseen.pop(key, [])
         status = "online" if key in self.online else "offline"
         extra = f", {unread} unread above" if unread else ""
-        return [SystemLine(now, f"talking to {shown} ({status}{extra})")]
+        lines: list[Line] = [SystemLine(now, f"talking to {shown} ({status}{extra})")]
+        if key not in self.online and key not in self.contacts and key != name_key(self.me):
+            # The protocol cannot ask whether a name exists; say what is known at once.
+            lines.append(
+                SystemLine(
+                    now,
+                    f"nobody called {shown} is online or among the people you have talked"
+                    " with; check the spelling (Tab completes known names). If nobody has"
+                    " the name, your first message will be refused.",
+                    "error",
+                )
+            )
+        return lines
 
     def sent(self, message_id: str, to: str, text: str, now: int) -> None:
         """We queued a message; it is printed when its fate is known (see `due`)."""
@@ -99,6 +143,8 @@ class ChatState:
         self._display.setdefault(key, to)
         self.unread.pop(key, None)  # answering someone means their messages were seen
         self._own[message_id] = _OwnMessage(to, text, now, now + UNACCEPTED_GRACE_MS)
+        if key == name_key(self.me):
+            self._to_myself.add(message_id)
 
     def due(self, now: int) -> list[Line]:
         """Own messages whose grace period ran out, printed with what is known so far."""
@@ -106,7 +152,7 @@ class ChatState:
         for message_id, own in list(self._own.items()):
             if not own.printed and own.print_at <= now:
                 lines.append(self._print_own(message_id, own))
-        return lines
+        return lines + self._receipt_lines(now)
 
     def take_reads(self) -> list[str]:
         """Broker ids the user has now seen in the open conversation: send READ for each."""
@@ -115,6 +161,7 @@ class ChatState:
 
     def next_due(self) -> int | None:
         waiting = [o.print_at for o in self._own.values() if not o.printed]
+        waiting += [at for at, _to, _texts in self._late_receipts.values()]
         return min(waiting) if waiting else None
 
     # Session events
@@ -124,9 +171,13 @@ class ChatState:
             return self._incoming(event, now)
         if isinstance(event, MessageAccepted):
             own = self._own.get(event.id)
+            if own is not None:
+                self.contacts.setdefault(name_key(own.to), own.to)
             if own is not None and own.mark == "pending":
                 own.mark = "sent"
                 own.print_at = min(own.print_at, now + DELIVERY_GRACE_MS)
+                if own.printed:  # shown with ○ while the broker was away
+                    self._late(("sent", name_key(own.to)), own.to, own.text, now)
             return []
         if isinstance(event, MessageDelivered):
             return self._delivered(event, now)
@@ -144,16 +195,22 @@ class ChatState:
             return [SystemLine(now, self.online_summary())]
         if isinstance(event, LoggedIn):
             self.me = event.name
+            self.limits = event.limits
+            was = self.connection
             self.connection = "online"
             self.online = {name_key(n): n for n in event.online}
             self.online.setdefault(name_key(event.name), event.name)
-            if event.resumed:
-                return [SystemLine(now, "reconnected")]
+            if event.resumed or was in ("reconnecting", WRONG_KEY):
+                return [SystemLine(now, "reconnected", "joined")]
             return [
                 SystemLine(now, f"logged in as {event.name}"),
                 SystemLine(now, self.online_summary()),
             ]
         if isinstance(event, ConnectionLost):
+            # Each failed attempt during an outage is another ConnectionLost: said once,
+            # the toolbar shows the rest.
+            if self.connection == "reconnecting":
+                return []
             self.connection = "reconnecting"
             return [SystemLine(now, "connection lost; reconnecting…", "error")]
         if isinstance(event, BrokerError):
@@ -162,6 +219,20 @@ class ChatState:
                 text = f"slow down: {text} (retrying in {event.retry_after_ms / 1000:.1f} s)"
             return [SystemLine(now, text, "error")]
         if isinstance(event, LoginRefused):
+            if event.code == "server_key":
+                # Said once; the app keeps trying for the broker with the pinned key.
+                if self.connection == WRONG_KEY:
+                    return []
+                self.connection = WRONG_KEY
+                return [
+                    SystemLine(now, event.message, "error"),
+                    SystemLine(
+                        now,
+                        "not sending anything to it; what you type is kept and sent once"
+                        " the broker with the expected key answers again (Ctrl-C quits)",
+                        "error",
+                    ),
+                ]
             self.connection = "offline"
             return [SystemLine(now, event.message, "error")]
         if isinstance(event, Closed):
@@ -177,32 +248,97 @@ class ChatState:
 
     # The bottom toolbar
 
-    def toolbar(self) -> list[tuple[str, str]]:
-        """Styled fragments for prompt_toolkit's bottom toolbar."""
+    def text_problem(self, text: str) -> str | None:
+        """Why the broker would refuse `text` for its length, or None if it would not."""
+        if self.limits is None:
+            return None
+        chars, size = len(text), len(text.encode("utf-8"))
+        if chars > self.limits.max_text_chars:
+            return (
+                f"too long to send: {chars} characters, the limit is"
+                f" {self.limits.max_text_chars}; it is still in the input line to shorten"
+            )
+        if size > self.limits.max_text_bytes:
+            return (
+                f"too long to send: {size} bytes of UTF-8, the limit is"
+                f" {self.limits.max_text_bytes}; it is still in the input line to shorten"
+            )
+        return None
+
+    def length_counter(self, text: str) -> tuple[str, str] | None:
+        """A toolbar fragment counting `text` against the limit once it is near, else None."""
+        if self.limits is None:
+            return None
+        limit = self.limits.max_text_chars
+        if len(text) < limit * COUNTER_FROM:
+            return None
+        style = "bg:ansired fg:ansiwhite bold" if self.text_problem(text) else "fg:ansiyellow"
+        return (style, f" {len(text)}/{limit} ")
+
+    def toolbar(self, width: int | None = None, typed: str = "") -> list[tuple[str, str]]:
+        """Styled fragments for prompt_toolkit's bottom toolbar, fitted to `width` cells.
+
+        What matters most survives a narrow terminal: the connection state and the unread
+        counter; the rest is shortened, then dropped (the "seen" time first, then the
+        online count, then our own name before the peer's)."""
         state_style = {
             "online": "bg:ansigreen fg:ansiblack",
             "reconnecting": "bg:ansiyellow fg:ansiblack",
         }.get(self.connection, "bg:ansired fg:ansiwhite")
-        parts: list[tuple[str, str]] = [(state_style, f" {self.connection} "), ("", " ")]
-        parts.append(
-            ("bold", f"{self.me} → {self.peer}" if self.peer else "no conversation: /to NAME")
-        )
-        seen = self.seen_at.get(name_key(self.peer)) if self.peer else None
-        if seen is not None:
-            parts.append(("", f" (seen {clock_time(seen)})"))
+        state = (state_style, f" {self.connection} ")
+        counter = self.length_counter(typed)
+        lead = [state, counter] if counter else [state]
+        peer_key = name_key(self.peer) if self.peer else None
+        seen = self.seen_at.get(peer_key) if peer_key else None
         count = len([k for k in self.online if k != name_key(self.me)])
-        parts.append(("", f"  ·  {count} online"))
-        if self.unread:
-            unread = ", ".join(
-                f"{self._display.get(k, k)} ({n})" for k, n in sorted(self.unread.items())
-            )
-            parts.append(("fg:ansiyellow bold", f"  ·  unread: {unread}"))
-        return parts
+        total = sum(self.unread.values())
+        unread_full = ", ".join(
+            f"{self._display.get(k, k)} ({n})" for k, n in sorted(self.unread.items())
+        )
+        # Variants from the fullest to the shortest; the first that fits is shown.
+        peer_forms = (
+            [f"{self.me} → {self.peer}", f"→ {self.peer}"]
+            if self.peer
+            else ["no conversation: /to NAME", "/to NAME"]
+        )
+        seen_forms = [f" (seen {clock_time(seen)})", ""] if seen is not None else [""]
+        online_forms = [f"  ·  {count} online", f" · {count} on", ""]
+        unread_forms = (
+            [f"  ·  unread: {unread_full}", f" · unread {total}", f" · ✉{total}"] if total else [""]
+        )
+        variants = [
+            (peer, seen_text, online, unread)
+            for unread in unread_forms
+            for online in online_forms
+            for seen_text in seen_forms
+            for peer in peer_forms
+        ]
+        # Prefer keeping the unread details, then the online count, then "seen".
+        for peer, seen_text, online, unread in variants:
+            parts = [*lead, ("", " "), ("bold", peer)]
+            if seen_text:
+                parts.append(("", seen_text))
+            if online:
+                parts.append(("", online))
+            if unread:
+                parts.append(("fg:ansiyellow bold", unread))
+            if width is None or _cells(parts) <= width:
+                return parts
+        # Nothing fits: the state and the unread count stay, the peer gets what is left.
+        tail = [("fg:ansiyellow bold", unread_forms[-1])] if total else []
+        if self.connection != "online":
+            state = (state_style, self.connection[:3])
+        lead[0] = state
+        room = (width or 0) - _cells([*lead, ("", " "), *tail])
+        peer = peer_forms[-1]
+        while peer and _cells([("", peer)]) > room:
+            peer = peer[:-2] + "…" if len(peer) > 1 else ""
+        return [*lead, ("", " "), ("bold", peer), *tail]
 
     def completions(self) -> list[str]:
-        """Names worth offering for Tab: online users and everyone who wrote to us (names
-        we typed ourselves may be misspelt, so they are not offered)."""
-        names = dict(self._heard_from)
+        """Names worth offering for Tab: who is online and everyone we have talked with,
+        online or not (see `contacts`)."""
+        names = dict(self.contacts)
         names.update(self.online)
         names.pop(name_key(self.me), None)
         return sorted(names.values(), key=name_key)
@@ -210,9 +346,14 @@ class ChatState:
     # Internals
 
     def _incoming(self, message: IncomingMessage, now: int) -> list[Line]:
+        if message.id in self._to_myself:
+            # A note to ourselves from this very session: its own line already shows it.
+            self._to_myself.discard(message.id)
+            self._reads.append(message.broker_id)
+            return []
         key = name_key(message.sender)
         self._display[key] = message.sender
-        self._heard_from[key] = message.sender
+        self.contacts[key] = message.sender
         self._talked_with.add(key)
         lines: list[Line] = []
         if self.peer is None:
@@ -259,7 +400,38 @@ class ChatState:
         if not own.printed:
             return [self._print_own(event.id, own)]
         del self._own[event.id]
-        return [SystemLine(now, f"✓✓ {event.to} got “{snippet(own.text)}”", "receipt")]
+        # Late receipts come in bursts (after a reconnect, one per message): gathered
+        # for a moment and said in one line per person.
+        key = name_key(event.to)
+        sent = self._late_receipts.get(("sent", key))
+        if sent is not None and own.text in sent[2]:
+            sent[2].remove(own.text)  # delivered says more than sent
+        self._late(("delivered", key), event.to, own.text, now)
+        return []
+
+    def _late(self, batch_key: tuple[str, str], to: str, text: str, now: int) -> None:
+        batch = self._late_receipts.setdefault(batch_key, (now + RECEIPT_BATCH_MS, to, []))
+        batch[2].append(text)
+
+    def _receipt_lines(self, now: int) -> list[Line]:
+        lines: list[Line] = []
+        for (kind, key), (at, to, texts) in list(self._late_receipts.items()):
+            if at > now:
+                continue
+            del self._late_receipts[(kind, key)]
+            if not texts:
+                continue
+            first, last = snippet(texts[0]), snippet(texts[-1])
+            if kind == "delivered":
+                text = f"✓✓ {to} got “{first}”"
+                if len(texts) > 1:
+                    text = f"✓✓ {to} got {len(texts)} messages, “{first}” to “{last}”"
+            else:
+                text = f"✓ the broker has “{first}” for {to}"
+                if len(texts) > 1:
+                    text = f"✓ the broker has {len(texts)} messages for {to}, “{first}” to “{last}”"
+            lines.append(SystemLine(now, text, "receipt"))
+        return lines
 
     def _failed(self, event: MessageFailed, now: int) -> list[Line]:
         own = self._own.get(event.id)
@@ -273,6 +445,9 @@ class ChatState:
         return [SystemLine(now, f"✗ “{snippet(own.text)}” — {event.message}", "error")]
 
     def _history(self, event: HistoryReceived, now: int) -> list[Line]:
+        for item in event.items:
+            for name in (item.sender, item.to):
+                self.contacts.setdefault(name_key(name), name)
         if not event.items:
             return [SystemLine(now, f"no earlier messages with {event.peer}")]
         me = name_key(self.me)

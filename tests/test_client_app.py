@@ -17,7 +17,7 @@ from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
 from mangogram_client.app import ChatApp
-from mangogram_client.settings import load_config_file, load_remembered
+from mangogram_client.settings import load_config_file, load_remembered, save_remembered
 from mangogram_proto import Client, loops
 from mangogram_proto.aio import AsyncConnection
 from mangogram_proto.events import IncomingMessage, LoggedIn, MessageRead, PresenceChanged
@@ -109,12 +109,16 @@ def test_taken_name_asks_again_instead_of_crashing(broker):
         await next_event(holder, LoggedIn)
         pipe.send_text("ОЛЕНА\r")
         await wait_for(lambda: "try another name" in screen_text(app), what="refusal")
-        pipe.send_text("\x15Оля\r")  # Ctrl-U clears the pre-filled name
+        await wait_for(lambda: app._question is not None, what="the name asked again")
+        assert app._prompt.default_buffer.text == ""  # the refused name is not offered again
+        pipe.send_text("Оля\r")
         await wait_for(lambda: app.state.connection == "online", what="second login")
         pipe.send_text("/bogus\r")
         pipe.send_text("no peer yet\r")
         await wait_for(lambda: "choose whom" in screen_text(app), what="no-peer hint")
-        pipe.send_text("/users\r")
+        # The text waits in the input line for a conversation; Ctrl-U clears it.
+        assert app._prompt.default_buffer.text == "no peer yet"
+        pipe.send_text("\x15/users\r")
         await wait_for(lambda: "online (1): Олена" in screen_text(app), what="/users")
         pipe.send_text("/help\r")
         await wait_for(lambda: "/exit" in screen_text(app), what="help")
@@ -124,7 +128,7 @@ def test_taken_name_asks_again_instead_of_crashing(broker):
 
     code, screen = run_chat_scenario(broker.endpoint, None, script)
     assert code == 0
-    assert "Олена is online" in screen
+    assert "Олена is online; try another name" in screen  # said once, plainly
     assert "unknown command /bogus" in screen
 
 
@@ -144,7 +148,7 @@ def test_mention_sends_one_message_without_switching(broker):
 
     code, screen = run_chat_scenario(broker.endpoint, "Олена", script)
     assert code == 0
-    assert "→ Mei" in screen
+    assert "Олена → mei 你好 Mei" in screen  # the own line says to whom it went
 
 
 def client_cmd(broker, *args: str) -> list[str]:
@@ -243,6 +247,22 @@ def test_client_help_describes_modes(tmp_path):
         assert word in done.stdout
 
 
+def test_client_help_lists_every_interactive_command(tmp_path):
+    from mangogram_client.commands import COMMANDS
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "client.py"), "--help"],
+        env=client_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    for command, what in COMMANDS:
+        assert f"{command}" in done.stdout and what in done.stdout, command
+    assert "/history [N]" in done.stdout
+
+
 def test_text_typed_while_broker_is_down_is_sent_once_after_reconnect(tmp_path, zctx):
     first = BrokerProcess(tmp_path / "data")
     endpoint = first.endpoint
@@ -306,9 +326,11 @@ def test_first_run_asks_for_server_and_name_and_remembers_them(broker, tmp_path,
                 ask_server=True,
             )
             runner = asyncio.create_task(app.run())
-            pipe.send_text("\x15" + broker.endpoint + "\r")
+            pipe.send_text("\x15localhost:port\r")  # a mistake is explained, then asked again
+            pipe.send_text(broker.endpoint.removeprefix("tcp://") + "\r")  # no scheme needed
             pipe.send_text("Зоряна\r")
             await wait_for(lambda: app.state.connection == "online", what="login")
+            assert "the port must be a number" in screen.getvalue()
             pipe.send_text("\x03")  # Ctrl-C leaves cleanly
             return await asyncio.wait_for(runner, 10)
 
@@ -400,5 +422,76 @@ def test_first_connection_shows_the_fingerprint_and_asks_before_trusting(tmp_pat
         assert code == 0 and "logged in as Олена" in screen
         pinned = (tmp_path / "config" / "known_servers").read_text()
         assert broker.public_key in pinned
+    finally:
+        broker.kill()
+
+
+def run_app(app: ChatApp, pipe, script) -> int:
+    async def main() -> int:
+        runner = asyncio.create_task(app.run())
+        try:
+            await asyncio.wait_for(script(app, pipe), 30)
+        except BaseException:
+            runner.cancel()
+            raise
+        return await asyncio.wait_for(runner, 10)
+
+    return loops.run(main())
+
+
+def test_a_name_given_for_one_run_does_not_replace_the_remembered_one(
+    broker, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MANGOGRAM_CONFIG_DIR", str(tmp_path / "config"))
+    save_remembered(broker.endpoint, "Олена")
+
+    async def script(app, pipe):
+        await wait_for(lambda: app.state.connection == "online", what="login")
+        pipe.send_text("/exit\r")
+
+    with create_pipe_input() as pipe:
+        console = Console(file=io.StringIO(), width=100, color_system=None)
+        app = ChatApp(
+            broker.endpoint,
+            "Оля",  # as from --name
+            default_name=load_remembered().name,
+            console=console,
+            input=pipe,
+            output=DummyOutput(),
+        )
+        assert run_app(app, pipe, script) == 0
+    assert load_remembered().name == "Олена"
+
+
+def test_own_name_online_elsewhere_is_called_you(tmp_path, monkeypatch):
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    monkeypatch.setenv("MANGOGRAM_CONFIG_DIR", str(tmp_path / "config"))
+    broker = BrokerProcess(tmp_path / "data", env={"MANGOGRAM_INSECURE_PLAINTEXT": "0"})
+    try:
+
+        async def script(app, pipe):
+            # Another window of ours: the same config dir, so the same key.
+            mine = AsyncConnection("Mei", broker.endpoint, server_key=broker.public_key)
+            mine_task = asyncio.create_task(mine.run())
+            await next_event(mine, LoggedIn)
+            pipe.send_text("Mei\r")
+            await wait_for(lambda: "is you, logged in elsewhere" in screen_text(app), what="you")
+            mine.stop()
+            await mine_task
+            pipe.send_text("\x04")
+
+        with create_pipe_input() as pipe:
+            console = Console(file=io.StringIO(), width=100, color_system=None)
+            app = ChatApp(
+                broker.endpoint.replace("*", ""),
+                None,
+                console=console,
+                input=pipe,
+                output=DummyOutput(),
+                remember=False,
+                security={"server_key": broker.public_key},
+            )
+            run_app(app, pipe, script)
+        assert "try another name" not in console.file.getvalue()
     finally:
         broker.kill()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mangogram_client.commands import (
+    COMMANDS,
     Exit,
     Hint,
     ListUsers,
@@ -13,11 +14,18 @@ from mangogram_client.commands import (
     SendText,
     ShowHelp,
     SwitchPeer,
+    help_lines,
     parse_input,
 )
 from mangogram_client.lines import ChatLine, SystemLine
 from mangogram_client.render import render_plain
-from mangogram_client.state import DELIVERY_GRACE_MS, UNACCEPTED_GRACE_MS, ChatState
+from mangogram_client.settings import normalise_address
+from mangogram_client.state import (
+    DELIVERY_GRACE_MS,
+    RECEIPT_BATCH_MS,
+    UNACCEPTED_GRACE_MS,
+    ChatState,
+)
 from mangogram_proto.events import (
     ConnectionLost,
     IncomingMessage,
@@ -102,8 +110,32 @@ def test_own_message_prints_with_single_tick_then_gets_a_receipt_line():
     state.on_event(MessageAccepted("m1", "b1", T + 1), T + 1)
     (line,) = state.due(T + 1 + DELIVERY_GRACE_MS)
     assert line.mark == "sent"
-    (receipt,) = state.on_event(MessageDelivered("m1", "b1", "Тарас", T + 5000), T + 5000)
+    assert state.on_event(MessageDelivered("m1", "b1", "Тарас", T + 5000), T + 5000) == []
+    (receipt,) = state.due(T + 5000 + RECEIPT_BATCH_MS)
     assert receipt.kind == "receipt" and "✓✓ Тарас" in receipt.text and "…" in receipt.text
+
+
+def test_a_burst_of_late_receipts_is_one_line_per_person():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("Тарас", T)
+    for i in range(12):
+        state.sent(f"m{i}", "Тарас", f"повідомлення {i}", T)
+    state.sent("x", "Mei", "hi Mei", T)
+    printed = state.due(T + UNACCEPTED_GRACE_MS)  # the broker is away: printed with ○
+    assert len(printed) == 13
+    later = T + 60_000  # back after a reconnect: every receipt at once
+    lines = []
+    for i in range(12):
+        lines += state.on_event(MessageDelivered(f"m{i}", f"b{i}", "Тарас", later), later)
+    lines += state.on_event(MessageDelivered("x", "bx", "Mei", later), later)
+    assert lines == []
+    assert state.next_due() == later + RECEIPT_BATCH_MS
+    texts = [line.text for line in state.due(later + RECEIPT_BATCH_MS)]
+    assert texts == [
+        "✓✓ Тарас got 12 messages, “повідомлення 0” to “повідомлення 11”",
+        "✓✓ Mei got “hi Mei”",
+    ]
 
 
 def test_unaccepted_message_shows_pending_after_grace():
@@ -175,6 +207,21 @@ def test_tab_completion_offers_online_users_and_senders_not_typos():
     assert state.completions() == ["Mei", "Zoë", "Тарас"]
     state.on_event(OnlineUsers(("Олена",)), T)
     assert state.completions() == ["Zoë"]
+
+
+def test_tab_completion_offers_offline_people_we_talked_with():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.sent("m1", "Богдан", "привіт", T)  # offline, but the broker took it: he exists
+    state.on_event(MessageAccepted("m1", "b1", T + 1), T + 1)
+    state.sent("m2", "тарсс", "typo", T)  # refused: never offered
+    state.on_event(MessageFailed("m2", "тарсс", "unknown_recipient", "nobody is called тарсс"), T)
+    state.on_event(OnlineUsers(("Олена",)), T)
+    assert state.completions() == ["Богдан"]
+    # A new run starts with the contacts the app saved.
+    again = ChatState("Олена")
+    again.contacts.update(state.contacts)
+    assert again.completions() == ["Богдан"]
 
 
 def test_a_conversation_renders_with_times_names_and_marks():
@@ -272,3 +319,132 @@ def test_a_server_key_starting_with_a_dash_is_not_taken_for_an_option():
     key = "-" + "a" * 39
     args = build_parser().parse_args(glue_key_values(["--server-key", key, "--name", "x"]))
     assert args.server_key == key and args.name == "x"
+
+
+@pytest.mark.parametrize(
+    ("typed", "endpoint"),
+    [
+        ("localhost", "tcp://localhost:5555"),
+        ("localhost:47310", "tcp://localhost:47310"),
+        ("tcp://localhost:47310", "tcp://localhost:47310"),
+        ("tcp://chat.example.org", "tcp://chat.example.org:5555"),
+        (" 10.0.0.7:6000 ", "tcp://10.0.0.7:6000"),
+        ("[::1]:6000", "tcp://[::1]:6000"),
+        ("::1", "tcp://[::1]:5555"),
+        ("ipc:///tmp/mangogram", "ipc:///tmp/mangogram"),
+    ],
+)
+def test_an_address_is_accepted_with_or_without_scheme_and_port(typed, endpoint):
+    assert normalise_address(typed) == endpoint
+
+
+@pytest.mark.parametrize("typed", ["", "host:port", "host:70000", "http://host", "a b", "tcp://:5"])
+def test_a_broken_address_is_explained(typed):
+    with pytest.raises(ValueError, match="address|port|tcp://"):
+        normalise_address(typed)
+
+
+@pytest.mark.parametrize("width", [200, 80, 60, 40, 30, 20, 14])
+def test_toolbar_fits_the_width_and_keeps_state_and_unread(width):
+    from prompt_toolkit.formatted_text.utils import fragment_list_width
+
+    state = ChatState("Олена")
+    state.on_event(LoggedIn("Олена", 0, TEST_LIMITS, ("Тарас", "Mei", "Bohdan"), False), 0)
+    state.switch_peer("Тарас", 0)
+    for sender in ("Mei", "Mei", "Bohdan"):
+        state.on_event(IncomingMessage("i", "b", sender, "hi", 0, 0), 0)
+    parts = state.toolbar(width)
+    text = "".join(t for _, t in parts)
+    assert fragment_list_width(parts) <= width, text
+    assert text.startswith(" online "), text
+    assert "3" in text and ("unread" in text or "✉" in text), text
+    if width >= 80:
+        assert "unread: Bohdan (1), Mei (2)" in text and "Олена → Тарас" in text
+
+
+def test_an_outage_is_said_once_and_its_end_too():
+    state = ChatState("Олена")
+    state.on_event(LoggedIn("Олена", 0, TEST_LIMITS, (), False), 0)
+    lost = [state.on_event(ConnectionLost("no reply"), t) for t in (1, 2, 3)]
+    assert [len(lines) for lines in lost] == [1, 0, 0]
+    assert state.connection == "reconnecting"
+    # A restarted broker does not know our resume token: still "reconnected", not a login.
+    back = state.on_event(LoggedIn("Олена", 0, TEST_LIMITS, (), False), 4)
+    assert [line.text for line in back] == ["reconnected"]
+    assert state.connection == "online"
+
+
+def test_help_is_an_aligned_list_one_command_a_row():
+    lines = [SystemLine(T, text) for text in help_lines()]
+    rows = [r for r in render_plain(lines, "Олена", width=100).splitlines() if "·" in r]
+    assert len(rows) == len(help_lines()) >= 8
+    starts = {row.index(what) for row, (_, what) in zip(rows, COMMANDS, strict=True)}
+    assert len(starts) == 1, rows  # every description begins in the same column
+    for command in ("/to NAME", "@NAME text", "/history [N]", "/users", "/help", "/exit"):
+        assert sum(command in row for row in rows) == 1
+
+
+def test_text_over_the_announced_limits_is_caught_before_sending():
+    state = ChatState("Олена")
+    assert state.text_problem("x" * 10**6) is None  # no limits known before login
+    state.on_event(LoggedIn("Олена", 0, TEST_LIMITS, (), False), 0)
+    limit = TEST_LIMITS.max_text_chars
+    assert state.text_problem("x" * limit) is None
+    assert "characters" in (state.text_problem("x" * (limit + 1)) or "")
+    assert state.length_counter("x" * (limit // 2)) is None
+    near = state.length_counter("x" * limit)
+    assert near is not None and near[1].strip() == f"{limit}/{limit}"
+    text = "".join(t for _, t in state.toolbar(40, "x" * (limit + 5)))
+    assert f"{limit + 5}/{limit}" in text
+
+
+def test_unread_counts_and_contacts_carry_over_from_the_last_run():
+    from mangogram_client.settings import ChatMemory
+
+    state = ChatState("Олена")
+    state.remember(ChatMemory({"mei": "Mei"}, {"mei": 2}))
+    logged_in(state)
+    assert "unread: Mei (2)" in "".join(t for _, t in state.toolbar())
+    assert "Mei" in state.completions()
+    state.switch_peer("mei", T)
+    assert not state.unread
+
+
+def test_messages_shown_pending_then_taken_by_the_broker_say_so_once():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("Тарас", T)
+    for i in range(3):
+        state.sent(f"m{i}", "Тарас", f"лист {i}", T)
+    assert [line.mark for line in state.due(T + UNACCEPTED_GRACE_MS)] == ["pending"] * 3
+    later = T + 30_000  # the broker is back; Тарас is offline: accepted, not delivered
+    for i in range(3):
+        assert state.on_event(MessageAccepted(f"m{i}", f"b{i}", later), later) == []
+    (line,) = state.due(later + RECEIPT_BATCH_MS)
+    assert line.text == "✓ the broker has 3 messages for Тарас, “лист 0” to “лист 2”"
+
+
+def test_a_note_to_myself_is_shown_once():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("олена", T)
+    state.sent("m1", "олена", "купити хліб", T)
+    echo = IncomingMessage("m1", "b1", "Олена", "купити хліб", T, T + 1)
+    assert state.on_event(echo, T + 1) == []
+    (line,) = state.on_event(MessageDelivered("m1", "b1", "Олена", T + 2), T + 2)
+    assert line.own and line.text == "купити хліб"
+    # From another session of mine (another id) it is news, and shown.
+    other = IncomingMessage("z9", "b2", "Олена", "з телефона", T, T + 3)
+    assert [x.text for x in state.on_event(other, T + 3)] == ["з телефона"]
+
+
+def test_to_a_name_nobody_known_has_says_so_at_once():
+    state = ChatState("Олена")
+    logged_in(state)  # Тарас and Mei are online
+    (line,) = state.switch_peer("тарас", T)
+    assert line.text == "talking to Тарас (online)"
+    talking, warning = state.switch_peer("Nobody", T)
+    assert talking.text == "talking to Nobody (offline)"
+    assert warning.kind == "error" and "nobody called Nobody is online" in warning.text
+    state.contacts["богдан"] = "Богдан"  # talked with before: offline is expected
+    assert len(state.switch_peer("богдан", T)) == 1

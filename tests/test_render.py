@@ -438,3 +438,50 @@ def test_printable_text_is_never_lost(text, width):
     lines = body_rows([incoming(text)], width=width)
     indent = len("10:00 Тарас ")
     assert "".join(row[indent:] for row in lines) == text
+
+
+@pytest.mark.parametrize("text", ["👍🏽", "a 👍🏽", "👋🏿 привіт", "❤️", "ok ☺️", "🌻", "你好"])
+def test_rich_and_prompt_toolkit_count_emoji_cells_alike(text):
+    from prompt_toolkit.utils import get_cwidth
+    from rich.cells import cell_len
+
+    shown = safe_text(text)
+    assert cell_len(shown) == sum(get_cwidth(c) for c in shown)
+
+
+def drawn_cells(row: str) -> int:
+    """Cells a terminal that draws code point by code point (tmux 3.3, xterm) uses."""
+    from prompt_toolkit.utils import get_cwidth
+
+    return sum(get_cwidth(c) for c in row)
+
+
+@pytest.mark.parametrize("width", [30, 40, 100])
+@pytest.mark.parametrize("text", ["a 👍🏽", "👋🏿 привіт " * 6, "❤️ ok"])
+def test_emoji_rows_are_never_wider_than_the_terminal(text, width):
+    # Rows are padded to the full width: one counted narrower than drawn spills a blank row.
+    out = console(width)
+    for renderable in TranscriptRenderer(ME, tz=PLUS2).render(incoming(text)):
+        out.print(renderable)
+    for row in out.file.getvalue().splitlines():  # type: ignore[attr-defined]
+        assert drawn_cells(row) <= width, row
+
+
+def test_input_line_shows_emoji_sequences_as_prompt_toolkit_counts_them():
+    from prompt_toolkit.formatted_text.utils import fragment_list_to_text, fragment_list_width
+    from prompt_toolkit.layout.processors import TransformationInput
+
+    from mangogram_client.widths import InputAsDrawn
+
+    text = "a👨‍👩‍👧🇺🇦b"
+    source = [("", text)]
+    shown = InputAsDrawn().apply_transformation(
+        TransformationInput(None, None, 0, lambda i: i, source, 80, 1)  # type: ignore[arg-type]
+    )
+    assert fragment_list_to_text(shown.fragments) == "a👨👩👧UAb"
+    # 1 + three 2-cell faces + 2 letters + 1: what a terminal draws for these code points.
+    assert fragment_list_width(shown.fragments) == 10
+    # The cursor maps both ways: after "b" in the text is after "b" on screen.
+    assert shown.source_to_display(len(text)) == len("a👨👩👧UAb")
+    assert shown.display_to_source(len("a👨👩👧UAb")) == len(text)
+    assert shown.source_to_display(text.index("🇺")) == 4

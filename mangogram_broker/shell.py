@@ -15,7 +15,6 @@ import ctypes
 import logging
 import secrets
 import sys
-import time
 from collections.abc import Callable
 
 import zmq
@@ -27,10 +26,12 @@ from mangogram_proto.constants import FRAME_COUNT
 from mangogram_proto.keys import KeyPair
 from mangogram_proto.messages import Accepted, Deliver, Login, Receipt, Welcome
 
+from .clock import Clock, system_clock
 from .connections import ConnectionTable
 from .core import BrokerCore, Outgoing, coalesce
 from .crashpoints import CrashPoints
 from .security import ZAP_ENDPOINT, key_reply, zap_reply
+from .sendqueue import MAX_QUEUED_BYTES, SEND_QUEUE_PER_PEER, Queued, SendQueues
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,9 @@ _RECEIPT = Receipt.COMMAND.encode()
 _NOBLOCK_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _MORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
-SEND_QUEUE_PER_PEER = 1000
+# libzmq's own numbers: on Windows Python's errno module has WinSock's.
+_EAGAIN = int(zmq.EAGAIN)
+_EHOSTUNREACH = int(zmq.EHOSTUNREACH)
 TICK_MS = 100
 
 
@@ -70,10 +73,6 @@ def unpredictable_routing_ids() -> None:
         log.debug("could not seed the C library's rand(); routing ids stay predictable")
 
 
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class BrokerServer:
     """Binds the ROUTER socket and runs the loop until `stop()` is called."""
 
@@ -83,13 +82,15 @@ class BrokerServer:
         bind: str,
         *,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
-        clock: Callable[[], int] = wall_clock_ms,
+        clock: Callable[[], Clock] = system_clock,
         crash_points: CrashPoints | None = None,
         keys: KeyPair | None = None,
         key_bind: str | None = None,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
     ) -> None:
         """`keys`: serve CurveZMQ with this key pair (None: plaintext, development only);
-        `key_bind`: where to answer key-discovery requests (with `keys`)."""
+        `key_bind`: where to answer key-discovery requests (with `keys`);
+        `max_queued_bytes`: what is held per connection beyond libzmq's queue."""
         self._crash = crash_points or CrashPoints(None)
         self._keys = keys
         self.core = core
@@ -101,9 +102,10 @@ class BrokerServer:
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.MAXMSGSIZE, core.limits.max_frame_bytes)
-        # A peer that stops reading gets at most this many queued messages, then sends to
-        # it fail (EAGAIN) and what it has not confirmed stays in the store.
+        # libzmq queues at most this many messages per peer (a count, not bytes); then
+        # sends to it fail (EAGAIN) and the rest waits in `_queues`, bounded in bytes.
         self._router.setsockopt(zmq.SNDHWM, SEND_QUEUE_PER_PEER)
+        self._queues = SendQueues(max_queued_bytes)
         self._zap: zmq.Socket[bytes] | None = None
         self._key_socket: zmq.Socket[bytes] | None = None
         self.key_endpoint: str | None = None
@@ -150,10 +152,10 @@ class BrokerServer:
         for extra in (self._zap, self._key_socket):
             if extra is not None:
                 poller.register(extra, zmq.POLLIN)
-        next_expiry = self._clock() + TICK_MS
+        next_expiry = self._clock().mono + TICK_MS
         try:
             while not self._stopping:
-                ready = dict(poller.poll(TICK_MS))
+                ready = dict(poller.poll(self._poll_timeout_ms()))
                 outgoing: list[Outgoing] = []
                 if self._zap is not None and self._zap in ready:
                     self._answer_zap()
@@ -164,10 +166,12 @@ class BrokerServer:
                 if self._router in ready:
                     outgoing += self._drain_router()
                 now = self._clock()
-                if now >= next_expiry:
+                if now.mono >= next_expiry:
                     outgoing += self.core.expire(now)
-                    next_expiry = now + TICK_MS
+                    next_expiry = now.mono + TICK_MS
                 self.core.store.commit()
+                if self._queues:
+                    outgoing += self._flush_backlogs(now)
                 if outgoing:
                     if any(isinstance(o.message, Accepted) for o in outgoing):
                         self._crash.reached("after_commit")
@@ -175,6 +179,32 @@ class BrokerServer:
                     self.core.store.commit()  # what send failures changed
         finally:
             self.close()
+
+    def _poll_timeout_ms(self) -> int:
+        """Until the next housekeeping tick, or sooner when a backlog is due."""
+        due = self._queues.next_retry_ms() if self._queues else None
+        if due is None:
+            return TICK_MS
+        return max(0, min(TICK_MS, due - self._clock().mono))
+
+    def _flush_backlogs(self, now: Clock) -> list[Outgoing]:
+        """Offer libzmq what slow readers' backlogs hold. A peer found gone is
+        disconnected (its session ends; its mail waits in the store)."""
+        gone: list[bytes] = []
+
+        def send(queued: Queued) -> bool:
+            error = self._send_frames(queued.peer, queued.frames)
+            if error == _EHOSTUNREACH:
+                self._queues.drop(queued.peer)
+                gone.append(queued.peer)
+            return error == 0
+
+        self._queues.flush(send, now.mono)
+        outgoing: list[Outgoing] = []
+        for peer in gone:
+            log.info("%s is gone; dropped what was queued for it", peer.hex())
+            outgoing += self.core.disconnected(peer, now)
+        return outgoing
 
     def _answer_zap(self) -> None:
         while True:
@@ -292,6 +322,7 @@ class BrokerServer:
             else:
                 continue
             for peer in gone:
+                self._queues.drop(peer)
                 outgoing += self.core.disconnected(peer, self._clock())
 
     def _count_login_delivery(self, out: Outgoing, after_welcome: dict[bytes, int]) -> None:
@@ -303,34 +334,54 @@ class BrokerServer:
             if after_welcome[out.peer] == 2:
                 self._crash.reached("mid_login")
 
-    def _send_all(self, outgoing: list[Outgoing], now: int, retry: bool = True) -> None:
-        delivered_after_welcome: dict[bytes, int] = {}
+    def _send_frames(self, peer: bytes, frames: list[bytes]) -> int:
+        """Hand one message to libzmq without waiting: 0, or EAGAIN (the peer's queue is
+        full) or EHOSTUNREACH (no such peer)."""
         router = self._router
         send = SocketBase.send
+        signature, command, body = frames
+        try:
+            # Frame by frame with plain int flags, through the backend's send: the
+            # sugar layer's enum flag arithmetic and draft-option checks showed up in
+            # profiles. Only the first frame can fail; the rest follow.
+            send(router, peer, _NOBLOCK_MORE)
+            send(router, signature, _MORE)
+            send(router, command, _MORE)
+            send(router, body, 0)
+        except zmq.ZMQError as exc:
+            if exc.errno != _EAGAIN and exc.errno != _EHOSTUNREACH:
+                raise
+            return exc.errno
+        return 0
+
+    def _send_all(self, outgoing: list[Outgoing], now: Clock, retry: bool = True) -> None:
+        delivered_after_welcome: dict[bytes, int] = {}
         count_logins = self._crash.armed("mid_login")
+        queues = self._queues
         for out in outgoing:
             if count_logins:
                 self._count_login_delivery(out, delivered_after_welcome)
-            signature, command, body = codec.encode(out.message)
-            try:
-                # Frame by frame with plain int flags, through the backend's send: the
-                # sugar layer's enum flag arithmetic and draft-option checks showed up in
-                # profiles. Only the first frame can fail; the rest follow.
-                send(router, out.peer, _NOBLOCK_MORE)
-                send(router, signature, _MORE)
-                send(router, command, _MORE)
-                send(router, body, 0)
-            except zmq.ZMQError as exc:
-                # libzmq's own numbers: on Windows Python's errno module has WinSock's.
-                unreachable = exc.errno == zmq.EHOSTUNREACH
-                if not unreachable and exc.errno != zmq.EAGAIN:
-                    raise
-                log.warning(
-                    "could not send %s to %s: %s",
+            frames = codec.encode(out.message)
+            if out.peer in queues:
+                # Behind what already waits for this peer, so the order holds.
+                if queues.add(out, frames, now.mono):
+                    continue
+                error = _EAGAIN
+            else:
+                error = self._send_frames(out.peer, frames)
+                if error == 0 or (error == _EAGAIN and queues.add(out, frames, now.mono)):
+                    continue
+            unreachable = error == _EHOSTUNREACH
+            if unreachable:
+                queues.drop(out.peer)
+                log.warning("could not send %s to %s: gone", out.message.COMMAND, out.peer.hex())
+            else:
+                log.debug(
+                    "dropped %s for %s: %d bytes already wait for it",
                     out.message.COMMAND,
                     out.peer.hex(),
-                    "peer gone" if unreachable else "peer's queue is full",
+                    queues.queued_bytes(out.peer),
                 )
-                follow_up = self.core.send_failed(out, unreachable, now)
-                if retry:
-                    self._send_all(follow_up, now, retry=False)
+            follow_up = self.core.send_failed(out, unreachable, now)
+            if retry:
+                self._send_all(follow_up, now, retry=False)

@@ -110,7 +110,9 @@ PRESENCE_BROADCAST_LIMIT = 500
 # Ids per merged ACCEPTED or DELIVERED, which keeps those bodies far below frame limits.
 MAX_IDS_PER_ACK = 256
 # Bytes of one HISTORY_PAGE body, at most (a page always holds at least one message).
-MAX_HISTORY_BYTES = 131_072
+MAX_HISTORY_BYTES = 32_768
+# Rows a HISTORY reads from the store first; each further read takes twice as many.
+HISTORY_FIRST_READ = 16
 # A per-connection command bucket holds this many seconds' worth of its rate.
 COMMAND_BURST_SECONDS = 4
 # Errors a correct client never causes: going beyond the error budget with these
@@ -666,23 +668,33 @@ class BrokerCore:
                     session.peer, now, ErrorCode.MALFORMED, "before must be a broker id"
                 )
         limit = min(request.limit, self.limits.max_history_page)
-        # The requester is always one side: nobody can read a conversation they are not in.
-        rows = self.store.history(session.key, name_key(request.peer), before, limit + 1)
+        peer_key = name_key(request.peer)
         # Room for the items once the page's own fields are paid for (generously).
         room = self.max_history_bytes - 64 - 6 * len(request.peer)
         items: list[HistoryItem] = []
-        for m in rows[:limit]:
-            item = HistoryItem(
-                m.broker_id, m.client_id, m.sender, m.recipient, m.text, m.sent_at,
-                m.accepted_at, m.delivered_at, m.read_at,
-            )  # fmt: skip
-            # orjson writes absent fields as null: a little over what the codec sends.
-            room -= len(orjson.dumps(item)) + 1
-            if room < 0 and items:
-                break  # the page is full; `more` sends the client back for the rest
-            items.append(item)
-        more = len(rows) > len(items)
-        return [Outgoing(session.peer, HistoryPage(request.peer, tuple(items), more))]
+        # Read in growing chunks, so a page that fills up with a few long texts does not
+        # read the other rows of `limit` from the store first.
+        chunk = HISTORY_FIRST_READ
+        while True:
+            want = min(chunk, limit - len(items))
+            # The requester is always one side: nobody can read another's conversation.
+            rows = self.store.history(session.key, peer_key, before, want + 1)
+            for m in rows[:want]:
+                item = HistoryItem(
+                    m.broker_id, m.client_id, m.sender, m.recipient, m.text, m.sent_at,
+                    m.accepted_at, m.delivered_at, m.read_at,
+                )  # fmt: skip
+                # orjson writes absent fields as null: a little over what the codec sends.
+                room -= len(orjson.dumps(item)) + 1
+                if room < 0 and items:
+                    # The page is full; `more` sends the client back for the rest.
+                    return [Outgoing(session.peer, HistoryPage(request.peer, tuple(items), True))]
+                items.append(item)
+            more = len(rows) > want
+            if not more or len(items) >= limit:
+                return [Outgoing(session.peer, HistoryPage(request.peer, tuple(items), more))]
+            before = int(rows[want - 1].broker_id)
+            chunk *= 2
 
     # Helpers
 

@@ -23,10 +23,10 @@ from typing import NamedTuple
 
 from .core import Outgoing
 
-SEND_QUEUE_PER_PEER = 32
+SEND_QUEUE_PER_PEER = 128
 MAX_QUEUED_BYTES = 1_048_576
 RETRY_MIN_MS = 1
-RETRY_MAX_MS = 100
+RETRY_MAX_MS = 8
 # What Python spends on one queued message besides its bytes (the tuple, the list, the
 # bytes objects' headers), counted so the bound is on memory, not only on payload.
 OVERHEAD_BYTES = 200

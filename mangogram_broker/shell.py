@@ -24,7 +24,15 @@ from zmq.utils.monitor import parse_monitor_message
 from mangogram_proto import codec
 from mangogram_proto.constants import FRAME_COUNT
 from mangogram_proto.keys import KeyPair
-from mangogram_proto.messages import Accepted, Deliver, Login, Receipt, Welcome
+from mangogram_proto.messages import (
+    Accepted,
+    Deliver,
+    HistoryPage,
+    Login,
+    Online,
+    Receipt,
+    Welcome,
+)
 
 from .clock import Clock, system_clock
 from .connections import ConnectionTable
@@ -49,6 +57,20 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _EAGAIN = int(zmq.EAGAIN)
 _EHOSTUNREACH = int(zmq.EHOSTUNREACH)
 TICK_MS = 100
+# A turn stops handling messages once its big replies (HISTORY_PAGE, ONLINE) may hold
+# this many bytes; the rest waits for the next turn. Replies are kept until the turn's
+# commit, so without it a turn of 8,192 HISTORY requests would hold a gigabyte at once.
+TURN_REPLY_BYTES = 16 * 2**20
+_BIG_REPLIES = (HistoryPage, Online)
+
+
+def _size_bound(message: HistoryPage | Online) -> int:
+    """At least the encoded size of a big reply, without encoding it: four bytes per
+    character covers UTF-8; a generous allowance per item covers the rest. (JSON escapes
+    of control characters can take six, which the allowance absorbs in practice.)"""
+    if isinstance(message, HistoryPage):
+        return sum(4 * len(item.text) + 256 for item in message.items)
+    return sum(4 * len(name) + 4 for name in message.users)
 
 
 def unpredictable_routing_ids() -> None:
@@ -106,6 +128,8 @@ class BrokerServer:
         # sends to it fail (EAGAIN) and the rest waits in `_queues`, bounded in bytes.
         self._router.setsockopt(zmq.SNDHWM, SEND_QUEUE_PER_PEER)
         self._queues = SendQueues(max_queued_bytes)
+        # Received messages a turn left for the next (see TURN_REPLY_BYTES).
+        self._carried: list[tuple[zmq.Frame, list[bytes], int]] = []
         self._zap: zmq.Socket[bytes] | None = None
         self._key_socket: zmq.Socket[bytes] | None = None
         self.key_endpoint: str | None = None
@@ -163,7 +187,7 @@ class BrokerServer:
                     self._answer_key_requests()
                 if self._monitor in ready:
                     outgoing += self._drain_monitor()
-                if self._router in ready:
+                if self._router in ready or self._carried:
                     outgoing += self._drain_router()
                 now = self._clock()
                 if now.mono >= next_expiry:
@@ -182,6 +206,8 @@ class BrokerServer:
 
     def _poll_timeout_ms(self) -> int:
         """Until the next housekeeping tick, or sooner when a backlog is due."""
+        if self._carried:
+            return 0
         due = self._queues.next_retry_ms() if self._queues else None
         if due is None:
             return TICK_MS
@@ -238,8 +264,9 @@ class BrokerServer:
 
     def _drain_router(self) -> list[Outgoing]:
         recv = self._router.recv
-        received: list[tuple[zmq.Frame, list[bytes], int]] = []
-        for _ in range(BATCH):
+        # What the last turn received but left, first: it arrived first.
+        received, self._carried = self._carried, []
+        for _ in range(BATCH - len(received)):
             try:
                 first = recv(_NOBLOCK, copy=False)
             except zmq.Again:
@@ -251,7 +278,14 @@ class BrokerServer:
         now = self._clock()
         outgoing: list[Outgoing] = []
         known = self._connections.knows
-        for first, frames, extra in received:
+        reply_bytes = 0
+        for index, (first, frames, extra) in enumerate(received):
+            if reply_bytes > TURN_REPLY_BYTES:
+                # Big replies are held until the turn ends: stop making them here, send
+                # these, and handle the rest next turn (each connection's own rate limits
+                # do not bound what many connections ask for in one turn).
+                self._carried = received[index:]
+                break
             peer = first.bytes
             if not known(peer):
                 outgoing += self._note_connection(peer, first)
@@ -262,7 +296,11 @@ class BrokerServer:
             user_key, address = self._credentials(first, with_address=command == _LOGIN)
             if command == _RECEIPT:
                 self._crash.reached("before_receipt")
-            outgoing += self.core.handle_frames(peer, frames, now, user_key, address)
+            replies = self.core.handle_frames(peer, frames, now, user_key, address)
+            for out in replies:
+                if isinstance(out.message, _BIG_REPLIES):
+                    reply_bytes += _size_bound(out.message)
+            outgoing += replies
         return outgoing
 
     def _credentials(self, frame: zmq.Frame, with_address: bool) -> tuple[str | None, str]:

@@ -311,3 +311,19 @@ def test_pruning_is_scheduled_on_the_monotonic_clock(net):
     for _ in range(5):
         net.step_wall(3_600_000)  # the wall clock jumping forward does not prune more often
     assert len(prunes) == count
+
+
+@pytest.mark.parametrize("total,limit", [(100, 50), (48, 48), (47, 48), (16, 16), (17, 200)])
+def test_history_read_in_chunks_gives_the_same_pages(net, total, limit):
+    limits = dataclasses.replace(
+        TEST_LIMITS, max_history_page=200, max_mailbox=1000, rate_per_second=1000, rate_burst=1000
+    )
+    net.core = BrokerCore(limits, store=net.store)
+    alice = net.join("alice")
+    offline(net, "bob")
+    answers(net, alice.peer, sends("bob", total))
+    (reply,) = net.raw(alice.peer, codec.encode(History("bob", limit)))
+    page = reply.message
+    expected = [f"m{i}" for i in reversed(range(total))]
+    assert [item.id for item in page.items] == expected[:limit]
+    assert page.more == (total > limit)

@@ -3,6 +3,9 @@ disconnected, and a connection that asks without reading is held to a bounded co
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from mangogram_proto.messages import (
     Welcome,
 )
 
-from .conftest import BrokerProcess, dealer
+from .conftest import ROOT, BrokerProcess, dealer
 
 pytestmark = pytest.mark.sockets
 
@@ -161,7 +164,7 @@ def settled_rss(process: psutil.Process, timeout_s: float = 15.0) -> int:
 
 def test_connections_that_ask_and_never_read_cost_a_bounded_amount(tmp_path: Path, zctx):
     """Twenty connections ask for history pages and never read. Unbounded, the broker
-    would hold 20 x 50 pages of 330 KB (330 MB); bounded, under a MiB each. Meanwhile an
+    would hold 20 x 50 pages of 330 KB (330 MB); bounded, about 2 MiB each. Meanwhile an
     honest pair talks as usual."""
     broker = BrokerProcess(
         tmp_path,
@@ -209,12 +212,23 @@ def test_connections_that_ask_and_never_read_cost_a_bounded_amount(tmp_path: Pat
                 break
         assert texts == [f"hello {i}" for i in range(50)]
         grown = settled_rss(process) - before
-        # Bounded: per hoarder 64 KiB queued plus libzmq's 32 messages of at most ~17 KB
-        # (12 MiB for all), plus the allocator's slack: measured 39-42 MiB, and 892 MiB
-        # with libzmq's old 1,000-message queue and no page cap.
+        # Bounded: per hoarder 64 KiB queued plus libzmq's 128 messages of at most ~17 KB
+        # (45 MiB for all), plus the allocator's slack: measured 29-42 MiB; 892 MiB with
+        # libzmq's old 1,000-message queue and no page cap.
         assert grown < 128 * 2**20, f"the broker grew by {grown / 2**20:.1f} MiB"
         for sock in (*hoarders, writer, alice, bob):
             sock.close(linger=0)
     finally:
         broker.kill()
     assert "Traceback" not in broker.log_text()
+
+
+def test_hoarders_bench_reports_the_brokers_memory():
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.hoarders", "--peers", "3", "--requests", "2",
+         "--messages", "2", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["peers"] == 3 and result["rss_hoarded_mib"] > 0

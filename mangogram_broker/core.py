@@ -149,7 +149,7 @@ class CommandRates:
     new: a RECEIPT that confirms mail is bounded by the mail delivered."""
 
     login: int = 2  # LOGIN and LEAVE
-    history: int = 5
+    history: int = 2
     who: int = 2
     ping: int = 5
     read: int = 100

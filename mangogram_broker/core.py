@@ -348,8 +348,10 @@ class BrokerCore:
         elif (refusal := self._over_rate(peer, message, now)) is not None:
             return refusal
         if isinstance(message, Login):
-            self._cut_off.discard(peer)
-            return self._login(peer, message, now, user_key, address)
+            out = self._login(peer, message, now, user_key, address)
+            if self.registry.by_peer(peer) is not None:
+                self._cut_off.discard(peer)  # logged in again: read from it as from anyone
+            return out
         if peer in self._cut_off:
             return []
         if isinstance(message, Leave):

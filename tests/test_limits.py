@@ -137,7 +137,10 @@ def test_a_peer_misbehaving_beyond_its_error_budget_is_disconnected_until_it_log
     wait(net, 10_000)  # the budget refills: still nothing is read
     assert net.raw(alice, codec.encode(Ping())) == []
     assert net.raw(alice, sends("bob", 1)[0]) == []
-    # ...until it logs in again.
+    # A LOGIN that fails does not end it...
+    assert net.raw(alice, codec.encode(Login("bob")))[0].message.code == "name_taken"
+    assert net.raw(alice, codec.encode(Ping())) == []
+    # ...one that succeeds does.
     welcome = net.raw(alice, codec.encode(Login("alice")))[0]
     assert isinstance(welcome.message, Welcome)
     assert isinstance(net.raw(alice, codec.encode(Ping()))[0].message, Pong)

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from mangogram_broker.clock import Clock
 from mangogram_broker.config import parse_config
 from mangogram_broker.core import BrokerCore, Retention
 from mangogram_broker.store import SqliteStore
@@ -102,7 +103,7 @@ def measure(path: Path, minutes: float) -> dict[str, object]:
         steps: list[float] = []  # the retention work alone, without the commit
         now = NOW
         for _ in range(int(minutes * 60_000 / TICK_MS)):
-            step = timed(lambda at=now: core.expire(at))
+            step = timed(lambda at=now: core.expire(Clock(at, at)))
             steps.append(step)
             turns.append(step + timed(store.commit))
             now += TICK_MS
@@ -110,7 +111,8 @@ def measure(path: Path, minutes: float) -> dict[str, object]:
 
         def login(name: str, peer: bytes) -> float:
             frames = codec.encode(Login(name))
-            return timed(lambda: (core.handle_frames(peer, frames, now), store.commit()))
+            at = Clock(now, now)
+            return timed(lambda: (core.handle_frames(peer, frames, at), store.commit()))
 
         login_busy = login(BUSY, b"\x00\x00\x00\x00\x01")
         login_other = login("u1", b"\x00\x00\x00\x00\x02")

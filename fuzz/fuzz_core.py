@@ -15,6 +15,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
+    from mangogram_broker.clock import Clock
     from mangogram_broker.core import BrokerCore
     from mangogram_broker.store import MemoryStore
     from mangogram_proto import codec
@@ -30,12 +31,15 @@ PEERS = [b"\x00\x00\x00\x00\x01", b"\x00\x00\x00\x00\x02"]
 def test_one_input(data: bytes) -> None:
     provider = atheris.FuzzedDataProvider(data)
     core = BrokerCore(LIMITS, store=MemoryStore())
-    now = 1_700_000_000_000
+    now = Clock(1_700_000_000_000, 0)
     for peer in PEERS:
         login = [SIGNATURE, b"LOGIN", b'{"name":"user%d"}' % peer[-1]]
         core.handle_frames(peer, login, now)
     for _ in range(provider.ConsumeIntInRange(1, 8)):
-        now += provider.ConsumeIntInRange(0, 5000)
+        step = provider.ConsumeIntInRange(0, 5000)
+        # The wall clock may step either way; the monotonic one only moves forward.
+        wall_step = provider.ConsumeIntInRange(-10_000, 10_000) if step == 0 else step
+        now = Clock(now.wall + wall_step, now.mono + step)
         peer = PEERS[provider.ConsumeIntInRange(0, 1)]
         command = COMMANDS[provider.ConsumeIntInRange(0, len(COMMANDS) - 1)]
         body = provider.ConsumeBytes(provider.ConsumeIntInRange(0, 300))

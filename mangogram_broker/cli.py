@@ -127,10 +127,17 @@ def main(
             require_keys=keys is not None,
             max_sessions=config.max_sessions,
             registrations_per_minute=config.registrations_per_minute,
+            rates=config.rates,
+            max_history_bytes=config.max_history_bytes,
         )
         try:
             server = BrokerServer(
-                core, config.bind, crash_points=crash_points, keys=keys, key_bind=key_bind
+                core,
+                config.bind,
+                crash_points=crash_points,
+                keys=keys,
+                key_bind=key_bind,
+                max_queued_bytes=config.max_queued_bytes,
             )
         except zmq.ZMQError as exc:
             log.error("cannot listen on %s: %s", config.bind, exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,15 @@ from mangogram_proto import constants
 from mangogram_proto.env import SettingError, env_bool
 from mangogram_proto.messages import Limits
 
-from .core import Retention
+from .core import (
+    COMMAND_BURST_SECONDS,
+    ERROR_BURST,
+    ERROR_RATE_PER_SECOND,
+    MAX_HISTORY_BYTES,
+    CommandRates,
+    Retention,
+)
+from .sendqueue import MAX_QUEUED_BYTES, SEND_QUEUE_PER_PEER
 from .store import Durability
 
 # (flag, Limits field, default, help)
@@ -54,6 +63,23 @@ _LIMIT_OPTIONS = (
     ),
 )
 
+_DEFAULT_RATES = CommandRates()
+_REFUSED = "beyond it: ERROR rate_limited with retry_after_ms"
+# (flag, CommandRates field, which commands, what happens beyond the rate)
+_RATE_OPTIONS = (
+    ("--login-rate", "login", "LOGIN and LEAVE together", _REFUSED),
+    ("--history-rate", "history", "HISTORY", _REFUSED),
+    ("--who-rate", "who", "WHO", _REFUSED),
+    ("--ping-rate", "ping", "PING", _REFUSED),
+    ("--read-rate", "read", "READ", "beyond it, ignored (READ is never answered)"),
+    (
+        "--receipt-rate",
+        "receipt",
+        "RECEIPTs that confirm nothing new",
+        "beyond it, ignored (one that confirms mail is never limited)",
+    ),
+)
+
 
 @dataclass(frozen=True)
 class BrokerConfig:
@@ -68,6 +94,9 @@ class BrokerConfig:
     max_sessions: int
     registrations_per_minute: int
     release_name: str | None
+    rates: CommandRates
+    max_history_bytes: int
+    max_queued_bytes: int
 
 
 def _env_name(flag: str) -> str:
@@ -80,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "MangoGram broker: routes private messages between MangoGram clients and bots "
             "over ZeroMQ. Every option can also be set with the environment variable shown."
+        ),
+        epilog=(
+            "Fixed limits: SEND is limited per user name (--rate-per-second, --rate-burst);"
+            f" each connection has an error budget of {ERROR_BURST} ERRORs refilled at"
+            f" {ERROR_RATE_PER_SECOND}/s. An ERROR answering a SEND is always sent; other"
+            " ERRORs are dropped while the budget is empty, and a connection that sends bad"
+            " messages then is disconnected (its session ends, the reason is logged, and"
+            " only a LOGIN is read from it). See docs/protocol.md section 9."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -143,6 +180,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, _field, default, text in _LIMIT_OPTIONS:
         add(flag, default, int, text)
+    add(
+        "--max-history-bytes",
+        MAX_HISTORY_BYTES,
+        int,
+        "largest HISTORY_PAGE body in bytes; a page that would be larger holds fewer messages"
+        " (at least one) and says more=true",
+    )
+    add(
+        "--max-queued-bytes",
+        MAX_QUEUED_BYTES,
+        int,
+        "bytes the broker holds per connection for a client that does not read, beyond"
+        f" libzmq's queue of {SEND_QUEUE_PER_PEER} messages; what does not fit is dropped"
+        " (a DELIVER stays in the mailbox)",
+    )
+    for flag, field, what, beyond in _RATE_OPTIONS:
+        add(
+            flag,
+            getattr(_DEFAULT_RATES, field),
+            int,
+            f"{what} per second per connection (bursts of {COMMAND_BURST_SECONDS} seconds'"
+            f" worth); {beyond}",
+        )
     return parser
 
 
@@ -163,6 +223,11 @@ def parse_config(argv: list[str] | None = None) -> BrokerConfig:
         parser.error("durability must be full or normal")
     if args.max_sessions <= 0 or args.registrations_per_minute <= 0:
         parser.error("max-sessions and registrations-per-minute must be positive")
+    rates = CommandRates(**{f: getattr(args, f + "_rate") for _flag, f, *_text in _RATE_OPTIONS})
+    if min(dataclasses.astuple(rates)) <= 0:
+        parser.error("the command rates must be positive")
+    if args.max_history_bytes <= 0 or args.max_queued_bytes <= 0:
+        parser.error("max-history-bytes and max-queued-bytes must be positive")
     if args.retention_days < 0 or args.retention_messages < 0:
         parser.error("retention settings must not be negative")
     retention = Retention(
@@ -181,4 +246,7 @@ def parse_config(argv: list[str] | None = None) -> BrokerConfig:
         max_sessions=args.max_sessions,
         registrations_per_minute=args.registrations_per_minute,
         release_name=args.release_name,
+        rates=rates,
+        max_history_bytes=args.max_history_bytes,
+        max_queued_bytes=args.max_queued_bytes,
     )

@@ -34,18 +34,30 @@ Theory of operation
 * A session ends by LEAVE, by its connection closing (`disconnected`), by silence longer
   than the heartbeat timeout (`expire`), or when a send to it finds it unreachable
   (`send_failed`). Each end tells the other online users it left.
-* Nothing here raises on peer input: bad input becomes an ERROR reply, or is dropped
-  and logged once a peer has used up its error budget.
+* Every command is rate limited: SEND per user, the others per connection
+  (`CommandRates`). A refused SEND is always answered (`rate_limited` with its `ref`).
+* Nothing here raises on peer input: bad input becomes an ERROR reply. A reply that
+  answers a SEND (it names the SEND in `ref`) is always sent; other ERRORs spend the
+  connection's error budget and are dropped once it is used up. A connection whose
+  protocol violations (`MISBEHAVIOUR`) go beyond the budget is disconnected: its session
+  ends, it is told `not_logged_in`, and nothing but a LOGIN is read from it until it
+  logs in again. (A ROUTER cannot close one connection; this is the closest it gets.)
+* Time comes in as a `Clock`: `wall` for the timestamps people see, `mono` for every
+  timer (rate limits, heartbeat expiry, the pruning schedule). `wall` is held at its
+  latest value while the machine's clock is behind it, so stored times never go back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple, TypeGuard
+
+import orjson
 
 from mangogram_proto import codec
 from mangogram_proto.constants import MAX_ID_CHARS, MAX_REF_CHARS
@@ -79,6 +91,7 @@ from mangogram_proto.messages import (
 from mangogram_proto.names import name_key, validate_name
 from mangogram_proto.ratelimit import TokenBucket
 
+from .clock import Clock
 from .registry import Registry, Session
 from .store import DuplicateMessage, MemoryStore, Store, StoredMessage, parse_broker_id
 
@@ -96,6 +109,54 @@ PRUNE_EVERY_MS = 60_000
 PRESENCE_BROADCAST_LIMIT = 500
 # Ids per merged ACCEPTED or DELIVERED, which keeps those bodies far below frame limits.
 MAX_IDS_PER_ACK = 256
+# Bytes of one HISTORY_PAGE body, at most (a page always holds at least one message).
+MAX_HISTORY_BYTES = 32_768
+# Rows a HISTORY reads from the store first; each further read takes twice as many.
+HISTORY_FIRST_READ = 16
+# A per-connection command bucket holds this many seconds' worth of its rate.
+COMMAND_BURST_SECONDS = 4
+# Errors a correct client never causes: going beyond the error budget with these
+# disconnects the connection. (Refusals such as mailbox_full or name_taken are not
+# misbehaviour: the command limits bound them.)
+MISBEHAVIOUR = frozenset(
+    {
+        ErrorCode.MALFORMED,
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.UNKNOWN_COMMAND,
+        ErrorCode.TOO_LARGE,
+        ErrorCode.ROUTING_ID_REFUSED,
+        ErrorCode.ALREADY_LOGGED_IN,
+    }
+)
+_LOGIN_FRAME = Login.COMMAND.encode()
+# Which per-connection bucket (a `CommandRates` field) each command draws on.
+_RATE_CLASSES: dict[type, str] = {
+    Login: "login",
+    Leave: "login",
+    History: "history",
+    Who: "who",
+    Ping: "ping",
+    Read: "read",
+    Receipt: "receipt",
+}
+
+
+@dataclass(frozen=True)
+class CommandRates:
+    """Per-connection limits of the commands other than SEND (which is limited per user
+    by `Limits.rate_per_second`), in commands per second; each bucket holds
+    `COMMAND_BURST_SECONDS` seconds' worth. RECEIPT counts only when it confirms nothing
+    new: a RECEIPT that confirms mail is bounded by the mail delivered."""
+
+    login: int = 2  # LOGIN and LEAVE
+    history: int = 2
+    who: int = 2
+    ping: int = 5
+    read: int = 100
+    receipt: int = 20
+
+    def burst(self, rate: int) -> int:
+        return max(1, rate * COMMAND_BURST_SECONDS)
 
 
 class Outgoing(NamedTuple):
@@ -185,8 +246,23 @@ class BrokerCore:
         require_keys: bool = False,
         max_sessions: int = 100_000,
         registrations_per_minute: int = REGISTRATIONS_PER_MINUTE,
+        rates: CommandRates | None = None,
+        max_history_bytes: int = MAX_HISTORY_BYTES,
     ) -> None:
         self._registrations_per_minute = registrations_per_minute
+        self.rates = rates or CommandRates()
+        # Clients ping once per heartbeat interval: never refuse twice that.
+        ping_floor = -(-2000 // limits.heartbeat_interval_ms)
+        self._rate_of = {
+            kind: max(rate, ping_floor) if kind == "ping" else rate
+            for kind, rate in dataclasses.asdict(self.rates).items()
+        }
+        self.max_history_bytes = max_history_bytes
+        self._command_budgets: dict[tuple[bytes, str], TokenBucket] = {}
+        # Peers disconnected for misbehaving: only a LOGIN is read from them.
+        self._cut_off: set[bytes] = set()
+        self._latest_wall = 0
+        self._wall_behind = False
         self.limits = limits
         self.require_keys = require_keys
         self.max_sessions = max_sessions
@@ -207,12 +283,13 @@ class BrokerCore:
         self,
         peer: bytes,
         frames: list[bytes],
-        now: int,
+        now: Clock,
         user_key: str | None = None,
         address: str = "",
     ) -> list[Outgoing]:
         """Handle one multipart message (routing id already stripped) from `peer`;
         `user_key` is its authenticated public key, `address` its IP address."""
+        now = self._steady(now)
         if self.require_keys and not user_key:
             log.warning("dropped a message with no authenticated key from %s", peer.hex())
             return []
@@ -224,12 +301,15 @@ class BrokerCore:
                 ErrorCode.ROUTING_ID_REFUSED,
                 "do not set ZMQ_ROUTING_ID; the broker assigns identities",
             )
+        if peer in self._cut_off and (len(frames) < 2 or frames[1] != _LOGIN_FRAME):
+            log.debug("ignored a message from %s: disconnected until it logs in", peer.hex())
+            return []
         session = self.registry.by_peer(peer)
         if session is not None:
             if session.user_key != user_key:
                 log.warning("dropped a message for %s signed by another key", session.name)
                 return []
-            self.registry.touch(session, now)
+            self.registry.touch(session, now.mono)
         try:
             message = codec.decode(frames, max_body_bytes=self.limits.max_body_bytes)
         except RemoteProtocolError as exc:
@@ -245,63 +325,86 @@ class BrokerCore:
         self,
         peer: bytes,
         message: ClientMessage,
-        now: int,
+        now: Clock,
         user_key: str | None = None,
         address: str = "",
     ) -> list[Outgoing]:
         """Handle one decoded client message from `peer` (see `handle_frames`)."""
+        now = self._steady(now)
+        if isinstance(message, Send):
+            # The hot path first; SEND is limited per user, in `_send`.
+            session = self.registry.by_peer(peer)
+            if session is None:
+                if peer in self._cut_off:
+                    return []
+                return self._error(
+                    peer, now, ErrorCode.NOT_LOGGED_IN, "log in first", _ref(message.id)
+                )
+            return self._send(session, message, now)
+        if isinstance(message, Receipt):
+            session = self.registry.by_peer(peer)
+            if session is not None:
+                return self._receipt(session, message, now)
+        elif (refusal := self._over_rate(peer, message, now)) is not None:
+            return refusal
         if isinstance(message, Login):
-            return self._login(peer, message, now, user_key, address)
+            out = self._login(peer, message, now, user_key, address)
+            if self.registry.by_peer(peer) is not None:
+                self._cut_off.discard(peer)  # logged in again: read from it as from anyone
+            return out
+        if peer in self._cut_off:
+            return []
         if isinstance(message, Leave):
             return self._leave(peer, now)
         session = self.registry.by_peer(peer)
         if session is None:
-            ref = _ref(message.id) if isinstance(message, Send) else None
-            return self._error(peer, now, ErrorCode.NOT_LOGGED_IN, "log in first", ref)
-        if isinstance(message, Send):
-            return self._send(session, message, now)
-        if isinstance(message, Receipt):
-            return self._receipt(session, message, now)
+            return self._error(peer, now, ErrorCode.NOT_LOGGED_IN, "log in first")
         if isinstance(message, Read):
             return self._read(session, message, now)
         if isinstance(message, History):
             return self._history(session, message, now)
         if isinstance(message, Who):
-            return [Outgoing(peer, Online(self._online_names(), now))]
+            return [Outgoing(peer, Online(self._online_names(), now.wall))]
         if isinstance(message, Ping):
-            return [Outgoing(peer, Pong(now))]
+            return [Outgoing(peer, Pong(now.wall))]
         raise AssertionError(f"unhandled client command {message!r}")  # our bug, not input
 
-    def disconnected(self, peer: bytes, now: int) -> list[Outgoing]:
+    def disconnected(self, peer: bytes, now: Clock) -> list[Outgoing]:
         """The connection of `peer` closed."""
+        now = self._steady(now)
         self._error_budgets.pop(peer, None)
+        self._cut_off.discard(peer)
+        for command in _RATE_CLASSES.values():
+            self._command_budgets.pop((peer, command), None)
         return self._end_session(peer, now, "disconnected")
 
-    def expire(self, now: int) -> list[Outgoing]:
+    def expire(self, now: Clock) -> list[Outgoing]:
         """End sessions silent for longer than the heartbeat timeout, and apply retention.
         Call periodically."""
+        now = self._steady(now)
         out: list[Outgoing] = []
-        for session in self.registry.stale(now - self.limits.heartbeat_timeout_ms):
+        for session in self.registry.stale(now.mono - self.limits.heartbeat_timeout_ms):
             out += self._end_session(session.peer, now, "heartbeat timeout")
         self._forget_full_buckets(now)
-        if now >= self._next_prune:
-            self._next_prune = now + PRUNE_EVERY_MS
+        if now.mono >= self._next_prune:
+            self._next_prune = now.mono + PRUNE_EVERY_MS
             self._pruning = True
         if self._pruning:
             # A bounded step per call: a pass over a large store spans many loop turns.
             removed, finished = self.store.prune_step(
-                now, self._retention.max_age_ms, self._retention.keep_per_user
+                now.wall, self._retention.max_age_ms, self._retention.keep_per_user
             )
             self._pruning = not finished
             if removed:
                 log.info("retention removed %d old messages", removed)
         return out
 
-    def send_failed(self, failed: Outgoing, unreachable: bool, now: int) -> list[Outgoing]:
+    def send_failed(self, failed: Outgoing, unreachable: bool, now: Clock) -> list[Outgoing]:
         """The shell could not send `failed`: the peer is gone (`unreachable`) or its
         queue is full. A DELIVER stays unconfirmed in the store; for a live session the
         window forgets it was sent, so the next fill offers it again. A gone peer's session
         ends (its mail waits for the next login)."""
+        now = self._steady(now)
         if unreachable:
             return self._end_session(failed.peer, now, "unreachable")
         message = failed.message
@@ -315,7 +418,7 @@ class BrokerCore:
     # Commands
 
     def _login(
-        self, peer: bytes, login: Login, now: int, user_key: str | None, address: str
+        self, peer: bytes, login: Login, now: Clock, user_key: str | None, address: str
     ) -> list[Outgoing]:
         if self.registry.by_peer(peer) is not None:
             return self._error(
@@ -361,37 +464,37 @@ class BrokerCore:
             key=key,
             name=name,
             resume_token=self._new_token(),
-            last_seen_ms=now,
+            last_seen_ms=now.mono,
             user_key=user_key,
             contacts=self.store.contacts(key),
         )
         others = self._visible_online(session)
         self.registry.register(session)
-        self.store.remember_user(key, name, now)
+        self.store.remember_user(key, name, now.wall)
         log.info("%s logged in (%d online)", name, len(self.registry))
         told: list[Outgoing] = []
         if login.resume_from is not None and login.resume_from > 0:
             # The client has everything up to here, whatever receipts got lost.
             told = self._confirm(session, login.resume_from, now)
         mark = self.store.confirmed_through(key) or None  # absent on the wire means 0
-        welcome = Welcome(name, now, session.resume_token, self.limits, others, mark)
+        welcome = Welcome(name, now.wall, session.resume_token, self.limits, others, mark)
         out = [Outgoing(peer, welcome), *told]
         out += self._fill_window(session, now, delayed=True)
         out += self._owed_receipts(session)
         if not resumed:
-            out += self._tell_presence(session, Presence(name, "joined", now))
+            out += self._tell_presence(session, Presence(name, "joined", now.wall))
         return out
 
     def _claim(
-        self, peer: bytes, key: str, name: str, user_key: str, address: str, now: int
+        self, peer: bytes, key: str, name: str, user_key: str, address: str, now: Clock
     ) -> list[Outgoing] | None:
         """Register a new name to `user_key`, within the per-address limit; else refuse."""
         bucket = self._registrations.get(address)
         if bucket is None:
             rate = self._registrations_per_minute
-            bucket = TokenBucket(rate / 60, max(REGISTRATION_BURST, rate), now)
+            bucket = TokenBucket(rate / 60, max(REGISTRATION_BURST, rate), now.mono)
             self._registrations[address] = bucket
-        retry_after = bucket.take(now)
+        retry_after = bucket.take(now.mono)
         if retry_after:
             return [
                 Outgoing(
@@ -403,14 +506,14 @@ class BrokerCore:
                     ),
                 )
             ]
-        self.store.claim_name(key, user_key, now)
+        self.store.claim_name(key, user_key, now.wall)
         log.info("%s now belongs to key %s", name, user_key[:8])
         return None
 
-    def _leave(self, peer: bytes, now: int) -> list[Outgoing]:
+    def _leave(self, peer: bytes, now: Clock) -> list[Outgoing]:
         return [Outgoing(peer, Goodbye()), *self._end_session(peer, now, "left")]
 
-    def _send(self, session: Session, send: Send, now: int) -> list[Outgoing]:
+    def _send(self, session: Session, send: Send, now: Clock) -> list[Outgoing]:
         peer = session.peer
         problem = self._check_send(send)
         if problem is not None:
@@ -418,9 +521,9 @@ class BrokerCore:
             return self._error(peer, now, code, reason, _ref(send.id))
         bucket = self._send_budgets.get(session.key)
         if bucket is None:
-            bucket = TokenBucket(self.limits.rate_per_second, self.limits.rate_burst, now)
+            bucket = TokenBucket(self.limits.rate_per_second, self.limits.rate_burst, now.mono)
             self._send_budgets[session.key] = bucket
-        retry_after = bucket.take(now)
+        retry_after = bucket.take(now.mono)
         if retry_after:
             # Not through the error budget: the client needs every one to retry right.
             error = Error(
@@ -432,7 +535,7 @@ class BrokerCore:
             return [Outgoing(peer, error)]
         return self.deliver_or_store(session, send, now)
 
-    def deliver_or_store(self, session: Session, send: Send, now: int) -> list[Outgoing]:
+    def deliver_or_store(self, session: Session, send: Send, now: Clock) -> list[Outgoing]:
         """Store a valid SEND in the recipient's stream, acknowledge it, and deliver it at
         once if the recipient is online with room in its window."""
         recipient_key = name_key(send.to)
@@ -466,13 +569,13 @@ class BrokerCore:
         try:
             stored = self.store.append(
                 session.key, session.name, recipient_key, recipient_name, send.id, send.text,
-                send.sent_at, now,
+                send.sent_at, now.wall,
             )  # fmt: skip
         except DuplicateMessage:
             earlier = self.store.find(session.key, send.id)
             assert earlier is not None  # the store just said it holds it
             return [self._acknowledge_again(session, send, earlier)]
-        accepted = Outgoing(session.peer, Accepted((send.id,), (stored.broker_id,), now))
+        accepted = Outgoing(session.peer, Accepted((send.id,), (stored.broker_id,), now.wall))
         session.contacts.add(recipient_key)
         recipient = self.registry.by_key(recipient_key)
         if recipient is None:
@@ -493,14 +596,19 @@ class BrokerCore:
             session.peer, Accepted((send.id,), (earlier.broker_id,), earlier.accepted_at)
         )
 
-    def _receipt(self, session: Session, receipt: Receipt, now: int) -> list[Outgoing]:
+    def _receipt(self, session: Session, receipt: Receipt, now: Clock) -> list[Outgoing]:
         # Never beyond what this connection was sent: a client cannot confirm unseen mail.
-        out = self._confirm(session, min(receipt.seq, session.cursor), now)
+        through = min(receipt.seq, session.cursor)
+        if through <= self.store.confirmed_through(session.key) and (
+            self._over_rate(session.peer, receipt, now) is not None
+        ):
+            return []  # confirms nothing new, again and again: ignored (never answered)
+        out = self._confirm(session, through, now)
         if session.cursor >= self.store.last_seq(session.key):
             return out  # nothing more in the stream: skip the store read
         return out + self._fill_window(session, now, delayed=False)
 
-    def _confirm(self, session: Session, through: int, now: int) -> list[Outgoing]:
+    def _confirm(self, session: Session, through: int, now: Clock) -> list[Outgoing]:
         """Confirm `session`'s stream through seq `through` and tell the senders."""
         key = session.key
         mark = self.store.confirmed_through(key)
@@ -518,11 +626,11 @@ class BrokerCore:
                 for m in self.store.unconfirmed(key, mark, through - mark)
                 if m.seq <= through and m.seq not in known
             ]
-        self.store.confirm_through(key, through, now)
+        self.store.confirm_through(key, through, now.wall)
         return self._tell_delivered(session.name, confirmed, now)
 
     def _tell_delivered(
-        self, recipient: str, messages: list[StoredMessage], now: int
+        self, recipient: str, messages: list[StoredMessage], now: Clock
     ) -> list[Outgoing]:
         """DELIVERED to each online sender of `messages`; owed to the offline ones."""
         by_sender: defaultdict[str, list[StoredMessage]] = defaultdict(list)
@@ -538,20 +646,20 @@ class BrokerCore:
                 chunk = sent[start : start + MAX_IDS_PER_ACK]
                 ids = tuple(m.client_id for m in chunk)
                 broker_ids = tuple(m.broker_id for m in chunk)
-                out.append(Outgoing(sender.peer, Delivered(recipient, now, ids, broker_ids)))
+                out.append(Outgoing(sender.peer, Delivered(recipient, now.wall, ids, broker_ids)))
         return out
 
-    def _read(self, session: Session, read: Read, now: int) -> list[Outgoing]:
-        message = self.store.mark_read(session.key, read.broker_id, now)
+    def _read(self, session: Session, read: Read, now: Clock) -> list[Outgoing]:
+        message = self.store.mark_read(session.key, read.broker_id, now.wall)
         if message is None:
             return []
         sender = self.registry.by_key(message.sender_key)
         if sender is None:
             return []
-        seen = Seen(message.client_id, message.broker_id, session.name, now)
+        seen = Seen(message.client_id, message.broker_id, session.name, now.wall)
         return [Outgoing(sender.peer, seen)]
 
-    def _history(self, session: Session, request: History, now: int) -> list[Outgoing]:
+    def _history(self, session: Session, request: History, now: Clock) -> list[Outgoing]:
         if request.limit <= 0:
             return self._error(session.peer, now, ErrorCode.MALFORMED, "limit must be positive")
         before: int | None = None
@@ -562,20 +670,37 @@ class BrokerCore:
                     session.peer, now, ErrorCode.MALFORMED, "before must be a broker id"
                 )
         limit = min(request.limit, self.limits.max_history_page)
-        # The requester is always one side: nobody can read a conversation they are not in.
-        rows = self.store.history(session.key, name_key(request.peer), before, limit + 1)
-        items = tuple(
-            HistoryItem(
-                m.broker_id, m.client_id, m.sender, m.recipient, m.text, m.sent_at,
-                m.accepted_at, m.delivered_at, m.read_at,
-            )
-            for m in rows[:limit]
-        )  # fmt: skip
-        return [Outgoing(session.peer, HistoryPage(request.peer, items, len(rows) > limit))]
+        peer_key = name_key(request.peer)
+        # Room for the items once the page's own fields are paid for (generously).
+        room = self.max_history_bytes - 64 - 6 * len(request.peer)
+        items: list[HistoryItem] = []
+        # Read in growing chunks, so a page that fills up with a few long texts does not
+        # read the other rows of `limit` from the store first.
+        chunk = HISTORY_FIRST_READ
+        while True:
+            want = min(chunk, limit - len(items))
+            # The requester is always one side: nobody can read another's conversation.
+            rows = self.store.history(session.key, peer_key, before, want + 1)
+            for m in rows[:want]:
+                item = HistoryItem(
+                    m.broker_id, m.client_id, m.sender, m.recipient, m.text, m.sent_at,
+                    m.accepted_at, m.delivered_at, m.read_at,
+                )  # fmt: skip
+                # orjson writes absent fields as null: a little over what the codec sends.
+                room -= len(orjson.dumps(item)) + 1
+                if room < 0 and items:
+                    # The page is full; `more` sends the client back for the rest.
+                    return [Outgoing(session.peer, HistoryPage(request.peer, tuple(items), True))]
+                items.append(item)
+            more = len(rows) > want
+            if not more or len(items) >= limit:
+                return [Outgoing(session.peer, HistoryPage(request.peer, tuple(items), more))]
+            before = int(rows[want - 1].broker_id)
+            chunk *= 2
 
     # Helpers
 
-    def _fill_window(self, session: Session, now: int, delayed: bool) -> list[Outgoing]:
+    def _fill_window(self, session: Session, now: Clock, delayed: bool) -> list[Outgoing]:
         """Send the session's next unconfirmed messages, up to the window."""
         in_flight = session.in_flight
         room = DELIVERY_WINDOW - len(in_flight)
@@ -595,11 +720,11 @@ class BrokerCore:
                 break
         return out
 
-    def _deliver(self, message: StoredMessage, now: int, delayed: bool) -> Deliver:
+    def _deliver(self, message: StoredMessage, now: Clock, delayed: bool) -> Deliver:
         return Deliver(
             message.client_id, message.broker_id, message.sender, message.text,
             message.sent_at, message.accepted_at, message.seq,
-            delayed or now - message.accepted_at > self.limits.heartbeat_timeout_ms,
+            delayed or now.wall - message.accepted_at > self.limits.heartbeat_timeout_ms,
         )  # fmt: skip
 
     def _owed_receipts(self, session: Session) -> list[Outgoing]:
@@ -638,16 +763,19 @@ class BrokerCore:
             return ErrorCode.UNKNOWN_RECIPIENT, "no such name"
         return None
 
-    def _forget_full_buckets(self, now: int) -> None:
+    def _forget_full_buckets(self, now: Clock) -> None:
         # Cheap enough at the expiry tick: a bucket is dropped once it could not limit anyone.
         for peer, bucket in list(self._error_budgets.items()):
-            if bucket.is_full(now):
+            if bucket.is_full(now.mono) and peer not in self._cut_off:
                 del self._error_budgets[peer]
+        for pair, bucket in list(self._command_budgets.items()):
+            if bucket.is_full(now.mono):
+                del self._command_budgets[pair]
         for key, bucket in list(self._send_budgets.items()):
-            if bucket.is_full(now) and self.registry.by_key(key) is None:
+            if bucket.is_full(now.mono) and self.registry.by_key(key) is None:
                 del self._send_budgets[key]
         for address, bucket in list(self._registrations.items()):
-            if bucket.is_full(now):
+            if bucket.is_full(now.mono):
                 del self._registrations[address]
 
     def _online_names(self) -> tuple[str, ...]:
@@ -668,27 +796,92 @@ class BrokerCore:
             targets = [s for s in found if s is not None and s.peer != session.peer]
         return [Outgoing(s.peer, presence) for s in targets]
 
-    def _end_session(self, peer: bytes, now: int, why: str) -> list[Outgoing]:
+    def _end_session(self, peer: bytes, now: Clock, why: str) -> list[Outgoing]:
         session = self.registry.deregister(peer)
         if session is None:
             return []
         log.info("%s is offline (%s; %d online)", session.name, why, len(self.registry))
-        return self._tell_presence(session, Presence(session.name, "left", now))
+        return self._tell_presence(session, Presence(session.name, "left", now.wall))
+
+    def _steady(self, now: Clock) -> Clock:
+        """`now` with its wall time held at the latest seen: after the machine's clock
+        steps back, `accepted_at` and the other timestamps stay where they were until the
+        clock catches up, so they never go back within one run of the broker."""
+        if now.wall >= self._latest_wall:
+            if self._wall_behind:
+                self._wall_behind = False
+                log.warning("the wall clock has caught up; timestamps move again")
+            self._latest_wall = now.wall
+            return now
+        if not self._wall_behind:
+            self._wall_behind = True
+            log.warning(
+                "the wall clock stepped back %d ms; timestamps hold until it catches up",
+                self._latest_wall - now.wall,
+            )
+        return Clock(self._latest_wall, now.mono)
+
+    def _over_rate(self, peer: bytes, message: ClientMessage, now: Clock) -> list[Outgoing] | None:
+        """None if `peer` may send `message` now (a token is taken); else the refusal."""
+        kind = _RATE_CLASSES[type(message)]
+        bucket = self._command_budgets.get((peer, kind))
+        if bucket is None:
+            rate = self._rate_of[kind]
+            bucket = TokenBucket(rate, self.rates.burst(rate), now.mono)
+            self._command_budgets[(peer, kind)] = bucket
+        retry_after = bucket.take(now.mono)
+        if not retry_after:
+            return None
+        if isinstance(message, Read | Receipt):
+            log.debug("ignored %s from %s: over its rate", message.COMMAND, peer.hex())
+            return []  # never answered, so not refused either
+        return self._error(
+            peer,
+            now,
+            ErrorCode.RATE_LIMITED,
+            f"too many {message.COMMAND}; at most {self._rate_of[kind]}/s",
+            retry_after_ms=retry_after,
+        )
+
+    def _disconnect(self, peer: bytes, now: Clock, why: str) -> list[Outgoing]:
+        """End `peer`'s session and ignore it until it logs in again."""
+        if peer in self._cut_off:
+            return []
+        self._cut_off.add(peer)
+        session = self.registry.by_peer(peer)
+        log.warning(
+            "disconnecting %s (%s): %s; only a LOGIN is read from it now",
+            peer.hex(),
+            session.name if session is not None else "not logged in",
+            why,
+        )
+        notice = Error(ErrorCode.NOT_LOGGED_IN.value, f"disconnected: {why}; log in again")
+        return [Outgoing(peer, notice), *self._end_session(peer, now, "disconnected")]
 
     def _error(
         self,
         peer: bytes,
-        now: int,
+        now: Clock,
         code: ErrorCode,
         reason: str,
         ref: str | None = None,
+        retry_after_ms: int | None = None,
     ) -> list[Outgoing]:
-        """An ERROR for `peer`, unless it has exhausted its error budget (then drop)."""
+        """An ERROR for `peer`. One that answers a SEND (`ref`) always goes out; others
+        spend the error budget and are dropped once it is used up. Misbehaviour beyond the
+        budget disconnects the peer."""
+        error = Outgoing(peer, Error(code.value, reason, ref=ref, retry_after_ms=retry_after_ms))
+        misbehaving = code in MISBEHAVIOUR
+        if ref is not None and not misbehaving:
+            return [error]
         bucket = self._error_budgets.get(peer)
         if bucket is None:
-            bucket = TokenBucket(ERROR_RATE_PER_SECOND, ERROR_BURST, now)
+            bucket = TokenBucket(ERROR_RATE_PER_SECOND, ERROR_BURST, now.mono)
             self._error_budgets[peer] = bucket
-        if bucket.take(now):
-            log.debug("dropping error %s for %s: error budget used up", code.value, peer.hex())
-            return []
-        return [Outgoing(peer, Error(code.value, reason, ref=ref))]
+        if not bucket.take(now.mono):
+            return [error]
+        if misbehaving:
+            why = f"error budget used up ({code.value}: {reason})"
+            return ([error] if ref is not None else []) + self._disconnect(peer, now, why)
+        log.debug("dropping error %s for %s: error budget used up", code.value, peer.hex())
+        return []

@@ -15,7 +15,6 @@ import ctypes
 import logging
 import secrets
 import sys
-import time
 from collections.abc import Callable
 
 import zmq
@@ -25,12 +24,22 @@ from zmq.utils.monitor import parse_monitor_message
 from mangogram_proto import codec
 from mangogram_proto.constants import FRAME_COUNT
 from mangogram_proto.keys import KeyPair
-from mangogram_proto.messages import Accepted, Deliver, Login, Receipt, Welcome
+from mangogram_proto.messages import (
+    Accepted,
+    Deliver,
+    HistoryPage,
+    Login,
+    Online,
+    Receipt,
+    Welcome,
+)
 
 from .authenticator import Authenticator
+from .clock import Clock, system_clock
 from .connections import ConnectionTable
 from .core import BrokerCore, Outgoing, coalesce
 from .crashpoints import CrashPoints
+from .sendqueue import MAX_QUEUED_BYTES, SEND_QUEUE_PER_PEER, Queued, SendQueues
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +52,24 @@ _RECEIPT = Receipt.COMMAND.encode()
 _NOBLOCK_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _MORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
-SEND_QUEUE_PER_PEER = 1000
+# libzmq's own numbers: on Windows Python's errno module has WinSock's.
+_EAGAIN = int(zmq.EAGAIN)
+_EHOSTUNREACH = int(zmq.EHOSTUNREACH)
 TICK_MS = 100
+# A turn stops handling messages once its big replies (HISTORY_PAGE, ONLINE) may hold
+# this many bytes; the rest waits for the next turn. Replies are kept until the turn's
+# commit, so without it a turn of 8,192 HISTORY requests would hold a gigabyte at once.
+TURN_REPLY_BYTES = 16 * 2**20
+_BIG_REPLIES = (HistoryPage, Online)
+
+
+def _size_bound(message: HistoryPage | Online) -> int:
+    """At least the encoded size of a big reply, without encoding it: four bytes per
+    character covers UTF-8; a generous allowance per item covers the rest. (JSON escapes
+    of control characters can take six, which the allowance absorbs in practice.)"""
+    if isinstance(message, HistoryPage):
+        return sum(4 * len(item.text) + 256 for item in message.items)
+    return sum(4 * len(name) + 4 for name in message.users)
 
 
 def unpredictable_routing_ids() -> None:
@@ -69,10 +94,6 @@ def unpredictable_routing_ids() -> None:
         log.debug("could not seed the C library's rand(); routing ids stay predictable")
 
 
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class BrokerServer:
     """Binds the ROUTER socket and runs the loop until `stop()` is called."""
 
@@ -82,13 +103,15 @@ class BrokerServer:
         bind: str,
         *,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
-        clock: Callable[[], int] = wall_clock_ms,
+        clock: Callable[[], Clock] = system_clock,
         crash_points: CrashPoints | None = None,
         keys: KeyPair | None = None,
         key_bind: str | None = None,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
     ) -> None:
         """`keys`: serve CurveZMQ with this key pair (None: plaintext, development only);
-        `key_bind`: where to answer key-discovery requests (with `keys`)."""
+        `key_bind`: where to answer key-discovery requests (with `keys`);
+        `max_queued_bytes`: what is held per connection beyond libzmq's queue."""
         self._crash = crash_points or CrashPoints(None)
         self._keys = keys
         self.core = core
@@ -100,11 +123,14 @@ class BrokerServer:
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.MAXMSGSIZE, core.limits.max_frame_bytes)
-        # A peer that stops reading gets at most this many queued messages, then sends to
-        # it fail (EAGAIN) and what it has not confirmed stays in the store.
+        # libzmq queues at most this many messages per peer (a count, not bytes); then
+        # sends to it fail (EAGAIN) and the rest waits in `_queues`, bounded in bytes.
         self._router.setsockopt(zmq.SNDHWM, SEND_QUEUE_PER_PEER)
         self._auth: Authenticator | None = None
         self._logins = 0
+        self._queues = SendQueues(max_queued_bytes)
+        # Received messages a turn left for the next (see TURN_REPLY_BYTES).
+        self._carried: list[tuple[zmq.Frame, list[bytes], int]] = []
         self.key_endpoint: str | None = None
         if keys is not None:
             # ZAP and key discovery on their own thread (authenticator.py); the handler
@@ -144,20 +170,22 @@ class BrokerServer:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
-        next_expiry = self._clock() + TICK_MS
+        next_expiry = self._clock().mono + TICK_MS
         try:
             while not self._stopping:
-                ready = dict(poller.poll(TICK_MS))
+                ready = dict(poller.poll(self._poll_timeout_ms()))
                 outgoing: list[Outgoing] = []
                 if self._monitor in ready:
                     outgoing += self._drain_monitor()
-                if self._router in ready:
+                if self._router in ready or self._carried:
                     outgoing += self._drain_router()
                 now = self._clock()
-                if now >= next_expiry:
+                if now.mono >= next_expiry:
                     outgoing += self.core.expire(now)
-                    next_expiry = now + TICK_MS
+                    next_expiry = now.mono + TICK_MS
                 self.core.store.commit()
+                if self._queues:
+                    outgoing += self._flush_backlogs(now)
                 if outgoing:
                     if any(isinstance(o.message, Accepted) for o in outgoing):
                         self._crash.reached("after_commit")
@@ -169,6 +197,34 @@ class BrokerServer:
         finally:
             self.close()
 
+    def _poll_timeout_ms(self) -> int:
+        """Until the next housekeeping tick, or sooner when a backlog is due."""
+        if self._carried:
+            return 0
+        due = self._queues.next_retry_ms() if self._queues else None
+        if due is None:
+            return TICK_MS
+        return max(0, min(TICK_MS, due - self._clock().mono))
+
+    def _flush_backlogs(self, now: Clock) -> list[Outgoing]:
+        """Offer libzmq what slow readers' backlogs hold. A peer found gone is
+        disconnected (its session ends; its mail waits in the store)."""
+        gone: list[bytes] = []
+
+        def send(queued: Queued) -> bool:
+            error = self._send_frames(queued.peer, queued.frames)
+            if error == _EHOSTUNREACH:
+                self._queues.drop(queued.peer)
+                gone.append(queued.peer)
+            return error == 0
+
+        self._queues.flush(send, now.mono)
+        outgoing: list[Outgoing] = []
+        for peer in gone:
+            log.info("%s is gone; dropped what was queued for it", peer.hex())
+            outgoing += self.core.disconnected(peer, now)
+        return outgoing
+
     def close(self) -> None:
         if self._auth is not None:
             self._auth.stop()
@@ -178,8 +234,9 @@ class BrokerServer:
 
     def _drain_router(self) -> list[Outgoing]:
         recv = self._router.recv
-        received: list[tuple[zmq.Frame, list[bytes], int]] = []
-        for _ in range(BATCH):
+        # What the last turn received but left, first: it arrived first.
+        received, self._carried = self._carried, []
+        for _ in range(BATCH - len(received)):
             try:
                 first = recv(_NOBLOCK, copy=False)
             except zmq.Again:
@@ -191,7 +248,14 @@ class BrokerServer:
         now = self._clock()
         outgoing: list[Outgoing] = []
         known = self._connections.knows
-        for first, frames, extra in received:
+        reply_bytes = 0
+        for index, (first, frames, extra) in enumerate(received):
+            if reply_bytes > TURN_REPLY_BYTES:
+                # Big replies are held until the turn ends: stop making them here, send
+                # these, and handle the rest next turn (each connection's own rate limits
+                # do not bound what many connections ask for in one turn).
+                self._carried = received[index:]
+                break
             peer = first.bytes
             if not known(peer):
                 outgoing += self._note_connection(peer, first)
@@ -204,7 +268,11 @@ class BrokerServer:
                 self._logins += 1  # admission of new handshakes follows (authenticator.py)
             if command == _RECEIPT:
                 self._crash.reached("before_receipt")
-            outgoing += self.core.handle_frames(peer, frames, now, user_key, address)
+            replies = self.core.handle_frames(peer, frames, now, user_key, address)
+            for out in replies:
+                if isinstance(out.message, _BIG_REPLIES):
+                    reply_bytes += _size_bound(out.message)
+            outgoing += replies
         return outgoing
 
     def _credentials(self, frame: zmq.Frame, with_address: bool) -> tuple[str | None, str]:
@@ -264,6 +332,7 @@ class BrokerServer:
             else:
                 continue
             for peer in gone:
+                self._queues.drop(peer)
                 outgoing += self.core.disconnected(peer, self._clock())
 
     def _count_login_delivery(self, out: Outgoing, after_welcome: dict[bytes, int]) -> None:
@@ -275,34 +344,54 @@ class BrokerServer:
             if after_welcome[out.peer] == 2:
                 self._crash.reached("mid_login")
 
-    def _send_all(self, outgoing: list[Outgoing], now: int, retry: bool = True) -> None:
-        delivered_after_welcome: dict[bytes, int] = {}
+    def _send_frames(self, peer: bytes, frames: list[bytes]) -> int:
+        """Hand one message to libzmq without waiting: 0, or EAGAIN (the peer's queue is
+        full) or EHOSTUNREACH (no such peer)."""
         router = self._router
         send = SocketBase.send
+        signature, command, body = frames
+        try:
+            # Frame by frame with plain int flags, through the backend's send: the
+            # sugar layer's enum flag arithmetic and draft-option checks showed up in
+            # profiles. Only the first frame can fail; the rest follow.
+            send(router, peer, _NOBLOCK_MORE)
+            send(router, signature, _MORE)
+            send(router, command, _MORE)
+            send(router, body, 0)
+        except zmq.ZMQError as exc:
+            if exc.errno != _EAGAIN and exc.errno != _EHOSTUNREACH:
+                raise
+            return exc.errno
+        return 0
+
+    def _send_all(self, outgoing: list[Outgoing], now: Clock, retry: bool = True) -> None:
+        delivered_after_welcome: dict[bytes, int] = {}
         count_logins = self._crash.armed("mid_login")
+        queues = self._queues
         for out in outgoing:
             if count_logins:
                 self._count_login_delivery(out, delivered_after_welcome)
-            signature, command, body = codec.encode(out.message)
-            try:
-                # Frame by frame with plain int flags, through the backend's send: the
-                # sugar layer's enum flag arithmetic and draft-option checks showed up in
-                # profiles. Only the first frame can fail; the rest follow.
-                send(router, out.peer, _NOBLOCK_MORE)
-                send(router, signature, _MORE)
-                send(router, command, _MORE)
-                send(router, body, 0)
-            except zmq.ZMQError as exc:
-                # libzmq's own numbers: on Windows Python's errno module has WinSock's.
-                unreachable = exc.errno == zmq.EHOSTUNREACH
-                if not unreachable and exc.errno != zmq.EAGAIN:
-                    raise
-                log.warning(
-                    "could not send %s to %s: %s",
+            frames = codec.encode(out.message)
+            if out.peer in queues:
+                # Behind what already waits for this peer, so the order holds.
+                if queues.add(out, frames, now.mono):
+                    continue
+                error = _EAGAIN
+            else:
+                error = self._send_frames(out.peer, frames)
+                if error == 0 or (error == _EAGAIN and queues.add(out, frames, now.mono)):
+                    continue
+            unreachable = error == _EHOSTUNREACH
+            if unreachable:
+                queues.drop(out.peer)
+                log.warning("could not send %s to %s: gone", out.message.COMMAND, out.peer.hex())
+            else:
+                log.debug(
+                    "dropped %s for %s: %d bytes already wait for it",
                     out.message.COMMAND,
                     out.peer.hex(),
-                    "peer gone" if unreachable else "peer's queue is full",
+                    queues.queued_bytes(out.peer),
                 )
-                follow_up = self.core.send_failed(out, unreachable, now)
-                if retry:
-                    self._send_all(follow_up, now, retry=False)
+            follow_up = self.core.send_failed(out, unreachable, now)
+            if retry:
+                self._send_all(follow_up, now, retry=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mangogram_broker.clock import Clock
 from mangogram_broker.core import BrokerCore, Outgoing, coalesce
 from mangogram_broker.store import MemoryStore, Store
 from mangogram_proto import codec
@@ -13,6 +14,7 @@ from mangogram_proto.messages import Limits
 from mangogram_proto.session import ClientSession
 
 T0 = 1_700_000_000_000
+MONO0 = 5_000  # a monotonic clock has its own origin, unrelated to the wall clock
 
 TEST_LIMITS = Limits(
     max_name_chars=32,
@@ -48,16 +50,35 @@ class FakeClient:
 
 
 class Network:
-    """Moves frames between the broker core and client sessions until all is quiet."""
+    """Moves frames between the broker core and client sessions until all is quiet.
+
+    `now` is the wall clock (what the client sessions and timestamps see), `mono` the
+    broker's monotonic clock. Time passing moves both (`advance`, or `now += ms`);
+    `step_wall` sets the wall clock alone, as an operator or NTP would."""
 
     def __init__(self, limits: Limits = TEST_LIMITS, store: Store | None = None) -> None:
-        self.now = T0
+        self._wall = T0
+        self.mono = MONO0
         self.tokens = iter(f"token-{i}" for i in range(10**6))
         self.store = store if store is not None else MemoryStore()
         self.core = BrokerCore(limits, store=self.store, token_factory=lambda: next(self.tokens))
         self.clients: dict[bytes, FakeClient] = {}
         self._next_peer = 1
         self.raw_replies: dict[bytes, list[list[bytes]]] = {}
+
+    @property
+    def now(self) -> int:
+        return self._wall
+
+    @now.setter
+    def now(self, wall: int) -> None:
+        self.mono += wall - self._wall
+        self._wall = wall
+
+    @property
+    def clock(self) -> Clock:
+        """Both clocks, as the broker's shell reads them."""
+        return Clock(self._wall, self.mono)
 
     def new_peer(self) -> bytes:
         peer = b"\x00" + self._next_peer.to_bytes(4, "big")
@@ -75,7 +96,7 @@ class Network:
     def raw(self, peer: bytes, frames: list[bytes]) -> list[Outgoing]:
         """Send raw frames as `peer`; returns what the broker said to that peer, and
         routes everything else."""
-        out = self.core.handle_frames(peer, frames, self.now)
+        out = self.core.handle_frames(peer, frames, self.clock)
         self.route(out)
         self.pump()
         return [o for o in out if o.peer == peer]
@@ -109,7 +130,7 @@ class Network:
                     continue
                 for frames in client.session.data_to_send():
                     busy = True
-                    self.route(self.core.handle_frames(client.peer, frames, self.now))
+                    self.route(self.core.handle_frames(client.peer, frames, self.clock))
             if not busy:
                 return
         raise AssertionError("network did not settle")
@@ -117,17 +138,24 @@ class Network:
     def advance(self, ms: int, *, tick_clients: bool = True) -> None:
         """Move the clock; run broker expiry and (optionally) client timers."""
         self.now += ms
-        self.route(self.core.expire(self.now))
+        self.route(self.core.expire(self.clock))
         if tick_clients:
             for client in self.clients.values():
                 if not client.frozen:
                     client.events += client.session.tick(self.now)
         self.pump()
 
+    def step_wall(self, ms: int) -> None:
+        """The machine's wall clock is set `ms` forward (or back, if negative); the
+        monotonic clock does not move. The broker's expiry runs, client timers do not."""
+        self._wall += ms
+        self.route(self.core.expire(self.clock))
+        self.pump()
+
     def disconnect(self, client: FakeClient) -> None:
         """The client's TCP connection closes (as when its process is killed)."""
         client.connected = False
-        self.route(self.core.disconnected(client.peer, self.now))
+        self.route(self.core.disconnected(client.peer, self.clock))
         self.pump()
 
     def reconnect(self, client: FakeClient) -> None:

@@ -10,6 +10,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mangogram_broker.clock import Clock
 from mangogram_broker.core import BrokerCore
 from mangogram_broker.store import MemoryStore
 from mangogram_proto import codec
@@ -66,12 +67,12 @@ steps = st.lists(
 @given(steps=steps, require_keys=st.booleans())
 def test_core_survives_any_input_and_keeps_its_books(steps, require_keys):
     core = BrokerCore(TEST_LIMITS, store=MemoryStore(), require_keys=require_keys)
-    now = T0
+    now = Clock(T0, 0)
     for peer, message, key in steps:
-        now += 7
+        now = Clock(now.wall + 7, now.mono + 7)
         for out in core.handle_frames(peer, message, now, key, "127.0.0.1"):
             codec.encode(out.message)  # every reply must be sendable
-        if now % 5 == 0:
+        if now.wall % 5 == 0:
             core.expire(now)
             core.disconnected(peer, now)
     for session in core.registry:

@@ -127,7 +127,7 @@ def test_unconfirmed_messages_are_redelivered_to_a_fresh_client(net):
     # bob's process dies after receiving, before its receipts go out
     ids = [alice.session.send_text("bob", f"m{i}", net.now) for i in range(3)]
     for frames in alice.session.data_to_send():
-        net.route(net.core.handle_frames(alice.peer, frames, net.now))
+        net.route(net.core.handle_frames(alice.peer, frames, net.clock))
     assert len(bob.take(IncomingMessage)) == 3
     bob.session.data_to_send()  # the receipts are lost with the process
     net.disconnect(bob)
@@ -140,7 +140,7 @@ def test_resume_from_confirms_what_the_client_has_so_nothing_repeats(net):
     bob = net.join("bob")
     ids = [alice.session.send_text("bob", f"m{i}", net.now) for i in range(3)]
     for frames in alice.session.data_to_send():
-        net.route(net.core.handle_frames(alice.peer, frames, net.now))
+        net.route(net.core.handle_frames(alice.peer, frames, net.clock))
     assert [m.id for m in bob.take(IncomingMessage)] == ids
     bob.session.data_to_send()  # receipts lost, but bob's session remembers its stream
     bob.connected = False
@@ -161,7 +161,7 @@ def test_resume_from_tells_online_senders_at_once_in_bounded_batches(net):
     # Bob's client already holds them all (say, its receipts were lost): it resumes.
     peer = net.new_peer()
     login = Login("bob", resume_from=total)
-    out = net.core.handle_frames(peer, codec.encode(login), net.now)
+    out = net.core.handle_frames(peer, codec.encode(login), net.clock)
     told = [o.message for o in out if o.peer == alice.peer and isinstance(o.message, Delivered)]
     assert [len(d.ids) for d in told] == [MAX_IDS_PER_ACK, 44]
     assert [i for d in told for i in d.ids] == ids
@@ -225,7 +225,7 @@ def test_delivery_window_bounds_what_is_in_flight(net):
     peer = net.new_peer()
     login = ClientSession("bob")
     login.connect(net.now)
-    out = net.core.handle_frames(peer, login.data_to_send()[0], net.now)
+    out = net.core.handle_frames(peer, login.data_to_send()[0], net.clock)
     delivers = [o for o in out if isinstance(o.message, Deliver)]
     assert len(delivers) == DELIVERY_WINDOW
     assert [d.message.seq for d in delivers] == list(range(1, DELIVERY_WINDOW + 1))
@@ -344,7 +344,7 @@ def test_read_tells_the_sender_but_only_a_receipt_confirms_delivery(net):
     alice = net.join("alice")
     bob = net.join("bob")
     message_id = alice.session.send_text("bob", "hi", net.now)
-    out = net.core.handle_frames(alice.peer, alice.session.data_to_send()[0], net.now)
+    out = net.core.handle_frames(alice.peer, alice.session.data_to_send()[0], net.clock)
     (deliver,) = [o.message for o in out if isinstance(o.message, Deliver)]
     net.route([o for o in out if not isinstance(o.message, Deliver)])
     read = [b"MGP02", b"READ", json.dumps({"broker_id": deliver.broker_id}).encode()]
@@ -361,10 +361,10 @@ def test_a_handoff_refused_by_a_full_queue_is_offered_again_and_never_lost(net):
     alice = net.join("alice")
     bob = net.join("bob")
     first = alice.session.send_text("bob", "one", net.now)
-    out = net.core.handle_frames(alice.peer, alice.session.data_to_send()[0], net.now)
+    out = net.core.handle_frames(alice.peer, alice.session.data_to_send()[0], net.clock)
     (deliver,) = [o for o in out if isinstance(o.message, Deliver)]
     # bob's queue is full: the hand-off fails, bob's connection lives on
-    net.route(net.core.send_failed(deliver, unreachable=False, now=net.now))
+    net.route(net.core.send_failed(deliver, unreachable=False, now=net.clock))
     net.route([o for o in out if o is not deliver])
     second = alice.session.send_text("bob", "two", net.now)
     net.pump()

@@ -129,7 +129,7 @@ def test_broker_survives_a_failed_send_with_windows_errno_numbers(
                 raise zmq.ZMQError(getattr(zmq, zmq_errno))
 
         monkeypatch.setattr(shell, "SocketBase", FailingSocket)
-        server._send_all([Outgoing(alice.peer, Pong(server_time=network.now))], network.now)
+        server._send_all([Outgoing(alice.peer, Pong(server_time=network.now))], network.clock)
         online = network.core.registry.by_peer(alice.peer) is not None
         # A vanished peer's session ends; a full queue leaves it online.
         assert online == (zmq_errno == "EAGAIN")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from mangogram_broker.clock import Clock
 from mangogram_broker.core import BrokerCore, coalesce
 from mangogram_broker.store import MemoryStore
 from mangogram_proto import codec
@@ -66,7 +67,8 @@ def test_the_echo_bot_walk_through_is_what_the_broker_core_answers():
         # A turn whose answers show no clock (a RECEIPT whose DELIVERED is owed) is 1 ms
         # after the one before; the transcript is written that way.
         now = stamps[0] if stamps else now + 1
-        out = core.handle_frames(peers[who], [b"MGP02", command.encode(), body.encode()], now)
+        frames = [b"MGP02", command.encode(), body.encode()]
+        out = core.handle_frames(peers[who], frames, Clock(now, now))
         core.store.commit()
         names = {peer: name for name, peer in peers.items()}
         produced = []

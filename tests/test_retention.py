@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mangogram_broker import store as store_module
+from mangogram_broker.clock import Clock
 from mangogram_broker.core import PRUNE_EVERY_MS, BrokerCore, Retention
 from mangogram_broker.store import MemoryStore, SqliteStore
 
@@ -35,14 +36,14 @@ def test_the_core_spreads_a_retention_pass_over_its_ticks_until_all_is_pruned(st
     store.commit()
     core = BrokerCore(TEST_LIMITS, store=store, retention=Retention(max_age_ms=1000))
     now = T0 + 5000
-    core.expire(now)
+    core.expire(Clock(now, now))
     store.commit()
     assert 0 < 300 - stored(store) < 290  # the first tick did only a part
     for _ in range(1000):  # bounded: a pass of 300 messages takes far fewer ticks
         if stored(store) == 10:
             break
         now += TICK_MS
-        core.expire(now)
+        core.expire(Clock(now, now))
         store.commit()
     assert stored(store) == 10
     assert [m.seq for m in store.unconfirmed("b", 0, 100)] == list(range(291, 301))
@@ -50,10 +51,10 @@ def test_the_core_spreads_a_retention_pass_over_its_ticks_until_all_is_pruned(st
     store.append("a", "a", "c", "c", "late", "t", now, now)
     store.confirm_through("c", 1, now)
     now += 2000
-    core.expire(now)
+    core.expire(Clock(now, now))
     assert len(store.history("a", "c", None, 10)) == 1
     for _ in range(PRUNE_EVERY_MS // TICK_MS + 100):
         now += TICK_MS
-        core.expire(now)
+        core.expire(Clock(now, now))
     assert store.history("a", "c", None, 10) == []
     assert stored(store) == 10

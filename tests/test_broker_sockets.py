@@ -340,11 +340,9 @@ def test_a_chosen_id_shaped_like_libzmqs_own_cannot_be_told_apart(broker, zctx):
         sock.close()
 
 
-def test_sigterm_stops_the_broker_within_two_seconds(tmp_path):
+def test_sigterm_stops_the_broker_cleanly(tmp_path):
     process = BrokerProcess(tmp_path / "data")
-    started = time.monotonic()
-    assert process.terminate(timeout=5) == 0
-    assert time.monotonic() - started < 2.0
+    assert process.terminate(timeout=10) == 0  # the bound only keeps a hang from blocking
     assert "stopped" in process.log_text()
 
 

@@ -1,0 +1,226 @@
+"""Claims in README.md that had no test behind them: the "Broker options" table (every
+flag, its environment variable, its default, flags winning) and where the client's
+settings come from."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from mangogram_broker.config import build_parser, parse_config
+from mangogram_client import cli as client_cli
+from mangogram_client import scripting
+from mangogram_proto.constants import DEFAULT_ENDPOINT
+from mangogram_proto.keys import key_endpoint_for
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+# A value other than the default for each flag of the table, as typed on a command line.
+OTHER_VALUES = {
+    "--bind": "tcp://127.0.0.1:7000",
+    "--key-bind": "tcp://127.0.0.1:7101",
+    "--data": "elsewhere",
+    "--log-level": "DEBUG",
+    "--durability": "normal",
+}
+# A third value, given as a flag while the variable holds the one above.
+FLAG_VALUES = {
+    "--bind": "tcp://127.0.0.1:7002",
+    "--key-bind": "tcp://127.0.0.1:7102",
+    "--data": "third",
+    "--log-level": "WARNING",
+    "--durability": "full",
+}
+# The BrokerConfig value each flag lands in, where it is not simply a field of that name.
+READ_BACK = {
+    "--data": lambda c: str(c.data_dir),
+    "--key-bind": lambda c: c.key_bind,
+    "--retention-days": lambda c: (c.retention.max_age_ms or 0) // 86_400_000,
+    "--retention-messages": lambda c: c.retention.keep_per_user or 0,
+}
+
+
+def broker_options_table() -> list[tuple[list[str], list[str], str]]:
+    """README's "Broker options" rows: (flags, environment tokens, default cell)."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Broker options", 1)[1].split("\n#", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or cells[0] in ("flag", "---"):
+            continue
+        flags = re.findall(r"`(--[a-z-]+)", cells[0])
+        envs = re.findall(r"`([A-Z_…]+)(?:=[^`]*)?`", cells[1])
+        rows.append((flags, envs, cells[2]))
+    return rows
+
+
+def env_for(flag: str, tokens: list[str]) -> str:
+    """The variable the README names for `flag`, expanding its two abbreviations:
+    `MANGOGRAM_RATE_…` (a prefix) and `_BYTES` (the second flag's suffix)."""
+    wanted = "MANGOGRAM_" + flag.lstrip("-").replace("-", "_").upper()
+    for token in tokens:
+        if token == wanted:
+            return token
+        if token.endswith("…") and wanted.startswith(token[:-1]):
+            return wanted
+        if token.startswith("_") and wanted.endswith(token) and len(tokens) > 1:
+            return wanted
+    raise AssertionError(f"README names no environment variable for {flag}: {tokens}")
+
+
+def read_back(config, flag: str):
+    if flag in READ_BACK:
+        return READ_BACK[flag](config)
+    field = flag.lstrip("-").replace("-", "_")
+    if hasattr(config.limits, field):
+        return getattr(config.limits, field)
+    return getattr(config, field)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("MANGOGRAM_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_the_table_covers_the_flags_it_promises():
+    rows = broker_options_table()
+    documented = {flag for flags, _, _ in rows for flag in flags}
+    assert len(rows) >= 15, "README's broker options table could not be read"
+    parser_flags = {f for action in build_parser()._actions for f in action.option_strings}
+    assert documented <= parser_flags, documented - parser_flags
+    help_text = build_parser().format_help()
+    for flag in documented:
+        assert flag in help_text, f"broker.py --help does not list {flag}"
+
+
+def test_every_documented_variable_sets_its_flag_and_the_flag_wins(clean_env):
+    """README: "Every flag has an environment variable; flags win." For each row: the
+    variable changes the setting, and the flag given as well overrides the variable."""
+    for flags, tokens, _default in broker_options_table():
+        for flag in flags:
+            if flag in ("--release-name", "--insecure-plaintext"):
+                continue  # no variable / a switch: tested below
+            default = read_back(parse_config([]), flag)
+            other = OTHER_VALUES.get(flag) or str(default + 1)
+            env = env_for(flag, tokens)
+            clean_env.setenv(env, other)
+            from_env = parse_config([])
+            assert str(read_back(from_env, flag)) == other, f"{env} did not set {flag}"
+            assert f"[{env}]" in build_parser().format_help(), f"--help hides {env}"
+            if flag == "--durability":
+                clean_env.setenv(env, "normal")
+            flag_value = FLAG_VALUES.get(flag) or str(default + 2)
+            both = parse_config([flag, flag_value])
+            assert str(read_back(both, flag)) == flag_value, f"{env} beat {flag}"
+            clean_env.delenv(env)
+
+
+def test_the_plaintext_switch_and_its_variable(clean_env):
+    assert parse_config([]).plaintext is False
+    assert parse_config(["--insecure-plaintext"]).plaintext is True
+    clean_env.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "on")
+    assert parse_config([]).plaintext is True
+    clean_env.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    assert parse_config(["--insecure-plaintext"]).plaintext is True  # the flag wins
+
+
+def test_documented_defaults_are_the_defaults(clean_env):
+    config = parse_config([])
+    checked = 0
+    for flags, _tokens, default in broker_options_table():
+        if flags[0] in ("--release-name", "--insecure-plaintext", "--key-bind"):
+            continue
+        values = [read_back(config, flag) for flag in flags]
+        if all(isinstance(v, int) for v in values):
+            numbers = [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", default)]
+            assert numbers[: len(values)] == values, f"{flags}: README says {default!r}"
+        else:
+            assert f"`{values[0]}`" in default, f"{flags}: README says {default!r}"
+        checked += 1
+    assert checked >= 12
+    assert parse_config([]).key_bind is None  # derived, as the table says: the bind port + 1
+    assert key_endpoint_for(DEFAULT_ENDPOINT) == "tcp://127.0.0.1:5556"
+    assert config.plaintext is False  # "off"
+
+
+class Recorder:
+    """Stands in for the script modes' network part: records where main() sends."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    def send_one(self, server, name, to, text, security) -> int:
+        self.calls.append((server, name, to))
+        return 0
+
+
+@pytest.fixture
+def client_main(clean_env, tmp_path):
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    clean_env.setenv("MANGOGRAM_CONFIG_DIR", str(config_dir))
+    recorder = Recorder()
+    clean_env.setattr(scripting, "send_one", recorder.send_one)
+    clean_env.setattr(scripting, "use_utf8_streams", lambda: None)
+
+    def run(*argv: str) -> tuple[str, str, str]:
+        assert client_cli.main([*argv, "--send", "hi"]) == 0
+        return recorder.calls.pop()
+
+    return run, config_dir, clean_env
+
+
+def test_client_settings_come_from_flags_then_variables_then_file_then_last_time(client_main):
+    """README "Chatting": flags, then MANGOGRAM_SERVER / _NAME / _TO, then config.toml in
+    the user config directory, then the server used last time."""
+    run, config_dir, env = client_main
+    assert run("--name", "n", "--to", "t")[0] == DEFAULT_ENDPOINT
+    (config_dir / "state.json").write_text(
+        json.dumps({"server": "tcp://127.0.0.1:4001", "name": "last"}), encoding="utf-8"
+    )
+    assert run("--name", "n", "--to", "t")[0] == "tcp://127.0.0.1:4001"
+    (config_dir / "config.toml").write_text(
+        'server = "tcp://127.0.0.1:4002"\nname = "file"\nto = "file_to"\n', encoding="utf-8"
+    )
+    assert run() == ("tcp://127.0.0.1:4002", "file", "file_to")
+    env.setenv("MANGOGRAM_SERVER", "tcp://127.0.0.1:4003")
+    env.setenv("MANGOGRAM_NAME", "env")
+    env.setenv("MANGOGRAM_TO", "env_to")
+    assert run() == ("tcp://127.0.0.1:4003", "env", "env_to")
+    assert run("--server", "tcp://127.0.0.1:4004", "--name", "flag", "--to", "flag_to") == (
+        "tcp://127.0.0.1:4004",
+        "flag",
+        "flag_to",
+    )
+
+
+def test_client_config_flag_names_another_file(client_main, tmp_path):
+    run, _config_dir, _env = client_main
+    other = tmp_path / "other.toml"
+    other.write_text('server = "tcp://127.0.0.1:4005"\nname = "o"\nto = "p"\n', encoding="utf-8")
+    assert run("--config", str(other)) == ("tcp://127.0.0.1:4005", "o", "p")
+    with pytest.raises(SystemExit, match="config file not found"):
+        client_cli.main(["--config", str(tmp_path / "missing.toml"), "--send", "x"])
+
+
+def test_client_help_documents_the_readme_flags_and_config_path(client_main, capsys):
+    _run, config_dir, _env = client_main
+    with pytest.raises(SystemExit) as done:
+        client_cli.main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    readme = README.read_text(encoding="utf-8")
+    for flag in sorted(set(re.findall(r"`(--[a-z-]+)", readme.split("## Docker")[0]))):
+        assert flag in out, f"README documents client flag {flag}; client.py --help lacks it"
+    for variable in ("MANGOGRAM_SERVER", "MANGOGRAM_NAME", "MANGOGRAM_TO", "MANGOGRAM_SERVER_KEY"):
+        assert variable in out
+    assert str(config_dir / "config.toml") in out.replace("\n", "")

@@ -1,0 +1,361 @@
+"""Normative statements of docs/protocol.md that had no test behind them, checked against
+the broker core directly (raw client messages in, broker messages out, a fixed clock),
+and the two that depend on the shell against the real broker."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mangogram_broker.core import BrokerCore, Outgoing
+from mangogram_broker.store import MemoryStore
+from mangogram_proto import codec
+from mangogram_proto.constants import SIGNATURE
+from mangogram_proto.errors import ErrorCode
+from mangogram_proto.messages import (
+    Accepted,
+    Deliver,
+    Error,
+    Goodbye,
+    History,
+    HistoryPage,
+    Leave,
+    Login,
+    Online,
+    Ping,
+    Pong,
+    Presence,
+    Read,
+    Receipt,
+    Seen,
+    Send,
+    Welcome,
+    Who,
+)
+
+from .conftest import dealer
+from .harness import T0, TEST_LIMITS
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL_MD = ROOT / "docs" / "protocol.md"
+
+
+class Wire:
+    """The core with hand-made peers; every call commits the store as the shell does."""
+
+    def __init__(self) -> None:
+        self.core = BrokerCore(TEST_LIMITS, store=MemoryStore())
+        self.now = T0
+        self._next = 1
+
+    def peer(self) -> bytes:
+        self._next += 1
+        return b"\x00" + self._next.to_bytes(4, "big")
+
+    def say(self, peer: bytes, message) -> list[Outgoing]:
+        return self.frames(peer, codec.encode(message))
+
+    def frames(self, peer: bytes, frames: list[bytes]) -> list[Outgoing]:
+        out = self.core.handle_frames(peer, frames, self.now)
+        self.core.store.commit()
+        return out
+
+    def login(self, name: str, **fields) -> tuple[bytes, Welcome]:
+        peer = self.peer()
+        out = self.say(peer, Login(name, **fields))
+        welcome = out[0].message
+        assert isinstance(welcome, Welcome), out
+        return peer, welcome
+
+
+def to(peer: bytes, out: list[Outgoing]) -> list:
+    return [o.message for o in out if o.peer == peer]
+
+
+def codes(peer: bytes, out: list[Outgoing]) -> list[str]:
+    return [m.code for m in to(peer, out) if isinstance(m, Error)]
+
+
+@pytest.fixture
+def wire() -> Wire:
+    return Wire()
+
+
+# Section 10: the error code table is the ErrorCode enum, no more, no less.
+
+
+def test_the_error_code_table_lists_exactly_the_codes_of_the_enum():
+    text = PROTOCOL_MD.read_text(encoding="utf-8")
+    section = text.split("## 10. Error codes", 1)[1].split("### How `ref` is found", 1)[0]
+    table = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.M))
+    assert table == {code.value for code in ErrorCode}
+
+
+# Section 3: versioning.
+
+
+def test_unsupported_version_is_answered_in_the_brokers_own_version(wire):
+    peer = wire.peer()
+    (reply,) = wire.frames(peer, [b"MGP01", b"PING", b"{}"])
+    assert reply.message.code == ErrorCode.UNSUPPORTED_VERSION
+    assert codec.encode(reply.message)[0] == SIGNATURE == b"MGP02"
+    (reply,) = wire.frames(peer, [b"XYZ02", b"PING", b"{}"])
+    assert reply.message.code == ErrorCode.MALFORMED  # not MGP at all
+
+
+# Section 4: the state table.
+
+
+def test_leave_on_an_anonymous_connection_gets_goodbye_and_nothing_else(wire):
+    watcher, _ = wire.login("watcher")
+    peer = wire.peer()
+    out = wire.say(peer, Leave())
+    assert [o.message for o in out] == [Goodbye()]
+    assert to(watcher, out) == []
+
+
+def test_every_command_but_login_and_leave_needs_a_session(wire):
+    peer = wire.peer()
+    for message in (
+        Send("m1", "x", "hi", 1),
+        Receipt(1),
+        Read("1"),
+        History("x", 5),
+        Who(),
+        Ping(),
+    ):
+        out = wire.say(peer, message)
+        assert codes(peer, out) == ["not_logged_in"], message
+    (error,) = to(peer, wire.say(peer, Send("m1", "x", "hi", 1)))
+    assert error.ref == "m1"
+
+
+def test_leave_ends_the_session_tells_the_others_and_allows_another_login(wire):
+    alice, _ = wire.login("alice")
+    bob, _ = wire.login("bob")
+    out = wire.say(bob, Leave())
+    assert to(bob, out) == [Goodbye()]
+    assert to(alice, out) == [Presence("bob", "left", wire.now)]
+    assert codes(bob, wire.say(bob, Ping())) == ["not_logged_in"]
+    out = wire.say(bob, Login("carol"))  # the connection stays open and anonymous
+    assert isinstance(to(bob, out)[0], Welcome)
+
+
+def test_an_anonymous_connection_is_never_timed_out(wire):
+    peer = wire.peer()
+    wire.say(peer, Ping())  # the broker has seen it
+    wire.now += 100 * TEST_LIMITS.heartbeat_timeout_ms
+    assert wire.core.expire(wire.now) == []
+    out = wire.say(peer, Login("late"))
+    assert isinstance(to(peer, out)[0], Welcome)
+
+
+def test_receipt_and_read_are_never_answered(wire):
+    alice, _ = wire.login("alice")
+    bob, _ = wire.login("bob")
+    (deliver,) = to(bob, wire.say(alice, Send("m1", "bob", "hi", 1)))
+    assert to(bob, wire.say(bob, Receipt(deliver.seq))) == []
+    assert to(bob, wire.say(bob, Read(deliver.broker_id))) == []
+
+
+# Section 4: logging in and resuming.
+
+
+def test_a_takeover_is_silent_keeps_the_new_spelling_and_cuts_off_the_old_connection(wire):
+    watcher, _ = wire.login("watcher")
+    old, welcome = wire.login("olena")
+    new = wire.peer()
+    out = wire.say(new, Login("OLENA", resume_token=welcome.resume_token))
+    (again,) = to(new, out)
+    assert isinstance(again, Welcome) and again.name == "OLENA"
+    assert again.resume_token != welcome.resume_token  # the token changes every WELCOME
+    assert to(watcher, out) == [] and to(old, out) == []  # nobody is told
+    assert codes(old, wire.say(old, Ping())) == ["not_logged_in"]
+    (online,) = to(watcher, wire.say(watcher, Who()))
+    assert online.users == ("OLENA", "watcher")
+    stale = wire.peer()
+    assert codes(stale, wire.say(stale, Login("olena", resume_token=welcome.resume_token))) == [
+        "name_taken"
+    ]
+
+
+def test_a_token_for_a_name_not_online_is_ignored(wire):
+    peer = wire.peer()
+    out = wire.say(peer, Login("nobody", resume_token="made-up"))
+    assert isinstance(to(peer, out)[0], Welcome)
+
+
+def test_resume_from_at_or_below_zero_is_ignored_and_beyond_the_end_counts_as_the_end(wire):
+    alice, _ = wire.login("alice")
+    bob, _ = wire.login("bob")
+    wire.say(bob, Leave())
+    for i in range(3):
+        wire.say(alice, Send(f"n{i}", "bob", f"n{i}", 1))
+    for resume_from in (0, -5):
+        peer = wire.peer()
+        out = wire.say(peer, Login("bob", resume_from=resume_from))
+        assert [m.seq for m in to(peer, out) if isinstance(m, Deliver)] == [1, 2, 3]
+        wire.say(peer, Leave())
+    peer = wire.peer()
+    out = wire.say(peer, Login("bob", resume_from=1000))
+    assert [m for m in to(peer, out) if isinstance(m, Deliver)] == []
+    assert to(peer, out)[0].stream_mark == 3
+    wire.say(peer, Send("after", "bob", "to myself", 1))
+    out = wire.say(peer, Leave())
+    peer = wire.peer()
+    out = wire.say(peer, Login("bob"))
+    assert [m.seq for m in to(peer, out) if isinstance(m, Deliver)] == [4]
+
+
+# Section 4: presence lists.
+
+
+def test_who_includes_you_and_both_lists_are_sorted_by_name_key(wire):
+    for name in ("Zoe", "bob", "Édith", "adam"):
+        wire.login(name)
+    me, welcome = wire.login("Carl")
+    assert welcome.online == ("adam", "bob", "Zoe", "Édith")  # casefolded order, not ASCII
+    (online,) = to(me, wire.say(me, Who()))
+    assert online.users == ("adam", "bob", "Carl", "Zoe", "Édith")
+
+
+# Section 4: ordering.
+
+
+def test_the_recipients_deliver_leaves_before_the_senders_accepted(wire):
+    alice, _ = wire.login("alice")
+    bob, _ = wire.login("bob")
+    out = wire.say(alice, Send("m1", "bob", "hi", 1))
+    kinds = [(o.peer, type(o.message)) for o in out]
+    assert kinds == [(bob, Deliver), (alice, Accepted)]
+
+
+# Section 2 and 5: SEND checks and idempotent resending.
+
+
+@pytest.mark.parametrize("recipient", ["", "x" * (4 * TEST_LIMITS.max_name_chars + 1)])
+def test_an_empty_or_overlong_to_is_unknown_recipient_with_the_id(wire, recipient):
+    alice, _ = wire.login("alice")
+    (error,) = to(alice, wire.say(alice, Send("m1", recipient, "hi", 1)))
+    assert (error.code, error.ref) == ("unknown_recipient", "m1")
+
+
+def test_a_stored_id_is_the_same_message_whatever_its_to_and_text(wire):
+    alice, _ = wire.login("alice")
+    bob, _ = wire.login("bob")
+    carol, _ = wire.login("carol")
+    first = wire.say(alice, Send("m1", "bob", "original", 1))
+    (accepted,) = to(alice, first)
+    wire.now += 1000
+    out = wire.say(alice, Send("m1", "carol", "changed", 2))
+    assert to(alice, out) == [accepted]  # the original broker_id and accepted_at
+    assert to(carol, out) == [] and to(bob, out) == []
+
+
+def test_a_stored_id_is_accepted_again_even_when_the_mailbox_is_full(wire):
+    alice, _ = wire.login("alice")
+    bob, _ = wire.login("bob")
+    wire.say(bob, Leave())
+    accepted = []
+    for i in range(TEST_LIMITS.max_mailbox):
+        wire.now += 300  # under the rate limit
+        accepted += to(alice, wire.say(alice, Send(f"m{i}", "bob", "x", 1)))
+    wire.now += 300
+    assert codes(alice, wire.say(alice, Send("one-more", "bob", "x", 1))) == ["mailbox_full"]
+    wire.now += 300
+    assert to(alice, wire.say(alice, Send("m0", "bob", "x", 1))) == [accepted[0]]
+
+
+# Section 5: receipts.
+
+
+def test_a_receipt_at_or_below_the_mark_changes_nothing(wire):
+    alice, _ = wire.login("alice")
+    bob, _ = wire.login("bob")
+    wire.say(alice, Send("m1", "bob", "x", 1))
+    wire.say(alice, Send("m2", "bob", "y", 1))
+    (delivered,) = to(alice, wire.say(bob, Receipt(1)))
+    assert delivered.ids == ("m1",)
+    for seq in (0, 1, -3):
+        assert wire.say(bob, Receipt(seq)) == []
+    assert wire.core.store.unconfirmed_count("bob") == 1
+
+
+# Section 5: read receipts.
+
+
+def test_read_of_an_unknown_foreign_or_already_read_message_is_ignored(wire):
+    alice, _ = wire.login("alice")
+    bob, _ = wire.login("bob")
+    carol, _ = wire.login("carol")
+    out = wire.say(alice, Send("m1", "bob", "x", 1))
+    (deliver,) = to(bob, out)
+    wire.say(bob, Receipt(deliver.seq))
+    assert wire.say(carol, Read(deliver.broker_id)) == []  # not addressed to carol
+    assert wire.say(bob, Read("999999")) == []  # unknown
+    out = wire.say(bob, Read(deliver.broker_id))
+    assert [type(m) for m in to(alice, out)] == [Seen]
+    assert wire.say(bob, Read(deliver.broker_id)) == []  # already read
+
+
+# Section 5: history.
+
+
+def test_history_checks_limit_and_before_and_repeats_the_peer_as_spelled(wire):
+    alice, _ = wire.login("alice")
+    wire.login("bob")
+    for limit in (0, -1):
+        assert codes(alice, wire.say(alice, History("bob", limit))) == ["malformed"]
+    for before in ("abc", "1.5", "²", "1234567890123456789"):
+        out = wire.say(alice, History("bob", 5, before))
+        assert codes(alice, out) == ["malformed"], before
+    (page,) = to(alice, wire.say(alice, History("BOB", 5)))
+    assert isinstance(page, HistoryPage) and page.peer == "BOB"
+    (empty,) = to(alice, wire.say(alice, History("never-used", 5)))
+    assert (empty.items, empty.more, empty.peer) == ((), False, "never-used")
+
+
+# Section 5: DELIVER.delayed.
+
+
+def test_delayed_is_false_live_and_true_after_the_heartbeat_timeout(wire):
+    """Not only a login's window: a DELIVER offered again (its first was refused by a
+    full queue) more than heartbeat_timeout_ms after acceptance is delayed too."""
+    alice, _ = wire.login("alice")
+    bob, _ = wire.login("bob")
+    out = wire.say(alice, Send("m1", "bob", "x", 1))
+    (refused,) = [o for o in out if o.peer == bob]
+    assert refused.message.delayed is False
+    assert wire.core.send_failed(refused, False, wire.now) == []  # bob's queue was full
+    wire.now += TEST_LIMITS.heartbeat_timeout_ms + 1
+    wire.say(bob, Ping())  # bob is alive
+    delivers = to(bob, wire.say(alice, Send("m2", "bob", "y", 1)))
+    assert [(m.id, m.delayed) for m in delivers] == [("m1", True), ("m2", False)]
+
+
+# Section 2: the shell keeps at most four frames of a message.
+
+
+@pytest.mark.sockets
+@pytest.mark.parametrize("count", [4, 7, 100])
+def test_a_message_of_many_frames_is_reported_as_four(broker, zctx, count):
+    sock = dealer(zctx, broker.endpoint)
+    try:
+        sock.send_multipart([b"MGP02", b"PING", b"{}"] + [b"x"] * (count - 3))
+        frames = sock.recv_multipart()
+        error = codec.decode(frames)
+        assert isinstance(error, Error) and error.code == "malformed"
+        assert "expected 3 frames, got 4" in error.message
+        sock.send_multipart(codec.encode(Ping()))  # the connection still works
+        assert codec.decode(sock.recv_multipart()).COMMAND == "ERROR"  # not logged in
+    finally:
+        sock.close()
+
+
+def test_pong_and_online_carry_the_brokers_clock(wire):
+    alice, _ = wire.login("alice")
+    wire.now += 1234
+    assert to(alice, wire.say(alice, Ping())) == [Pong(wire.now)]
+    assert to(alice, wire.say(alice, Who())) == [Online(("alice",), wire.now)]

@@ -13,8 +13,20 @@ import pytest
 
 from mangogram_broker import core, shell
 from mangogram_broker.config import build_parser, parse_config
+from mangogram_client.cli import export_identity
 from mangogram_proto import constants
-from mangogram_proto.keys import ServerKeyError, is_loopback_endpoint, resolve_security
+from mangogram_proto.keys import (
+    KeyPair,
+    KnownServers,
+    ServerKeyError,
+    fingerprint,
+    is_loopback_endpoint,
+    load_keypair,
+    resolve_security,
+    save_keypair,
+)
+
+from .conftest import BrokerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SECURITY_MD = ROOT / "docs" / "security.md"
@@ -207,3 +219,176 @@ def test_every_test_the_docs_cite_exists_in_the_file_they_name():
 def _groups(line: str) -> list[list[str]]:
     """For a table cell like "`a`, `b` (x.py), `c` (y.py)": [[a, b], [c]]."""
     return [re.findall(r"`(test_\w+)`", part) for part in re.split(r"\(test_\w+\.py\)", line)[:-1]]
+
+
+ENCRYPTED = {"MANGOGRAM_INSECURE_PLAINTEXT": "0"}
+
+
+@pytest.fixture
+def secure_broker(tmp_path, monkeypatch):
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    process = BrokerProcess(tmp_path / "broker-data", env=ENCRYPTED)
+    yield process
+    process.kill()
+    assert "Traceback" not in process.log_text(), process.log_text()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound and released at once)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# Section 3: where the broker's key comes from.
+
+
+def test_a_given_server_key_neither_reads_nor_writes_known_servers(tmp_path, monkeypatch):
+    monkeypatch.delenv("MANGOGRAM_SERVER_KEY", raising=False)
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    key = KeyPair.generate().public
+    pinned = KeyPair.generate().public
+    KnownServers(tmp_path / "known_servers").pin("tcp://127.0.0.1:5555", pinned)
+    before = (tmp_path / "known_servers").read_bytes()
+    given = resolve_security("tcp://127.0.0.1:5555", server_key=key, config_dir=tmp_path)
+    assert given is not None and given.server_key == key  # not the pinned one
+    monkeypatch.setenv("MANGOGRAM_SERVER_KEY", key)
+    from_env = resolve_security("tcp://127.0.0.1:6000", config_dir=tmp_path)
+    assert from_env is not None and from_env.server_key == key
+    assert (tmp_path / "known_servers").read_bytes() == before  # nothing pinned
+
+
+def test_a_pin_is_used_without_asking_the_discovery_port(tmp_path, monkeypatch):
+    monkeypatch.delenv("MANGOGRAM_SERVER_KEY", raising=False)
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    pinned = KeyPair.generate().public
+    KnownServers(tmp_path / "known_servers").pin("tcp://127.0.0.1:5555", pinned)
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    found = resolve_security("tcp://127.0.0.1:5555", key_endpoint=nobody, config_dir=tmp_path)
+    assert found is not None and found.server_key == pinned
+
+
+def test_nothing_at_the_discovery_port_is_cannot_learn_the_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("MANGOGRAM_SERVER_KEY", raising=False)
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(ServerKeyError, match="cannot learn the key of tcp://127.0.0.1:5999"):
+        resolve_security("tcp://127.0.0.1:5999", key_endpoint=nobody, config_dir=tmp_path)
+    assert not (tmp_path / "known_servers").exists()
+
+
+def test_trust_new_server_sees_the_brokers_fingerprint_and_decides(
+    secure_broker, tmp_path, monkeypatch
+):
+    """security.md: trust_new_server=callback(endpoint, key, fingerprint) -> bool; pins
+    are per endpoint string (localhost and 127.0.0.1 are two entries)."""
+    monkeypatch.delenv("MANGOGRAM_SERVER_KEY", raising=False)
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    endpoint = secure_broker.endpoint
+    asked: list[tuple[str, str, str]] = []
+
+    def refuse(*seen: str) -> bool:
+        asked.append(seen)
+        return False
+
+    with pytest.raises(ServerKeyError, match="did not trust"):
+        resolve_security(
+            endpoint,
+            key_endpoint=secure_broker.key_endpoint,
+            trust_new_server=refuse,
+            config_dir=tmp_path,
+        )
+    assert asked == [(endpoint, secure_broker.public_key, secure_broker.fingerprint)]
+    assert KnownServers(tmp_path / "known_servers").lookup(endpoint) is None
+    trusted = resolve_security(
+        endpoint,
+        key_endpoint=secure_broker.key_endpoint,
+        trust_new_server=lambda *seen: True,
+        config_dir=tmp_path,
+    )
+    assert trusted is not None and trusted.server_key == secure_broker.public_key
+    assert KnownServers(tmp_path / "known_servers").lookup(endpoint) == secure_broker.public_key
+    other_spelling = endpoint.replace("127.0.0.1", "localhost")
+    assert KnownServers(tmp_path / "known_servers").lookup(other_spelling) is None
+    asked.clear()
+    with pytest.raises(ServerKeyError):
+        resolve_security(
+            other_spelling,
+            key_endpoint=secure_broker.key_endpoint,
+            trust_new_server=refuse,
+            config_dir=tmp_path,
+        )
+    assert len(asked) == 1  # asked again for the other string
+    assert fingerprint(secure_broker.public_key) == secure_broker.fingerprint
+
+
+# Section 3: the identity file.
+
+
+def test_mangogram_identity_names_the_key_file_for_the_sdk_and_the_export(tmp_path, monkeypatch):
+    monkeypatch.delenv("MANGOGRAM_SERVER_KEY", raising=False)
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    elsewhere = tmp_path / "keys" / "bot.json"
+    elsewhere.parent.mkdir()
+    monkeypatch.setenv("MANGOGRAM_IDENTITY", str(elsewhere))
+    key = KeyPair.generate().public
+    security = resolve_security("tcp://127.0.0.1:5555", server_key=key, config_dir=tmp_path)
+    assert security is not None
+    assert load_keypair(elsewhere) == security.identity
+    assert not (tmp_path / "identity.json").exists()
+    exported = tmp_path / "copy.json"
+    assert export_identity(None, exported) == 0
+    assert load_keypair(exported) == security.identity
+    if os.name == "posix":
+        assert exported.stat().st_mode & 0o777 == 0o600
+
+
+# Section 4: operators.
+
+
+def test_release_name_exits_1_when_no_key_owns_the_name(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "broker.py"),
+            "--data",
+            str(tmp_path / "data"),
+            "--release-name",
+            "nobody",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "nobody is not owned by any key" in proc.stderr
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_the_brokers_files_are_private_to_its_user(secure_broker):
+    """The broker sets its umask to 077: the store (and its WAL) are its user's alone."""
+    data = secure_broker.data_dir
+    created = [p for p in data.iterdir() if p.name.startswith(("mangogram.sqlite3", "broker_"))]
+    assert any(p.name == "mangogram.sqlite3" for p in created), created
+    for path in created:
+        assert path.stat().st_mode & 0o077 == 0, f"{path.name}: {oct(path.stat().st_mode)}"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_the_broker_refuses_a_key_file_others_can_read(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    save_keypair(data / "broker_key.json", KeyPair.generate())
+    (data / "broker_key.json").chmod(0o644)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "broker.py"), "--bind", "tcp://127.0.0.1:*", "--data",
+         str(data)],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+        env={**os.environ, **ENCRYPTED},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "readable by others" in proc.stderr
+    assert "listening on" not in proc.stderr

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,3 +226,36 @@ def test_client_help_documents_the_readme_flags_and_config_path(client_main, cap
     for variable in ("MANGOGRAM_SERVER", "MANGOGRAM_NAME", "MANGOGRAM_TO", "MANGOGRAM_SERVER_KEY"):
         assert variable in out
     assert str(config_dir / "config.toml") in out.replace("\n", "")
+
+
+@pytest.mark.sockets
+def test_any_number_of_piped_lines_are_all_accepted_and_arrive_in_order(tmp_path, zctx):
+    """README: piped input is read only as fast as the broker accepts it (at most 512
+    lines await their answer), so any number of lines can be piped in; exit 0 once every
+    line was accepted. 1,200 lines is more than twice that window. The broker's rate limit
+    is raised so that the test measures the window, not the pacing."""
+    from mangogram_proto import Client
+
+    from .conftest import BrokerProcess
+
+    lines = [f"рядок {i}" for i in range(1200)]
+    broker = BrokerProcess(
+        tmp_path / "data", "--rate-per-second", "100000", "--rate-burst", "100000"
+    )
+    try:
+        with Client("Тарас", broker.endpoint, context=zctx):
+            pass  # registers the name; the mail waits in the store
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "client.py"), "--server", broker.endpoint,
+             "--name", "Олена", "--to", "Тарас"],
+            input="".join(line + "\n" for line in lines),
+            env=dict(os.environ, MANGOGRAM_CONFIG_DIR=str(tmp_path / "config")),
+            capture_output=True, text=True, encoding="utf-8", timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        with Client("Тарас", broker.endpoint, context=zctx) as taras:
+            got = [taras.receive(timeout=10).text for _ in lines]
+        assert got == lines
+    finally:
+        broker.kill()
+    assert "Traceback" not in broker.log_text()

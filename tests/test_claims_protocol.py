@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import zmq
 
 from mangogram_broker.core import BrokerCore, Outgoing
 from mangogram_broker.store import MemoryStore
@@ -359,3 +360,78 @@ def test_pong_and_online_carry_the_brokers_clock(wire):
     wire.now += 1234
     assert to(alice, wire.say(alice, Ping())) == [Pong(wire.now)]
     assert to(alice, wire.say(alice, Who())) == [Online(("alice",), wire.now)]
+
+
+# Section 8: any message from a logged-in connection is a sign of life.
+
+
+def test_even_a_message_that_earns_an_error_keeps_a_session_alive(wire):
+    alice, _ = wire.login("alice")
+    watcher, _ = wire.login("watcher")
+    timeout = TEST_LIMITS.heartbeat_timeout_ms
+    for _ in range(5):
+        wire.now += timeout // 2
+        assert codes(alice, wire.frames(alice, [b"MGP02", b"NONSENSE", b"{}"])) == [
+            "unknown_command"
+        ]
+        wire.say(watcher, Ping())
+        assert wire.core.expire(wire.now) == []
+    wire.now += timeout + 1
+    wire.say(watcher, Ping())
+    out = wire.core.expire(wire.now)
+    assert to(watcher, out) == [Presence("alice", "left", wire.now)]  # others are told
+    assert to(alice, out) == []  # the connection is not
+    assert codes(alice, wire.say(alice, Ping())) == ["not_logged_in"]
+
+
+# Section 12: the SDK's outbox, ids, reconnect delays and socket options.
+
+
+def test_sdk_message_ids_are_uuid4_hex():
+    import uuid
+
+    from mangogram_proto.session import new_message_id
+
+    ids = {new_message_id() for _ in range(100)}
+    assert len(ids) == 100
+    for value in ids:
+        assert re.fullmatch(r"[0-9a-f]{32}", value)
+        assert uuid.UUID(hex=value).version == 4
+
+
+def test_sdk_outbox_holds_10000_texts_and_refuses_more_locally():
+    from mangogram_proto.errors import LocalProtocolError
+    from mangogram_proto.session import MAX_OUTBOX, ClientSession
+
+    assert MAX_OUTBOX == 10_000
+    session = ClientSession("alice")  # not connected: everything waits in the outbox
+    for i in range(MAX_OUTBOX):
+        session.send_text("bob", f"{i}", T0)
+    with pytest.raises(LocalProtocolError):
+        session.send_text("bob", "one too many", T0)
+    assert len(session.unacknowledged) == MAX_OUTBOX
+
+
+def test_sdk_reconnect_delays_double_from_100_ms_to_5_s_with_jitter_half_to_one():
+    from mangogram_proto.backoff import Backoff
+
+    lowest = Backoff(rand=lambda: 0.0)
+    assert [lowest.next_delay_ms() for _ in range(8)] == [50, 100, 200, 400, 800, 1600, 2500, 2500]
+    highest = Backoff(rand=lambda: 0.999999)
+    delays = [highest.next_delay_ms() for _ in range(8)]
+    assert delays == [99, 199, 399, 799, 1599, 3199, 4999, 4999]
+    highest.reset()  # after a WELCOME
+    assert highest.next_delay_ms() == 99
+
+
+def test_sdk_dealer_options_are_the_documented_ones(zctx):
+    from mangogram_proto.transport import configure_dealer
+
+    sock = configure_dealer(zctx.socket(zmq.DEALER), "tcp://127.0.0.1:5999", None)
+    try:
+        assert sock.getsockopt(zmq.LINGER) == 0
+        assert sock.getsockopt(zmq.RECONNECT_IVL) == 100
+        assert sock.getsockopt(zmq.RECONNECT_IVL_MAX) == 2000
+        assert sock.getsockopt(zmq.ROUTING_ID) == b""  # never a chosen routing id
+    finally:
+        sock.close()

@@ -435,3 +435,93 @@ def test_sdk_dealer_options_are_the_documented_ones(zctx):
         assert sock.getsockopt(zmq.ROUTING_ID) == b""  # never a chosen routing id
     finally:
         sock.close()
+
+
+# Section 1: the broker's key, key discovery and the encrypted frame limit.
+
+
+def test_the_documented_fingerprint_example_and_its_definition():
+    import base64
+    import hashlib
+
+    from mangogram_proto.keys import fingerprint
+
+    text = PROTOCOL_MD.read_text(encoding="utf-8")
+    key = re.search(r"INFO mangogram\.broker: public key (\S{40}) \(fingerprint (\S+)\)", text)
+    assert key is not None
+    public, printed = key.group(1), key.group(2)
+    assert f"The key above has the\nfingerprint `{printed}`" in text
+    raw = zmq.utils.z85.decode(public.encode("ascii"))
+    by_the_doc = "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
+    assert fingerprint(public) == by_the_doc == printed
+
+
+ENCRYPTED = {"MANGOGRAM_INSECURE_PLAINTEXT": "0"}
+
+
+@pytest.fixture
+def secure_broker(tmp_path, monkeypatch):
+    from .conftest import BrokerProcess
+
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    process = BrokerProcess(tmp_path / "broker-data", env=ENCRYPTED)
+    yield process
+    process.kill()
+    assert "Traceback" not in process.log_text(), process.log_text()
+
+
+@pytest.mark.sockets
+def test_key_discovery_answers_mgk01_key_and_ignores_anything_else(secure_broker, zctx):
+    sock = dealer(zctx, secure_broker.key_endpoint)
+    try:
+        for wrong in ([b"MGK01", b"KEYS"], [b"MGK02", b"KEY"], [b"MGK01", b"KEY", b""]):
+            sock.send_multipart(wrong)
+        sock.send_multipart([b"MGK01", b"KEY"])
+        # The broker answers in order, so an answer to a wrong request would come first.
+        assert sock.recv_multipart() == [b"MGK01", b"KEY", secure_broker.public_key.encode()]
+        assert not sock.poll(200)  # and nothing for the wrong ones after it
+    finally:
+        sock.close()
+
+
+@pytest.mark.sockets
+def test_a_plaintext_broker_has_no_key_discovery(broker):
+    assert broker.key_endpoint == ""
+    assert "key discovery on" not in broker.log_text()
+
+
+def curve_socket(zctx, broker) -> zmq.Socket:
+    from mangogram_proto.keys import KeyPair
+
+    pair = KeyPair.generate()
+    sock = zctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.CURVE_SERVERKEY, broker.public_key.encode())
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, pair.public.encode())
+    sock.setsockopt(zmq.CURVE_SECRETKEY, pair.secret.encode())
+    sock.connect(broker.endpoint)
+    return sock
+
+
+@pytest.mark.sockets
+def test_encrypted_frames_may_be_33_bytes_short_of_max_frame_bytes(secure_broker, zctx):
+    """protocol.md section 1: on an encrypted connection a frame may have at most
+    max_frame_bytes - 33 bytes (65503 by default). One byte more drops the connection:
+    no reply to it; libzmq reconnects and the next PING gets not_logged_in."""
+    fits = curve_socket(zctx, secure_broker)
+    over = curve_socket(zctx, secure_broker)
+    try:
+        fits.send_multipart([SIGNATURE, b"LOGIN", b"x" * 65503])
+        assert fits.poll(5000)
+        assert codec.decode(fits.recv_multipart()).code == "too_large"  # the body limit
+        over.send_multipart([SIGNATURE, b"LOGIN", b"x" * 65504])
+        first = None
+        for _ in range(20):  # the PING sent on the dropped connection may be lost
+            over.send_multipart(codec.encode(Ping()))
+            if over.poll(500):
+                first = codec.decode(over.recv_multipart())
+                break
+        assert isinstance(first, Error) and first.code == "not_logged_in", first
+    finally:
+        fits.close()
+        over.close()

@@ -525,3 +525,58 @@ def test_encrypted_frames_may_be_33_bytes_short_of_max_frame_bytes(secure_broker
     finally:
         fits.close()
         over.close()
+
+
+# Section 7: name rules not covered elsewhere (tests/test_names.py has the others).
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dev\u200d\U0001f4bb",  # Cf: a zero-width joiner, so no emoji ZWJ sequences
+        "👩\u200d💻",
+        "line\u2028sep",  # Zl
+        "para\u2029sep",  # Zp
+        "nb\u00a0sp",  # Zs other than the space
+        "new\u0378",  # Cn: unassigned
+        "half\ud800",  # Cs: a lone surrogate
+    ],
+)
+def test_names_with_the_listed_categories_are_invalid(name):
+    from mangogram_proto.errors import RemoteProtocolError
+    from mangogram_proto.names import validate_name
+
+    with pytest.raises(RemoteProtocolError) as caught:
+        validate_name(name)
+    assert caught.value.code is ErrorCode.NAME_INVALID
+
+
+@pytest.mark.parametrize("name", ["Олена", "echo-bot", "Манго🥭", "a_b.c-d", "名前"])
+def test_the_documented_good_names_are_valid(name):
+    from mangogram_proto.names import validate_name
+
+    assert validate_name(name)
+
+
+def test_the_length_limit_counts_code_points_after_nfc(wire):
+    """32 decomposed 'é' (64 code points as typed) are 32 after NFC: valid; the display
+    form is the NFC one."""
+    import unicodedata
+
+    typed = "e\u0301" * TEST_LIMITS.max_name_chars
+    _, welcome = wire.login(typed)
+    assert welcome.name == unicodedata.normalize("NFC", typed)
+    assert len(welcome.name) == TEST_LIMITS.max_name_chars
+    peer = wire.peer()
+    assert codes(peer, wire.say(peer, Login("é" * (TEST_LIMITS.max_name_chars + 1)))) == [
+        "name_invalid"
+    ]
+
+
+def test_ligature_and_case_spellings_reach_the_same_user(wire):
+    fish, _ = wire.login("ﬁsh")
+    other = wire.peer()
+    assert codes(other, wire.say(other, Login("FISH"))) == ["name_taken"]
+    alice, _ = wire.login("alice")
+    out = wire.say(alice, Send("m1", "FiSh", "hi", 1))
+    assert [type(m) for m in to(fish, out)] == [Deliver]

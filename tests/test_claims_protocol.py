@@ -580,3 +580,57 @@ def test_ligature_and_case_spellings_reach_the_same_user(wire):
     alice, _ = wire.login("alice")
     out = wire.say(alice, Send("m1", "FiSh", "hi", 1))
     assert [type(m) for m in to(fish, out)] == [Deliver]
+
+
+# Section 2: "each example is exactly what the reference encoder produces".
+
+
+def documented_examples() -> list[tuple[int, list[bytes]]]:
+    """Every three-frame example in protocol.md: (line number, frames)."""
+    lines = PROTOCOL_MD.read_text(encoding="utf-8").splitlines()
+    found = []
+    for number, line in enumerate(lines):
+        if line.startswith("[0] ") and number + 2 < len(lines):
+            one, two = lines[number + 1], lines[number + 2]
+            if one.startswith("[1] ") and two.startswith("[2] "):
+                frames = [line[4:], one[4:], two[4:]]
+                found.append((number + 1, [f.encode("utf-8") for f in frames]))
+    return found
+
+
+def test_the_documents_examples_are_what_the_encoder_produces():
+    examples = documented_examples()
+    assert len(examples) >= 30
+    for line, frames in examples:
+        message = codec.decode(frames)
+        assert codec.encode(message) == frames, f"protocol.md line {line}"
+
+
+def test_the_login_example_bytes():
+    text = PROTOCOL_MD.read_text(encoding="utf-8")
+    hexed = re.search(r"The third frame is these (\d+) bytes: `([0-9a-f ]+)`", text)
+    assert hexed is not None
+    body = bytes.fromhex(hexed.group(2))
+    assert len(body) == int(hexed.group(1))
+    assert codec.encode(Login("Олена"))[2] == body
+
+
+def test_the_broker_never_sends_null(wire):
+    """Section 2: the broker omits optional fields that have no value."""
+    import json
+
+    alice, _ = wire.login("alice")
+    bob, _ = wire.login("bob")
+    out = wire.say(alice, Send("m1", "bob", "x", 1))
+    out += wire.say(bob, Receipt(1))
+    out += wire.say(alice, History("bob", 5))
+    out += wire.say(alice, Who())
+    out += wire.say(bob, Leave())
+    out += wire.frames(alice, [b"MGP02", b"NOPE", b"{}"])
+    peer = wire.peer()
+    out += wire.say(peer, Login("bob"))
+    assert len(out) >= 8
+    for item in out:
+        body = codec.encode(item.message)[2]
+        assert b"null" not in body.replace(b'"null"', b""), body
+        assert None not in json.loads(body).values(), body

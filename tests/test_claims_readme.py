@@ -259,3 +259,35 @@ def test_any_number_of_piped_lines_are_all_accepted_and_arrive_in_order(tmp_path
     finally:
         broker.kill()
     assert "Traceback" not in broker.log_text()
+
+
+def imported_modules(path: Path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_the_socket_and_key_modules_of_the_sdk_import_zmq():
+    """README "Architecture": in mangogram_proto only the socket and key modules import
+    zmq; the codec, session and the rest are sans-I/O."""
+    socket_and_key = {"aio.py", "client.py", "transport.py", "keys.py"}
+    importers = {
+        path.name
+        for path in (ROOT / "mangogram_proto").glob("*.py")
+        if "zmq" in imported_modules(path)
+    }
+    assert importers <= socket_and_key, importers - socket_and_key
+
+
+@pytest.mark.parametrize("module", ["core.py", "registry.py", "store.py", "connections.py"])
+def test_the_brokers_routing_rules_touch_no_sockets(module):
+    """README: core.py is pure routing rules (frames and a clock in, messages out)."""
+    imports = imported_modules(ROOT / "mangogram_broker" / module)
+    assert not imports & {"zmq", "socket", "asyncio", "selectors", "threading"}, imports

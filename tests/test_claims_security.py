@@ -392,3 +392,57 @@ def test_the_broker_refuses_a_key_file_others_can_read(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "readable by others" in proc.stderr
     assert "listening on" not in proc.stderr
+
+
+# Section 2: identity is the key, on the pure core.
+
+
+def keyed_core():
+    from mangogram_broker.core import BrokerCore
+    from mangogram_broker.store import MemoryStore
+
+    from .harness import TEST_LIMITS
+
+    return BrokerCore(TEST_LIMITS, store=MemoryStore(), require_keys=True), TEST_LIMITS
+
+
+def test_the_right_resume_token_from_another_key_is_name_owned():
+    """security.md: under encryption the resume token is only honoured for the owning key
+    (the ownership check comes first)."""
+    from mangogram_proto import codec
+    from mangogram_proto.messages import Login, Welcome
+
+    broker, _ = keyed_core()
+    (welcome,) = broker.handle_frames(b"\x00\x00\x00\x00\x01", codec.encode(Login("alice")), 1, "A")
+    assert isinstance(welcome.message, Welcome)
+    token = welcome.message.resume_token
+    (refused,) = broker.handle_frames(
+        b"\x00\x00\x00\x00\x02", codec.encode(Login("alice", resume_token=token)), 2, "B"
+    )
+    assert refused.message.code == "name_owned"
+    (taken_over,) = broker.handle_frames(
+        b"\x00\x00\x00\x00\x03", codec.encode(Login("alice", resume_token=token)), 3, "A"
+    )
+    assert isinstance(taken_over.message, Welcome)
+
+
+def test_a_message_signed_by_another_key_does_not_keep_the_session_alive():
+    """protocol.md section 4 and 8: such a message is dropped, and the session is not
+    kept alive by it."""
+    from mangogram_proto import codec
+    from mangogram_proto.messages import Login, Ping, Presence
+
+    broker, limits = keyed_core()
+    alice, watcher = b"\x00\x00\x00\x00\x01", b"\x00\x00\x00\x00\x02"
+    broker.handle_frames(alice, codec.encode(Login("alice")), 0, "A")
+    broker.handle_frames(watcher, codec.encode(Login("watcher")), 0, "W")
+    now = 0
+    for _ in range(4):
+        now += limits.heartbeat_timeout_ms // 2
+        assert broker.handle_frames(alice, codec.encode(Ping()), now, "B") == []
+        assert broker.handle_frames(alice, codec.encode(Ping()), now, None) == []
+        broker.handle_frames(watcher, codec.encode(Ping()), now, "W")
+        out = broker.expire(now)
+        if out:
+            break
+    assert [o.message for o in out if o.peer == watcher] == [Presence("alice", "left", now)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from mangogram_broker.core import BrokerCore, Outgoing
+from mangogram_broker.core import BrokerCore, Outgoing, coalesce
 from mangogram_broker.store import MemoryStore
 from mangogram_proto import codec
 from mangogram_proto.constants import SIGNATURE
@@ -23,6 +23,7 @@ from mangogram_proto.messages import (
     History,
     HistoryPage,
     Leave,
+    Limits,
     Login,
     Online,
     Ping,
@@ -46,8 +47,8 @@ PROTOCOL_MD = ROOT / "docs" / "protocol.md"
 class Wire:
     """The core with hand-made peers; every call commits the store as the shell does."""
 
-    def __init__(self) -> None:
-        self.core = BrokerCore(TEST_LIMITS, store=MemoryStore())
+    def __init__(self, limits: Limits = TEST_LIMITS) -> None:
+        self.core = BrokerCore(limits, store=MemoryStore())
         self.now = T0
         self._next = 1
 
@@ -634,3 +635,42 @@ def test_the_broker_never_sends_null(wire):
         body = codec.encode(item.message)[2]
         assert b"null" not in body.replace(b'"null"', b""), body
         assert None not in json.loads(body).values(), body
+
+
+# Section 5: owed DELIVEREDs at login.
+
+
+def test_owed_delivered_at_login_are_capped_at_1000_oldest_first_256_ids_each():
+    import dataclasses
+
+    from mangogram_broker.core import RECEIPTS_PER_LOGIN
+
+    assert RECEIPTS_PER_LOGIN == 1000
+    limits = dataclasses.replace(
+        TEST_LIMITS, max_mailbox=5000, rate_per_second=100_000, rate_burst=100_000
+    )
+    wire = Wire(limits)
+    alice, _ = wire.login("alice")
+    bob, _ = wire.login("bob")
+    wire.say(bob, Leave())
+    broker_ids = []
+    for i in range(1100):
+        for message in to(alice, wire.say(alice, Send(f"m{i}", "bob", "x", 1))):
+            broker_ids += message.broker_ids
+    wire.say(alice, Leave())
+    wire.now += 10
+    bob = wire.peer()
+    wire.say(bob, Login("bob", resume_from=1100))  # confirms all 1,100 at once: owed
+    wire.now += 10
+    reported, counts = [], []
+    for _login in range(2):
+        peer = wire.peer()
+        out = coalesce(wire.say(peer, Login("alice")))  # merged as the shell does
+        delivered = [m for m in to(peer, out) if m.COMMAND == "DELIVERED"]
+        assert all(len(m.ids) <= 256 for m in delivered)
+        reported.append([b for m in delivered for b in m.broker_ids])
+        counts.append(len(delivered))
+        wire.say(peer, Leave())
+    assert len(reported[0]) == RECEIPTS_PER_LOGIN
+    assert reported[0] + reported[1] == broker_ids  # oldest first, the rest next time
+    assert counts == [4, 1]  # one confirmation time: 256 + 256 + 256 + 232, then 100

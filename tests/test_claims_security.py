@@ -446,3 +446,40 @@ def test_a_message_signed_by_another_key_does_not_keep_the_session_alive():
         if out:
             break
     assert [o.message for o in out if o.peer == watcher] == [Presence("alice", "left", now)]
+
+
+# Section 3: the key files' format.
+
+
+def test_a_key_file_whose_public_key_is_not_its_secrets_is_refused(tmp_path):
+    from mangogram_proto.keys import KeyFileError
+
+    one, two = KeyPair.generate(), KeyPair.generate()
+    path = tmp_path / "identity.json"
+    save_keypair(path, KeyPair(one.public, two.secret))
+    with pytest.raises(KeyFileError, match="does not belong to the secret key"):
+        load_keypair(path)
+
+
+def test_known_servers_is_the_documented_text_format(tmp_path):
+    """One "endpoint key" line per endpoint under a comment header; lines that are not
+    exactly that with a valid key are ignored; written with mode 0600."""
+    path = tmp_path / "known_servers"
+    key, other = KeyPair.generate().public, KeyPair.generate().public
+    KnownServers(path).pin("tcp://chat.example.org:5555", key)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines == [
+        "# MangoGram pinned server keys: endpoint key",
+        f"tcp://chat.example.org:5555 {key}",
+    ]
+    if os.name == "posix":
+        assert path.stat().st_mode & 0o777 == 0o600
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(f"tcp://a:1 {other} extra\n")  # three fields
+        handle.write("tcp://b:1 not-a-key\n")
+        handle.write(f"# tcp://c:1 {other}\n")  # a comment
+        handle.write(f"tcp://d:1 {other}\n")
+    known = KnownServers(path)
+    assert [known.lookup(e) for e in ("tcp://a:1", "tcp://b:1", "# tcp://c:1")] == [None] * 3
+    assert known.lookup("tcp://d:1") == other
+    assert known.lookup("tcp://chat.example.org:5555") == key

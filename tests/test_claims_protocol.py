@@ -674,3 +674,36 @@ def test_owed_delivered_at_login_are_capped_at_1000_oldest_first_256_ids_each():
     assert len(reported[0]) == RECEIPTS_PER_LOGIN
     assert reported[0] + reported[1] == broker_ids  # oldest first, the rest next time
     assert counts == [4, 1]  # one confirmation time: 256 + 256 + 256 + 232, then 100
+
+
+# Section 5: history items.
+
+
+def test_history_items_keep_the_spelling_of_the_time_and_fill_in_delivered_and_read(wire):
+    alice, _ = wire.login("alice")
+    bob, _ = wire.login("bob")
+    (deliver,) = to(bob, wire.say(alice, Send("m1", "BOB", "x", 1)))
+    wire.say(alice, Leave())
+    alice, _ = wire.login("ALICE")  # another spelling of the same name, later
+
+    def item():
+        (page,) = to(alice, wire.say(alice, History("bob", 5)))
+        (only,) = page.items
+        return only
+
+    first = item()
+    # The display forms of that moment, not the `to` as typed ("BOB").
+    assert (first.sender, first.to, first.delivered_at, first.read_at) == (
+        "alice",
+        "bob",
+        None,
+        None,
+    )
+    wire.now += 7
+    wire.say(bob, Receipt(deliver.seq))
+    assert item().delivered_at == wire.now and item().read_at is None
+    wire.now += 5
+    wire.say(bob, Read(deliver.broker_id))
+    assert item().read_at == wire.now
+    body = codec.encode(HistoryPage("bob", (first,), False))[2]
+    assert b"delivered_at" not in body and b"read_at" not in body  # absent, not null

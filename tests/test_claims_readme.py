@@ -291,3 +291,20 @@ def test_the_brokers_routing_rules_touch_no_sockets(module):
     """README: core.py is pure routing rules (frames and a clock in, messages out)."""
     imports = imported_modules(ROOT / "mangogram_broker" / module)
     assert not imports & {"zmq", "socket", "asyncio", "selectors", "threading"}, imports
+
+
+def test_the_compose_file_has_the_documented_defaults():
+    """README "Docker": ports 5555 and 5556 (MANGOGRAM_PORT / MANGOGRAM_KEY_PORT), the
+    image mangogram-broker (MANGOGRAM_IMAGE), data in the mangogram-data volume at /data,
+    restart unless-stopped; the image runs as uid 10001. The engine test overrides all
+    of these, so their defaults are checked here."""
+    compose = (ROOT / "docker-compose.yml").read_text(encoding="utf-8")
+    assert "image: ${MANGOGRAM_IMAGE:-mangogram-broker}" in compose
+    assert '"${MANGOGRAM_PORT:-5555}:5555"' in compose
+    assert '"${MANGOGRAM_KEY_PORT:-5556}:5556"' in compose
+    assert re.search(r"^\s+- mangogram-data:/data$", compose, re.M)
+    assert re.search(r"^  mangogram-data:$", compose, re.M)  # a named volume
+    assert re.search(r"^\s+restart: unless-stopped$", compose, re.M)
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert re.search(r"^USER 10001(:10001)?$", dockerfile, re.M)
+    assert "MANGOGRAM_DATA=/data" in dockerfile

@@ -308,3 +308,32 @@ def test_the_compose_file_has_the_documented_defaults():
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     assert re.search(r"^USER 10001(:10001)?$", dockerfile, re.M)
     assert "MANGOGRAM_DATA=/data" in dockerfile
+
+
+def test_the_readme_python_examples_compile_and_use_the_sdk_as_it_is():
+    import inspect
+
+    import mangogram_proto
+
+    readme = README.read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        compile(block, "README.md", "exec")
+        for names in re.findall(r"from mangogram_proto import (.+)", block):
+            for name in names.split(","):
+                assert hasattr(mangogram_proto, name.strip()), name
+    # The parameters the README names in prose.
+    for cls, parameter in (
+        (mangogram_proto.Client, "server_key"),
+        (mangogram_proto.Client, "identity"),
+        (mangogram_proto.Client, "trust_new_server"),
+        (mangogram_proto.Bot, "server_key"),
+        (mangogram_proto.Bot, "identity"),
+    ):
+        assert parameter in inspect.signature(cls).parameters, (cls.__name__, parameter)
+    assert "trust_new_server" not in inspect.signature(mangogram_proto.Bot).parameters
+    assert "wait" in inspect.signature(mangogram_proto.Client.send).parameters
+    assert "timeout" in inspect.signature(mangogram_proto.Client.receive).parameters
+    assert hasattr(mangogram_proto.Client, "confirm")
+    assert "confirm" in inspect.signature(mangogram_proto.Client.close).parameters

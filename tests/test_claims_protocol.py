@@ -707,3 +707,35 @@ def test_history_items_keep_the_spelling_of_the_time_and_fill_in_delivered_and_r
     assert item().read_at == wire.now
     body = codec.encode(HistoryPage("bob", (first,), False))[2]
     assert b"delivered_at" not in body and b"read_at" not in body  # absent, not null
+
+
+# Section 2: the order in which a LOGIN is checked (encrypted broker).
+
+
+def test_login_checks_ownership_before_taken_and_full_and_full_before_new_names():
+    core = BrokerCore(TEST_LIMITS, store=MemoryStore(), require_keys=True, max_sessions=100)
+    peers = iter(b"\x00" + i.to_bytes(4, "big") for i in range(1, 1000))
+
+    def login(name: str, key: str, address: str = "10.0.0.1") -> tuple[bytes, str]:
+        peer = next(peers)
+        out = core.handle_frames(peer, codec.encode(Login(name)), T0, key, address)
+        reply = to(peer, out)[0]
+        return peer, reply.COMMAND if isinstance(reply, Welcome) else reply.code
+
+    # Use up the new-name allowance of 10.0.0.7 while the broker has room.
+    for i in range(50):
+        peer, answer = login(f"n{i}", f"K{i}", "10.0.0.7")
+        if answer == "rate_limited":
+            break
+        core.disconnected(peer, T0)
+    assert answer == "rate_limited"
+    alice, answer = login("alice", "A", "10.0.0.9")
+    assert answer == "WELCOME"
+    assert login("alice", "B")[1] == "name_owned"  # online, but not B's: owned comes first
+    assert login("bob", "B", "10.0.0.9")[1] == "WELCOME"
+    core.disconnected(alice, T0)
+    core.max_sessions = 1  # bob alone fills the broker now
+    assert login("alice", "B")[1] == "name_owned"  # full, yet ownership is named first
+    assert login("bob", "B")[1] == "name_taken"  # B's own name online, no token: full or not
+    # A new name from the address that has no allowance left: full comes first.
+    assert login("dave", "D", "10.0.0.7")[1] == "server_full"

@@ -739,3 +739,53 @@ def test_login_checks_ownership_before_taken_and_full_and_full_before_new_names(
     assert login("bob", "B")[1] == "name_taken"  # B's own name online, no token: full or not
     # A new name from the address that has no allowance left: full comes first.
     assert login("dave", "D", "10.0.0.7")[1] == "server_full"
+
+
+# Section 2: body rules for numbers, booleans and the byte-order mark.
+
+SEND_BODY = '{"id":"m1","to":"bob","text":"hi","sent_at":%s}'
+DELIVER_BODY = (
+    '{"id":"m1","broker_id":"1","sender":"a","text":"t","sent_at":1,"accepted_at":2,'
+    '"seq":1,"delayed":%s}'
+)
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [SIGNATURE, b"SEND", (SEND_BODY % "1767268800000.0").encode()],
+        [SIGNATURE, b"SEND", (SEND_BODY % "1.7e12").encode()],
+        [SIGNATURE, b"SEND", (SEND_BODY % "17E11").encode()],
+        [SIGNATURE, b"SEND", (SEND_BODY % "Infinity").encode()],
+        [SIGNATURE, b"SEND", (SEND_BODY % "-Infinity").encode()],
+        [SIGNATURE, b"SEND", (SEND_BODY % str(2**63)).encode()],
+        [SIGNATURE, b"SEND", (SEND_BODY % str(-(2**63) - 1)).encode()],
+        [SIGNATURE, b"SEND", (SEND_BODY % "false").encode()],
+        [SIGNATURE, b"SEND", b"\xef\xbb\xbf" + (SEND_BODY % "1").encode()],
+        [SIGNATURE, b"DELIVER", (DELIVER_BODY % "0").encode()],
+        [SIGNATURE, b"DELIVER", (DELIVER_BODY % "1").encode()],
+        [SIGNATURE, b"DELIVER", (DELIVER_BODY % '"true"').encode()],
+    ],
+)
+def test_numbers_booleans_and_a_bom_outside_the_rules_are_malformed(frames):
+    from mangogram_proto.errors import RemoteProtocolError
+
+    with pytest.raises(RemoteProtocolError) as caught:
+        codec.decode(frames)
+    assert caught.value.code is ErrorCode.MALFORMED
+
+
+@pytest.mark.parametrize("value", [2**63 - 1, -(2**63), 0])
+def test_the_whole_signed_64_bit_range_is_accepted(value):
+    message = codec.decode([SIGNATURE, b"SEND", (SEND_BODY % value).encode()])
+    assert isinstance(message, Send) and message.sent_at == value
+
+
+def test_json_formatting_and_escapes_are_accepted():
+    body = (
+        b'{ "id" : "m1",\n\t"to": "\\u0062ob",'
+        b' "text": "\\u041e\\u043b\\u0435\\u043d\\u0430",\n"sent_at": 1 }'
+    )
+    message = codec.decode([SIGNATURE, b"SEND", body])
+    assert message == Send("m1", "bob", "Олена", 1)
+    assert codec.decode([SIGNATURE, b"DELIVER", (DELIVER_BODY % "true").encode()]).delayed is True

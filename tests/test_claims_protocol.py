@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from mangogram_broker.core import BrokerCore, Outgoing, coalesce
+from mangogram_broker.core import BrokerCore, Clock, Outgoing, coalesce
 from mangogram_broker.store import MemoryStore
 from mangogram_proto import codec
 from mangogram_proto.constants import SIGNATURE
@@ -52,6 +52,11 @@ class Wire:
         self.now = T0
         self._next = 1
 
+    @property
+    def clock(self) -> Clock:
+        """Both of the core's clocks; here they move together."""
+        return Clock(self.now, self.now)
+
     def peer(self) -> bytes:
         self._next += 1
         return b"\x00" + self._next.to_bytes(4, "big")
@@ -60,7 +65,7 @@ class Wire:
         return self.frames(peer, codec.encode(message))
 
     def frames(self, peer: bytes, frames: list[bytes]) -> list[Outgoing]:
-        out = self.core.handle_frames(peer, frames, self.now)
+        out = self.core.handle_frames(peer, frames, self.clock)
         self.core.store.commit()
         return out
 
@@ -149,7 +154,7 @@ def test_an_anonymous_connection_is_never_timed_out(wire):
     peer = wire.peer()
     wire.say(peer, Ping())  # the broker has seen it
     wire.now += 100 * TEST_LIMITS.heartbeat_timeout_ms
-    assert wire.core.expire(wire.now) == []
+    assert wire.core.expire(wire.clock) == []
     out = wire.say(peer, Login("late"))
     assert isinstance(to(peer, out)[0], Welcome)
 
@@ -330,7 +335,7 @@ def test_delayed_is_false_live_and_true_after_the_heartbeat_timeout(wire):
     out = wire.say(alice, Send("m1", "bob", "x", 1))
     (refused,) = [o for o in out if o.peer == bob]
     assert refused.message.delayed is False
-    assert wire.core.send_failed(refused, False, wire.now) == []  # bob's queue was full
+    assert wire.core.send_failed(refused, False, wire.clock) == []  # bob's queue was full
     wire.now += TEST_LIMITS.heartbeat_timeout_ms + 1
     wire.say(bob, Ping())  # bob is alive
     delivers = to(bob, wire.say(alice, Send("m2", "bob", "y", 1)))
@@ -376,10 +381,10 @@ def test_even_a_message_that_earns_an_error_keeps_a_session_alive(wire):
             "unknown_command"
         ]
         wire.say(watcher, Ping())
-        assert wire.core.expire(wire.now) == []
+        assert wire.core.expire(wire.clock) == []
     wire.now += timeout + 1
     wire.say(watcher, Ping())
-    out = wire.core.expire(wire.now)
+    out = wire.core.expire(wire.clock)
     assert to(watcher, out) == [Presence("alice", "left", wire.now)]  # others are told
     assert to(alice, out) == []  # the connection is not
     assert codes(alice, wire.say(alice, Ping())) == ["not_logged_in"]
@@ -718,7 +723,7 @@ def test_login_checks_ownership_before_taken_and_full_and_full_before_new_names(
 
     def login(name: str, key: str, address: str = "10.0.0.1") -> tuple[bytes, str]:
         peer = next(peers)
-        out = core.handle_frames(peer, codec.encode(Login(name)), T0, key, address)
+        out = core.handle_frames(peer, codec.encode(Login(name)), Clock(T0, T0), key, address)
         reply = to(peer, out)[0]
         return peer, reply.COMMAND if isinstance(reply, Welcome) else reply.code
 
@@ -727,13 +732,13 @@ def test_login_checks_ownership_before_taken_and_full_and_full_before_new_names(
         peer, answer = login(f"n{i}", f"K{i}", "10.0.0.7")
         if answer == "rate_limited":
             break
-        core.disconnected(peer, T0)
+        core.disconnected(peer, Clock(T0, T0))
     assert answer == "rate_limited"
     alice, answer = login("alice", "A", "10.0.0.9")
     assert answer == "WELCOME"
     assert login("alice", "B")[1] == "name_owned"  # online, but not B's: owned comes first
     assert login("bob", "B", "10.0.0.9")[1] == "WELCOME"
-    core.disconnected(alice, T0)
+    core.disconnected(alice, Clock(T0, T0))
     core.max_sessions = 1  # bob alone fills the broker now
     assert login("alice", "B")[1] == "name_owned"  # full, yet ownership is named first
     assert login("bob", "B")[1] == "name_taken"  # B's own name online, no token: full or not

@@ -63,14 +63,17 @@ def broker_options_table() -> list[tuple[list[str], list[str], str]]:
 
 
 def env_for(flag: str, tokens: list[str]) -> str:
-    """The variable the README names for `flag`, expanding its two abbreviations:
-    `MANGOGRAM_RATE_…` (a prefix) and `_BYTES` (the second flag's suffix)."""
+    """The variable the README names for `flag`, expanding its abbreviations:
+    `MANGOGRAM_RATE_…` (a prefix), `MANGOGRAM_…_RATE` (a prefix and a suffix) and
+    `_BYTES` (the second flag's suffix)."""
     wanted = "MANGOGRAM_" + flag.lstrip("-").replace("-", "_").upper()
     for token in tokens:
         if token == wanted:
             return token
-        if token.endswith("…") and wanted.startswith(token[:-1]):
-            return wanted
+        if "…" in token:
+            head, tail = token.split("…", 1)
+            if wanted.startswith(head) and wanted.endswith(tail):
+                return wanted
         if token.startswith("_") and wanted.endswith(token) and len(tokens) > 1:
             return wanted
     raise AssertionError(f"README names no environment variable for {flag}: {tokens}")
@@ -79,6 +82,8 @@ def env_for(flag: str, tokens: list[str]) -> str:
 def read_back(config, flag: str):
     if flag in READ_BACK:
         return READ_BACK[flag](config)
+    if flag.endswith("-rate") and flag != "--rate-per-second":
+        return getattr(config.rates, flag[2 : -len("-rate")])
     field = flag.lstrip("-").replace("-", "_")
     if hasattr(config.limits, field):
         return getattr(config.limits, field)

@@ -13,6 +13,7 @@ import pytest
 
 from mangogram_broker import core, shell
 from mangogram_broker.config import build_parser, parse_config
+from mangogram_broker.core import Clock
 from mangogram_client.cli import export_identity
 from mangogram_proto import constants
 from mangogram_proto.keys import (
@@ -413,15 +414,17 @@ def test_the_right_resume_token_from_another_key_is_name_owned():
     from mangogram_proto.messages import Login, Welcome
 
     broker, _ = keyed_core()
-    (welcome,) = broker.handle_frames(b"\x00\x00\x00\x00\x01", codec.encode(Login("alice")), 1, "A")
+    (welcome,) = broker.handle_frames(
+        b"\x00\x00\x00\x00\x01", codec.encode(Login("alice")), Clock(1, 1), "A"
+    )
     assert isinstance(welcome.message, Welcome)
     token = welcome.message.resume_token
     (refused,) = broker.handle_frames(
-        b"\x00\x00\x00\x00\x02", codec.encode(Login("alice", resume_token=token)), 2, "B"
+        b"\x00\x00\x00\x00\x02", codec.encode(Login("alice", resume_token=token)), Clock(2, 2), "B"
     )
     assert refused.message.code == "name_owned"
     (taken_over,) = broker.handle_frames(
-        b"\x00\x00\x00\x00\x03", codec.encode(Login("alice", resume_token=token)), 3, "A"
+        b"\x00\x00\x00\x00\x03", codec.encode(Login("alice", resume_token=token)), Clock(3, 3), "A"
     )
     assert isinstance(taken_over.message, Welcome)
 
@@ -434,15 +437,15 @@ def test_a_message_signed_by_another_key_does_not_keep_the_session_alive():
 
     broker, limits = keyed_core()
     alice, watcher = b"\x00\x00\x00\x00\x01", b"\x00\x00\x00\x00\x02"
-    broker.handle_frames(alice, codec.encode(Login("alice")), 0, "A")
-    broker.handle_frames(watcher, codec.encode(Login("watcher")), 0, "W")
+    broker.handle_frames(alice, codec.encode(Login("alice")), Clock(0, 0), "A")
+    broker.handle_frames(watcher, codec.encode(Login("watcher")), Clock(0, 0), "W")
     now = 0
     for _ in range(4):
         now += limits.heartbeat_timeout_ms // 2
-        assert broker.handle_frames(alice, codec.encode(Ping()), now, "B") == []
-        assert broker.handle_frames(alice, codec.encode(Ping()), now, None) == []
-        broker.handle_frames(watcher, codec.encode(Ping()), now, "W")
-        out = broker.expire(now)
+        assert broker.handle_frames(alice, codec.encode(Ping()), Clock(now, now), "B") == []
+        assert broker.handle_frames(alice, codec.encode(Ping()), Clock(now, now), None) == []
+        broker.handle_frames(watcher, codec.encode(Ping()), Clock(now, now), "W")
+        out = broker.expire(Clock(now, now))
         if out:
             break
     assert [o.message for o in out if o.peer == watcher] == [Presence("alice", "left", now)]

@@ -3,6 +3,7 @@ and plaintext mode being refused away from loopback on both ends."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -73,7 +74,11 @@ def test_limits_table_defaults_are_the_brokers_defaults(defaults):
         "Message id": [constants.MAX_ID_CHARS],
         "Frames per message": [constants.FRAME_COUNT],
         "Unconfirmed messages per recipient": [limits.max_mailbox],
-        "`HISTORY` page": [limits.max_history_page],
+        "`HISTORY` page": [limits.max_history_page, defaults.max_history_bytes],
+        "Other commands per connection": [
+            *dataclasses.astuple(defaults.rates),
+            core.COMMAND_BURST_SECONDS,
+        ],
         "Silence before a session ends": [
             limits.heartbeat_timeout_ms,
             limits.heartbeat_interval_ms,

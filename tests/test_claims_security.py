@@ -491,3 +491,24 @@ def test_known_servers_is_the_documented_text_format(tmp_path):
     assert [known.lookup(e) for e in ("tcp://a:1", "tcp://b:1", "# tcp://c:1")] == [None] * 3
     assert known.lookup("tcp://d:1") == other
     assert known.lookup("tcp://chat.example.org:5555") == key
+
+
+def test_the_identity_file_is_json_with_z85_public_and_secret(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.delenv("MANGOGRAM_IDENTITY", raising=False)
+    monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
+    key = KeyPair.generate().public
+    resolve_security("tcp://127.0.0.1:5555", server_key=key, config_dir=tmp_path)
+    data = json.loads((tmp_path / "identity.json").read_text(encoding="utf-8"))
+    assert sorted(data) == ["public", "secret"]
+    for value in data.values():
+        assert len(value) == 40 and len(zmq_z85_decode(value)) == 32
+    if os.name == "posix":
+        assert (tmp_path / "identity.json").stat().st_mode & 0o777 == 0o600
+
+
+def zmq_z85_decode(text: str) -> bytes:
+    from zmq.utils import z85
+
+    return z85.decode(text.encode("ascii"))

@@ -18,6 +18,7 @@ from mangogram_proto.names import name_key
 from .config import parse_config
 from .core import BrokerCore
 from .crashpoints import CrashPoints
+from .datadir import DataDirInUse, DataDirLock
 from .openfiles import raise_open_file_limit
 from .security import KEY_FILE, load_broker_keys
 from .shell import BrokerServer
@@ -95,6 +96,12 @@ def main(
         os.umask(0o077)  # the store holds everyone's mail: no one else may read it
     if config.release_name is not None:
         return release_name(config.data_dir, config.release_name)
+    data_lock = DataDirLock(config.data_dir)
+    try:
+        data_lock.acquire()
+    except DataDirInUse as exc:
+        log.error("%s", exc)
+        return 2
     keys = None
     key_bind = None
     if config.plaintext:

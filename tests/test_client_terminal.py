@@ -70,6 +70,17 @@ def toolbar_row(screen: str) -> str:
     return [row for row in screen.splitlines() if row.strip()][-1]
 
 
+def wait_for_toolbar(tmux: Tmux, session: str, check, what: str, timeout: float = 15.0) -> str:
+    """Poll until `check(toolbar row)` holds; returns that screen. (One capture can land
+    while prompt_toolkit redraws, before the toolbar row is drawn again.)"""
+    return wait_until(
+        lambda: s if check(toolbar_row(s := tmux.screen(session))) else None,
+        f"the toolbar to show {what}",
+        timeout,
+        context=lambda: tmux.screen(session),
+    )
+
+
 def keys(tmux: Tmux, session: str, *names: str) -> None:
     """Press keys by tmux name ("C-c", "Enter") or type literal text ("-l", "text")."""
     tmux.run("send-keys", "-t", session, *names)
@@ -304,8 +315,7 @@ def test_after_an_impostor_the_client_recovers_when_the_real_broker_is_back(tmux
         with taras() as client:
             message = client.receive(timeout=10)
         assert message is not None and message.text == "написано під час підміни"
-        screen = tmux.screen("olena")
-        assert toolbar_row(screen).startswith(" online"), screen
+        wait_for_toolbar(tmux, "olena", lambda row: row.startswith(" online"), "online")
     finally:
         for broker in brokers:
             broker.kill()
@@ -327,12 +337,13 @@ def test_an_outage_is_announced_once_and_its_end_too(tmux, tmp_path):
             "three attempts to reconnect",
             timeout=30,
         )
-        screen = tmux.screen("olena")
+        screen = wait_for_toolbar(
+            tmux, "olena", lambda row: row.startswith(" reconnecting"), "reconnecting"
+        )
         assert screen.count("connection lost") == 1, screen
-        assert toolbar_row(screen).startswith(" reconnecting"), screen
         brokers.append(BrokerProcess(tmp_path / "data", bind=endpoint))
-        screen = tmux.wait_for("olena", "reconnected", timeout=30)
-        assert toolbar_row(screen).startswith(" online"), screen
+        tmux.wait_for("olena", "reconnected", timeout=30)
+        screen = wait_for_toolbar(tmux, "olena", lambda row: row.startswith(" online"), "online")
         assert screen.count("connection lost") == 1, screen
     finally:
         for each in brokers:
@@ -346,8 +357,7 @@ def test_an_over_long_message_is_counted_refused_and_kept_for_editing(tmux, tmp_
         tmux.start("olena", command, client_env(tmp_path, "olena"))
         tmux.wait_for("olena", r"talking to Тарас")
         keys(tmux, "olena", "-l", "x" * 250)
-        screen = tmux.wait_for("olena", r"250/300")  # counted once near the limit
-        assert "250/300" in toolbar_row(screen), screen
+        wait_for_toolbar(tmux, "olena", lambda row: "250/300" in row, "250/300")  # near the limit
         keys(tmux, "olena", "-l", "y" * 70)
         screen = tmux.wait_for("olena", r"320/300")
         keys(tmux, "olena", "Enter")
@@ -376,8 +386,10 @@ def test_first_run_asks_server_then_fingerprint_then_name(tmux, tmp_path):
     try:
         env = client_env(tmp_path, "olena") | ENCRYPTED
         tmux.start("olena", [sys.executable, str(ROOT / "client.py")], env)
-        screen = tmux.wait_for("olena", r"(?m)^server: tcp://127\.0\.0\.1:5555")
-        assert toolbar_row(screen).startswith(" not connected"), screen  # not "connecting"
+        tmux.wait_for("olena", r"(?m)^server: tcp://127\.0\.0\.1:5555")
+        wait_for_toolbar(  # not "connecting" while the address is still being typed
+            tmux, "olena", lambda row: row.startswith(" not connected"), "not connected"
+        )
         keys(tmux, "olena", "C-u")
         tmux.type("olena", f"127.0.0.1:{port}")
         screen = tmux.wait_for("olena", re.escape(broker.fingerprint))

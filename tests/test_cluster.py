@@ -263,6 +263,33 @@ def test_a_user_who_logs_in_at_another_broker_moves_there(two_live_brokers, zctx
                 sock.close(linger=0)
 
 
+def test_the_sdk_fails_over_to_the_next_broker_when_its_broker_is_killed(two_brokers, zctx):
+    from mangogram_proto import Client
+
+    a, b = two_brokers
+    bob, _ = login(zctx, b, "bob")
+    leave(bob)
+    alice = Client("alice", f"{a.endpoint},{b.endpoint}", context=zctx)
+    bob = None
+    try:
+        alice.login(timeout=10)
+        before = [alice.send("bob", f"before {n}", wait=True) for n in range(5)]
+        a.kill()  # kill -9 of alice's broker
+        # The SDK notices the silence, reconnects to the next endpoint and resends what
+        # has no ACCEPTED; these wait until the other broker has accepted them.
+        after = [alice.send("bob", f"after {n}", wait=True, timeout=30) for n in range(5)]
+        assert alice.endpoint == b.endpoint
+        bob, _ = login(zctx, b, "bob")
+        got = [recv_until(bob, Deliver) for _ in range(10)]
+        assert [m.id for m in got] == before + after  # every acknowledged one, in order
+        assert [m.seq for m in got] == list(range(1, 11))
+        assert no_more_mail(bob), "a message came twice"
+    finally:
+        alice.close(timeout=0.5)
+        if bob is not None:
+            bob.close(linger=0)
+
+
 def test_a_resend_landing_on_another_broker_is_stored_once(two_brokers, zctx):
     a, b = two_brokers
     bob, _ = login(zctx, b, "bob")

@@ -15,14 +15,16 @@ import zmq
 from mangogram_proto.keys import KeyFileError, fingerprint, is_loopback_endpoint, key_endpoint_for
 from mangogram_proto.names import name_key
 
+from .cluster import Cluster
 from .config import parse_config
 from .core import BrokerCore
 from .crashpoints import CrashPoints
 from .datadir import DataDirInUse, DataDirLock
+from .nats_settings import NatsSettings
 from .openfiles import raise_open_file_limit
 from .security import KEY_FILE, load_broker_keys
 from .shell import BrokerServer
-from .store import Durability, SqliteStore, SqliteTooOld, Store
+from .store import Durability, SqliteStore, SqliteTooOld, Store, StoreUnavailable
 
 log = logging.getLogger("mangogram.broker")
 
@@ -49,9 +51,9 @@ def stop_signals() -> list[signal.Signals]:
     return wanted
 
 
-def release_name(data_dir: Path, name: str) -> int:
-    """Admin: forget which key owns `name`."""
-    store = SqliteStore(data_dir / "mangogram.sqlite3")
+def release_name(data_dir: Path, name: str, nats: NatsSettings | None = None) -> int:
+    """Admin: forget which key owns `name` (cluster-wide with `nats`)."""
+    store = open_cluster_store(nats) if nats else SqliteStore(data_dir / "mangogram.sqlite3")
     try:
         released = store.release_name(name_key(name))
     finally:
@@ -65,6 +67,25 @@ def release_name(data_dir: Path, name: str) -> int:
 
 def open_sqlite_store(data_dir: Path, durability: Durability) -> Store:
     return SqliteStore(data_dir / "mangogram.sqlite3", durability)
+
+
+def cluster_port(store: Store, settings: NatsSettings | None) -> Cluster | None:
+    """The other brokers, reached over the JetStream store's connection (None: alone)."""
+    if settings is None:
+        return None  # (and the NATS client is never imported)
+    from .jetstream_cluster import NatsCluster
+    from .jetstream_store import JetStreamStore
+
+    assert isinstance(store, JetStreamStore)
+    return NatsCluster(store)
+
+
+def open_cluster_store(settings: NatsSettings) -> Store:
+    """The JetStream store (imported here: the single broker needs no NATS client)."""
+    from .jetstream_store import JetStreamStore
+
+    log.info("cluster mode: state in NATS JetStream at %s", ", ".join(settings.servers))
+    return JetStreamStore(settings)
 
 
 def main(
@@ -95,7 +116,11 @@ def main(
     if hasattr(os, "umask"):
         os.umask(0o077)  # the store holds everyone's mail: no one else may read it
     if config.release_name is not None:
-        return release_name(config.data_dir, config.release_name)
+        try:
+            return release_name(config.data_dir, config.release_name, config.nats)
+        except StoreUnavailable as exc:
+            log.error("%s", exc)
+            return 2
     data_lock = DataDirLock(config.data_dir)
     try:
         data_lock.acquire()
@@ -122,8 +147,11 @@ def main(
     raise_open_file_limit()
     crash_points = CrashPoints(os.environ.get("MANGOGRAM_CRASH_AT"))
     try:
-        store = open_store(config.data_dir, config.durability)
-    except SqliteTooOld as exc:
+        if config.nats is not None:
+            store = open_cluster_store(config.nats)
+        else:
+            store = open_store(config.data_dir, config.durability)
+    except (SqliteTooOld, StoreUnavailable) as exc:
         log.error("%s", exc)
         return 2
     try:
@@ -136,6 +164,7 @@ def main(
             registrations_per_minute=config.registrations_per_minute,
             rates=config.rates,
             max_history_bytes=config.max_history_bytes,
+            cluster=cluster_port(store, config.nats),
         )
         try:
             server = BrokerServer(

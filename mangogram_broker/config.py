@@ -20,6 +20,7 @@ from .core import (
     CommandRates,
     Retention,
 )
+from .nats_settings import NatsSettings, add_nats_arguments, nats_settings
 from .sendqueue import MAX_QUEUED_BYTES, SEND_QUEUE_PER_PEER
 from .store import Durability
 
@@ -97,6 +98,7 @@ class BrokerConfig:
     rates: CommandRates
     max_history_bytes: int
     max_queued_bytes: int
+    nats: NatsSettings | None = None  # cluster mode (docs/cluster.md); None: SQLite
 
 
 def _env_name(flag: str) -> str:
@@ -203,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"{what} per second per connection (bursts of {COMMAND_BURST_SECONDS} seconds'"
             f" worth); {beyond}",
         )
+    add_nats_arguments(parser)
     return parser
 
 
@@ -249,4 +252,5 @@ def parse_config(argv: list[str] | None = None) -> BrokerConfig:
         rates=rates,
         max_history_bytes=args.max_history_bytes,
         max_queued_bytes=args.max_queued_bytes,
+        nats=nats_settings(parser, args),
     )

@@ -92,8 +92,17 @@ from mangogram_proto.names import name_key, validate_name
 from mangogram_proto.ratelimit import TokenBucket
 
 from .clock import Clock
+from .cluster import Alone, Cluster, Moved, Notice, RemotePresence, StreamGrew
 from .registry import Registry, Session
-from .store import DuplicateMessage, MemoryStore, Store, StoredMessage, parse_broker_id
+from .store import (
+    DuplicateMessage,
+    MemoryStore,
+    NameAlreadyClaimed,
+    Store,
+    StoredMessage,
+    StoreUnavailable,
+    parse_broker_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +257,10 @@ class BrokerCore:
         registrations_per_minute: int = REGISTRATIONS_PER_MINUTE,
         rates: CommandRates | None = None,
         max_history_bytes: int = MAX_HISTORY_BYTES,
+        cluster: Cluster | None = None,
     ) -> None:
+        # The other brokers of a cluster (docs/cluster.md); a single broker is `Alone`.
+        self.cluster: Cluster = cluster if cluster is not None else Alone()
         self._registrations_per_minute = registrations_per_minute
         self.rates = rates or CommandRates()
         # Clients ping once per heartbeat interval: never refuse twice that.
@@ -319,7 +331,17 @@ class BrokerCore:
             return self._error(
                 peer, now, ErrorCode.UNKNOWN_COMMAND, f"{message.COMMAND} is sent by brokers only"
             )
-        return self.handle(peer, message, now, user_key, address)
+        try:
+            return self.handle(peer, message, now, user_key, address)
+        except StoreUnavailable as exc:
+            # Cluster mode with NATS out of reach: refuse, never acknowledge.
+            log.warning("refused %s from %s: %s", message.COMMAND, peer.hex(), exc)
+            if isinstance(message, Login):
+                self.registry.deregister(peer)  # a login that could not finish
+            ref = _ref(message.id) if isinstance(message, Send) else None
+            return self._error(
+                peer, now, ErrorCode.UNAVAILABLE, "message storage is unavailable; retry", ref
+            )
 
     def handle(
         self,
@@ -391,12 +413,48 @@ class BrokerCore:
             self._pruning = True
         if self._pruning:
             # A bounded step per call: a pass over a large store spans many loop turns.
-            removed, finished = self.store.prune_step(
-                now.wall, self._retention.max_age_ms, self._retention.keep_per_user
-            )
+            try:
+                removed, finished = self.store.prune_step(
+                    now.wall, self._retention.max_age_ms, self._retention.keep_per_user
+                )
+            except StoreUnavailable as exc:
+                log.warning("retention paused: %s", exc)
+                removed, finished = 0, False
             self._pruning = not finished
             if removed:
                 log.info("retention removed %d old messages", removed)
+        return out
+
+    def cluster_events(self, now: Clock) -> list[Outgoing]:
+        """Apply what the other brokers of a cluster reported (see `cluster.py`) by the
+        same rules as local commands. Call every loop turn."""
+        now = self._steady(now)
+        out: list[Outgoing] = []
+        for event in self.cluster.events():
+            session = self.registry.by_key(event.key)
+            if isinstance(event, RemotePresence):
+                if session is None:  # (online here too: it is moving, not joining)
+                    presence = Presence(event.name, "joined" if event.online else "left", now.wall)
+                    out += self._tell_remote_presence(event.key, presence)
+                continue
+            if session is None:
+                continue  # not (or no longer) online here
+            if isinstance(event, StreamGrew):
+                if event.seq > session.cursor:
+                    try:
+                        out += self._fill_window(session, now, delayed=False)
+                    except StoreUnavailable as exc:  # it comes with the next RECEIPT
+                        log.warning("could not read %s's new mail: %s", session.name, exc)
+            elif isinstance(event, Notice):
+                out.append(Outgoing(session.peer, event.message))
+                if isinstance(event.message, Delivered):
+                    self.store.mark_sender_notified(event.message.broker_ids)
+            elif isinstance(event, Moved):
+                # The user logged in at another broker: this session is the stale one.
+                # (No "left": the user is still online, elsewhere.)
+                self.registry.deregister(session.peer)
+                self.cluster.left(session.key, announce=False)
+                log.info("%s moved to another broker (%d online)", session.name, len(self.registry))
         return out
 
     def send_failed(self, failed: Outgoing, unreachable: bool, now: Clock) -> list[Outgoing]:
@@ -429,6 +487,7 @@ class BrokerCore:
         except RemoteProtocolError as exc:
             return self._error(peer, now, exc.code, exc.message)
         key = name_key(name)
+        self.store.begin_session(key)
         claim = False
         if user_key is not None:
             owner = self.store.name_owner(key)
@@ -481,8 +540,9 @@ class BrokerCore:
         out = [Outgoing(peer, welcome), *told]
         out += self._fill_window(session, now, delayed=True)
         out += self._owed_receipts(session)
-        if not resumed:
+        if not resumed and key not in self.cluster.online_elsewhere():
             out += self._tell_presence(session, Presence(name, "joined", now.wall))
+        self.cluster.joined(key, name)
         return out
 
     def _claim(
@@ -506,7 +566,13 @@ class BrokerCore:
                     ),
                 )
             ]
-        self.store.claim_name(key, user_key, now.wall)
+        try:
+            self.store.claim_name(key, user_key, now.wall)
+        except NameAlreadyClaimed:
+            log.warning("refused %s: another broker registered it first", name)
+            return self._error(
+                peer, now, ErrorCode.NAME_OWNED, f"{name} belongs to another key; pick another"
+            )
         log.info("%s now belongs to key %s", name, user_key[:8])
         return None
 
@@ -641,12 +707,16 @@ class BrokerCore:
             sender = self.registry.by_key(sender_key)
             if sender is None:
                 self.store.owe_receipts(m.broker_id for m in sent)
-                continue
             for start in range(0, len(sent), MAX_IDS_PER_ACK):
                 chunk = sent[start : start + MAX_IDS_PER_ACK]
                 ids = tuple(m.client_id for m in chunk)
                 broker_ids = tuple(m.broker_id for m in chunk)
-                out.append(Outgoing(sender.peer, Delivered(recipient, now.wall, ids, broker_ids)))
+                delivered = Delivered(recipient, now.wall, ids, broker_ids)
+                if sender is None:
+                    # Owed, and offered to the broker the sender may be online at.
+                    self.cluster.tell(sender_key, delivered)
+                else:
+                    out.append(Outgoing(sender.peer, delivered))
         return out
 
     def _read(self, session: Session, read: Read, now: Clock) -> list[Outgoing]:
@@ -654,9 +724,10 @@ class BrokerCore:
         if message is None:
             return []
         sender = self.registry.by_key(message.sender_key)
-        if sender is None:
-            return []
         seen = Seen(message.client_id, message.broker_id, session.name, now.wall)
+        if sender is None:
+            self.cluster.tell(message.sender_key, seen)  # online at another broker, maybe
+            return []
         return [Outgoing(sender.peer, seen)]
 
     def _history(self, session: Session, request: History, now: Clock) -> list[Outgoing]:
@@ -779,14 +850,27 @@ class BrokerCore:
                 del self._registrations[address]
 
     def _online_names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in sorted(self.registry, key=lambda s: s.key))
+        """Everyone online, here and (in a cluster) at the other brokers."""
+        online = dict(self.cluster.online_elsewhere())
+        online.update((s.key, s.name) for s in self.registry)
+        return tuple(online[key] for key in sorted(online))
 
     def _visible_online(self, session: Session) -> tuple[str, ...]:
         """Who a user logging in is told is online (see PRESENCE_BROADCAST_LIMIT)."""
-        if len(self.registry) < PRESENCE_BROADCAST_LIMIT:
+        elsewhere = self.cluster.online_elsewhere()
+        if len(self.registry) + len(elsewhere) < PRESENCE_BROADCAST_LIMIT:
             return self._online_names()
-        online = (self.registry.by_key(k) for k in session.contacts)
-        return tuple(sorted(s.name for s in online if s is not None))
+        names = {s.name for s in (self.registry.by_key(k) for k in session.contacts) if s}
+        names.update(elsewhere[k] for k in session.contacts if k in elsewhere)
+        return tuple(sorted(names))
+
+    def _tell_remote_presence(self, key: str, presence: Presence) -> list[Outgoing]:
+        """PRESENCE of a user at another broker, to the users here who should hear it."""
+        if len(self.registry) <= PRESENCE_BROADCAST_LIMIT:
+            targets = list(self.registry)
+        else:
+            targets = [s for s in self.registry if key in s.contacts]
+        return [Outgoing(s.peer, presence) for s in targets]
 
     def _tell_presence(self, session: Session, presence: Presence) -> list[Outgoing]:
         if len(self.registry) <= PRESENCE_BROADCAST_LIMIT:
@@ -800,6 +884,7 @@ class BrokerCore:
         session = self.registry.deregister(peer)
         if session is None:
             return []
+        self.cluster.left(session.key)
         log.info("%s is offline (%s; %d online)", session.name, why, len(self.registry))
         return self._tell_presence(session, Presence(session.name, "left", now.wall))
 

@@ -183,6 +183,7 @@ class BrokerServer:
                 if now.mono >= next_expiry:
                     outgoing += self.core.expire(now)
                     next_expiry = now.mono + TICK_MS
+                outgoing += self.core.cluster_events(now)  # (a single broker has none)
                 self.core.store.commit()
                 if self._queues:
                     outgoing += self._flush_backlogs(now)

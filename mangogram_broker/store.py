@@ -52,6 +52,16 @@ class DuplicateMessage(Exception):
     """`append` found the sender's message id already stored (a resend)."""
 
 
+class NameAlreadyClaimed(Exception):
+    """`claim_name` lost a race: another broker of the cluster registered the name first."""
+
+
+class StoreUnavailable(Exception):
+    """A store across the network (JetStream) cannot be reached in time. Nothing the
+    operation would have stored can be acknowledged; the caller refuses and the client
+    retries later."""
+
+
 class StoredMessage(NamedTuple):
     """One stored message. (A named tuple: one is built per message appended or read, and
     a frozen dataclass costs twice as much to build.)"""
@@ -74,6 +84,11 @@ class Store(Protocol):
     """What the broker core needs from storage. Writes become durable at `commit()`."""
 
     def remember_user(self, key: str, name: str, now: int) -> None: ...
+    def begin_session(self, key: str) -> None:
+        """`key` is logging in: forget what was cached about it (in a cluster, another
+        broker may have changed it since)."""
+        ...
+
     def lookup_user(self, key: str) -> str | None: ...
     def find(self, sender_key: str, client_id: str) -> StoredMessage | None: ...
     def append(
@@ -241,6 +256,9 @@ class MemoryStore:
 
     def remember_user(self, key: str, name: str, now: int) -> None:
         self._users[key] = name
+
+    def begin_session(self, key: str) -> None:
+        pass  # the only writer: nothing can be stale
 
     def lookup_user(self, key: str) -> str | None:
         return self._users.get(key)
@@ -665,6 +683,9 @@ class SqliteStore:
 
     def lookup_user(self, key: str) -> str | None:
         return self._users.get(key)
+
+    def begin_session(self, key: str) -> None:
+        pass  # the only writer: nothing can be stale
 
     def name_owner(self, key: str) -> str | None:
         # Not cached: an operator may release a name while the broker runs.

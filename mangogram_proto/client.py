@@ -74,7 +74,8 @@ class Client:
 
     Args:
         name: the name to log in with.
-        endpoint: the broker's ZeroMQ endpoint.
+        endpoint: the broker's ZeroMQ endpoint; for a cluster (docs/cluster.md), several
+            separated by commas: each reconnection tries the next one.
         context: a zmq.Context to use (default: the process-wide one).
     """
 
@@ -91,7 +92,10 @@ class Client:
         plaintext: bool | None = None,
         trust_new_server: TrustPrompt | None = None,
     ) -> None:
-        self.endpoint = endpoint
+        # A cluster's brokers share one key pair: the security resolved for the first
+        # endpoint holds for all of them.
+        self._endpoints = [e.strip() for e in endpoint.split(",") if e.strip()] or [endpoint]
+        self.endpoint = self._endpoints[0]
         self._security_request = SecurityRequest(server_key, identity, plaintext, trust_new_server)
         self.security: Security | None = None
         self._security_resolved = False
@@ -327,6 +331,8 @@ class Client:
                 return bool(done())
             now = self._clock()
             if self._reconnect_at is not None and now >= self._reconnect_at:
+                at = self._endpoints.index(self.endpoint)
+                self.endpoint = self._endpoints[(at + 1) % len(self._endpoints)]
                 log.info("reconnecting to %s", self.endpoint)
                 self._open(now)
             for event in self.session.tick(now):

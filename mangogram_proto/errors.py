@@ -64,6 +64,7 @@ class ErrorCode(StrEnum):
     MAILBOX_FULL = "mailbox_full"
     RATE_LIMITED = "rate_limited"
     ROUTING_ID_REFUSED = "routing_id_refused"
+    UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
 

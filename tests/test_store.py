@@ -9,11 +9,23 @@ import pytest
 from mangogram_broker import store as store_module
 from mangogram_broker.store import _SCHEMA, MemoryStore, SqliteStore
 
+from .natsserver import start_single
 
-@pytest.fixture(params=["memory", "sqlite"])
+
+@pytest.fixture(params=["memory", "sqlite", "jetstream"])
 def store(request, tmp_path):
     if request.param == "memory":
         return MemoryStore()
+    if request.param == "jetstream":
+        # A real single-node nats-server per test: the cluster store, same contract.
+        from mangogram_broker.jetstream_store import JetStreamStore
+        from mangogram_broker.nats_settings import NatsSettings
+
+        node = start_single(tmp_path / "nats")
+        request.addfinalizer(node.kill)
+        opened = JetStreamStore(NatsSettings((node.url,), timeout_s=5))
+        request.addfinalizer(opened.close)
+        return opened
     opened = SqliteStore(tmp_path / "s.sqlite3", "full")
     request.addfinalizer(opened.close)
     return opened

@@ -1,0 +1,233 @@
+"""The `Cluster` port over NATS: hints between brokers, on the JetStream store's
+connection and event loop.
+
+* `mg.mail.<user>.*` (the mailbox subjects themselves): the broker serving an online user
+  subscribes to them, so a message another broker stores there wakes it; the hint says
+  the mailbox seq, and the store is read for the message.
+* `mg.note.<user>`: DELIVERED and SEEN for a sender online at another broker, and a
+  "moved" notice when the user logs in at another broker (its old session here ends).
+* `mg.presence`: who logs in and out at each broker, a heartbeat per broker every
+  `ALIVE_EVERY_S` (a broker silent for `DEAD_AFTER_S` has its users taken offline: it
+  died), and at start a "hello" that the others answer with their lists of users.
+
+Hints travel over core NATS, at most once: a lost one delays a delivery or a ✓✓ (the
+message is in the mailbox, the notice is owed in the store) but loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import time
+from typing import Any
+
+import orjson
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from mangogram_proto import codec
+from mangogram_proto.errors import RemoteProtocolError
+from mangogram_proto.messages import BrokerMessage
+
+from .cluster import ClusterEvent, Moved, Notice, RemotePresence, StreamGrew
+from .jetstream_store import MAIL, JetStreamStore, token, untoken
+
+log = logging.getLogger(__name__)
+
+NOTE = "mg.note"
+PRESENCE = "mg.presence"
+ALIVE_EVERY_S = 2.0
+DEAD_AFTER_S = 10.0
+ROSTER_CHUNK = 500
+_FROM = "Mg-From"
+_KIND = "Mg-Kind"
+_SIGNATURE = "Mg-Signature"
+_COMMAND = "Mg-Command"
+
+
+class NatsCluster:
+    """The brokers of one NATS, as the core's `Cluster`. Shares `store`'s connection."""
+
+    def __init__(self, store: JetStreamStore) -> None:
+        self._store = store
+        self.broker_id = secrets.token_hex(8)
+        self._events: collections.deque[ClusterEvent] = collections.deque()
+        # Both touched on the NATS thread only, but for `_wanted`, which the broker
+        # thread updates (a membership test from the other thread is safe).
+        self._subscriptions: dict[str, list[Subscription]] = {}
+        self._wanted: set[str] = set()
+        # Presence, on the broker thread: records from the NATS thread wait in _heard.
+        self._heard: collections.deque[dict[str, Any]] = collections.deque()
+        self._local: dict[str, str] = {}  # key -> name, online here
+        self._remote: dict[str, tuple[str, str]] = {}  # key -> (name, broker id)
+        self._alive: dict[str, float] = {}  # broker id -> when last heard (monotonic)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._store.start(self._start())
+
+    def joined(self, key: str, name: str) -> None:
+        self._wanted.add(key)
+        self._local[key] = name
+        self._store.start(self._join(key))
+        self._announce({"e": "joined", "k": key, "n": name})
+
+    def left(self, key: str, announce: bool = True) -> None:
+        self._wanted.discard(key)
+        name = self._local.pop(key, "")
+        self._store.start(self._leave(key))
+        if announce:
+            self._announce({"e": "left", "k": key, "n": name})
+
+    def online_elsewhere(self) -> dict[str, str]:
+        return {key: name for key, (name, _broker) in self._remote.items()}
+
+    def _announce(self, record: dict[str, Any]) -> None:
+        record["b"] = self.broker_id
+        self._store.start(self._publish(PRESENCE, orjson.dumps(record), {}))
+
+    def tell(self, key: str, message: BrokerMessage) -> None:
+        signature, command, body = codec.encode(message)
+        headers = {
+            _FROM: self.broker_id,
+            _KIND: "notice",
+            _SIGNATURE: signature.decode("ascii"),
+            _COMMAND: command.decode("ascii"),
+        }
+        self._store.start(self._publish(f"{NOTE}.{token(key)}", body, headers))
+
+    def events(self) -> list[ClusterEvent]:
+        found: list[ClusterEvent] = self._presence_events()
+        while self._events:
+            event = self._events.popleft()
+            if isinstance(event, StreamGrew):
+                if event.seq <= self._store.known_last_seq(event.key):
+                    continue  # our own append, or one we have read already
+                self._store.forget_tail(event.key)
+            found.append(event)
+        return found
+
+    def _presence_events(self) -> list[ClusterEvent]:
+        found: list[ClusterEvent] = []
+        now = time.monotonic()
+        while self._heard:
+            record = self._heard.popleft()
+            broker = str(record.get("b", ""))
+            if broker == self.broker_id:
+                continue
+            self._alive[broker] = now
+            kind = record.get("e")
+            if kind == "hello":
+                users = sorted(self._local.items())
+                for start in range(0, len(users), ROSTER_CHUNK):
+                    self._announce({"e": "roster", "u": users[start : start + ROSTER_CHUNK]})
+            elif kind == "roster":
+                for key, name in record.get("u", []):
+                    found += self._came(str(key), str(name), broker)
+            elif kind == "joined":
+                found += self._came(str(record.get("k")), str(record.get("n")), broker)
+            elif kind == "left":
+                key = str(record.get("k"))
+                if self._remote.get(key, ("", ""))[1] == broker:
+                    name, _ = self._remote.pop(key)
+                    found.append(RemotePresence(key, name, False))
+        for broker, heard in list(self._alive.items()):
+            if now - heard > DEAD_AFTER_S:
+                # A broker that stopped talking died: its users are offline now.
+                del self._alive[broker]
+                for key, (name, at) in list(self._remote.items()):
+                    if at == broker:
+                        del self._remote[key]
+                        found.append(RemotePresence(key, name, False))
+        return found
+
+    def _came(self, key: str, name: str, broker: str) -> list[ClusterEvent]:
+        known = key in self._remote or key in self._local
+        # (Online here too: it is moving there, and the "moved" notice ends it here.)
+        self._remote[key] = (name, broker)
+        return [] if known else [RemotePresence(key, name, True)]
+
+    # On the NATS thread
+
+    async def _start(self) -> None:
+        nc = self._store.connection
+        await nc.subscribe(PRESENCE, cb=self._on_presence)
+        await nc.flush()
+        hello = orjson.dumps({"e": "hello", "b": self.broker_id})
+        await nc.publish(PRESENCE, hello)
+        task = asyncio.get_running_loop().create_task(self._heartbeat())
+        self._tasks.add(task)
+
+    async def _heartbeat(self) -> None:
+        nc = self._store.connection
+        alive = orjson.dumps({"e": "alive", "b": self.broker_id})
+        while not nc.is_closed:
+            if nc.is_connected:
+                try:
+                    await nc.publish(PRESENCE, alive)
+                except Exception as exc:  # a reconnect under way: the next beat will do
+                    log.debug("heartbeat not sent: %s", exc)
+            await asyncio.sleep(ALIVE_EVERY_S)
+
+    async def _on_presence(self, msg: Msg) -> None:
+        try:
+            record = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(record, dict):
+            self._heard.append(record)
+
+    async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
+        nc = self._store.connection
+        await nc.publish(subject, body, headers=headers)
+
+    async def _join(self, key: str) -> None:
+        nc = self._store.connection
+        me = token(key)
+        # Whoever serves this user elsewhere lets go of it.
+        await nc.publish(f"{NOTE}.{me}", b"", headers={_FROM: self.broker_id, _KIND: "moved"})
+        if key not in self._subscriptions:
+            self._subscriptions[key] = [
+                await nc.subscribe(f"{MAIL}.{me}.*", cb=self._on_mail),
+                await nc.subscribe(f"{NOTE}.{me}", cb=self._on_note),
+            ]
+            await nc.flush()
+        if key not in self._wanted:
+            await self._leave(key)
+            return
+        # A message stored between the login's read and the subscription: look again.
+        last = await self._store.read_last_seq(key)
+        self._events.append(StreamGrew(key, last))
+
+    async def _leave(self, key: str) -> None:
+        if key in self._wanted:
+            return  # logged in again meanwhile
+        for subscription in self._subscriptions.pop(key, []):
+            await subscription.unsubscribe()
+
+    async def _on_mail(self, msg: Msg) -> None:
+        try:
+            recipient = untoken(msg.subject.split(".")[2])
+            seq = int(orjson.loads(msg.data)["q"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            return
+        self._events.append(StreamGrew(recipient, seq))
+
+    async def _on_note(self, msg: Msg) -> None:
+        headers: dict[str, Any] = msg.headers or {}
+        if headers.get(_FROM) == self.broker_id:
+            return
+        try:
+            key = untoken(msg.subject.split(".")[2])
+        except (ValueError, IndexError):
+            return
+        if headers.get(_KIND) == "moved":
+            self._events.append(Moved(key))
+            return
+        try:
+            frames = [headers[_SIGNATURE].encode(), headers[_COMMAND].encode(), msg.data]
+            message = codec.decode(frames)
+        except (KeyError, RemoteProtocolError) as exc:
+            log.warning("dropped a notice from another broker: %s", exc)
+            return
+        self._events.append(Notice(key, message))  # type: ignore[arg-type]

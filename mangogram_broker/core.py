@@ -874,10 +874,16 @@ class BrokerCore:
             if started_online[key] == online_now and latest_view < steps[0][0]:
                 continue  # back where it started for everyone (a join then leave)
             presence = Presence(event.session.name, "joined" if online_now else "left", event.at)
+            # The usual recipient's view was right at the turn's start.
+            changed_since_start = started_online[key] != online_now
             for recipient in self._presence_targets(event):
+                since = view_from.get(recipient.peer)
+                if since is None:
+                    if changed_since_start and recipient.key != key:
+                        out.append(Outgoing(recipient.peer, presence))
+                    continue
                 if recipient.key == key:
                     continue
-                since = view_from.get(recipient.peer, -1)
                 was_online = started_online[key]
                 for index, online in steps:
                     if index > since:

@@ -62,7 +62,7 @@ def serve(turns_file: str, broker_args: list[str]) -> int:
     shell.zmq = timed  # type: ignore[attr-defined]
 
     def write() -> None:
-        Path(turns_file).write_text(json.dumps([t for t in turns if t[1] >= 0.001]))
+        Path(turns_file).write_text(json.dumps(turns))
 
     atexit.register(write)
     return broker_main(broker_args)
@@ -146,6 +146,7 @@ def measure(work: Path, clients: int, count: int, after: float) -> dict[str, obj
         "storm_p99_to_quiet_p99": round(storm_p99 / quiet_p99, 2),
         "quiet_longest_turn_ms": longest(quiet_from, killed_at),
         "storm_longest_turn_ms": longest(killed_at, end),
+        "turns": sum(1 for at, _length in turns if quiet_from <= at < end),
     }
 
 

@@ -248,6 +248,7 @@ class _PresenceEvent(NamedTuple):
 class BrokerCore:
     """Routing state and rules. Drive it with `handle_frames`, `disconnected`, `expire`
     and `send_failed`; commit the store, then send every `Outgoing` they return, in order.
+    A shell that calls `hold_presence` adds `take_presence()` once per turn instead.
     """
 
     def __init__(

@@ -2,7 +2,9 @@
 
 It owns all I/O and calls the pure `BrokerCore`; nothing here decides routing. Each
 loop turn drains up to `BATCH` messages, commits the store once (group commit), and only
-then sends what the core returned: an acknowledgement never precedes its commit.
+then sends what the core returned: an acknowledgement never precedes its commit. The
+turn's joins and leaves are told once, at its end (`BrokerCore.take_presence`), and a
+turn admits LOGINs only up to a bound of work (`TURN_LOGIN_WORK`).
 A socket monitor reports accepted and closed TCP connections, so a client that dies
 (even kill -9) goes offline at once instead of after the heartbeat timeout; the
 connection's file descriptor (ZMQ_SRCFD of its messages) ties a closed connection to its

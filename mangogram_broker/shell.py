@@ -300,6 +300,8 @@ class BrokerServer:
                 if isinstance(out.message, _BIG_REPLIES):
                     reply_bytes += _size_bound(out.message)
             outgoing += replies
+        if waiting:
+            log.debug("%d LOGINs wait for the next turn (login work per turn)", len(waiting))
         return outgoing
 
     def _credentials(self, frame: zmq.Frame, with_address: bool) -> tuple[str | None, str]:

@@ -110,3 +110,43 @@ def test_an_honest_pair_is_answered_while_hundreds_of_connections_vanish(tmp_pat
         broker.kill()
     log = broker.log_text()
     assert "Traceback" not in log
+
+
+def test_logins_left_for_a_later_turn_keep_each_connections_order(tmp_path: Path, zctx):
+    """Hundreds of connections send LOGIN, SEND and PING at once; a turn admits LOGINs
+    only up to a bound of work and leaves the rest, with what those connections sent
+    after them, for later turns. Each connection still gets WELCOME, then ACCEPTED, then
+    PONG, and every message reaches Bob."""
+    broker = BrokerProcess(tmp_path / "data", *RELAXED, *OPEN)
+    socks: list[zmq.Socket] = []
+    try:
+        bob = Person(zctx, broker.endpoint, "bob")
+        socks.append(bob.sock)
+        bob.wait_for(Welcome)
+        crowd = [dealer(zctx, broker.endpoint) for _ in range(CROWD)]
+        socks += crowd
+        for i, sock in enumerate(crowd):
+            sock.send_multipart(codec.encode(Login(f"rush{i}")))
+            sock.send_multipart(codec.encode(Send(f"m{i}", "bob", f"hello {i}", 1)))
+            sock.send_multipart(codec.encode(Ping()))
+        for i, sock in enumerate(crowd):
+            seen: list[str] = []
+            deadline = time.monotonic() + 60
+            while "PONG" not in seen and time.monotonic() < deadline:
+                if sock.poll(200):
+                    message = codec.decode(sock.recv_multipart())
+                    if not isinstance(message, Presence):
+                        seen.append(message.COMMAND)
+            assert seen == ["WELCOME", "ACCEPTED", "PONG"], (i, seen)
+        texts: set[str] = set()
+        deadline = time.monotonic() + 60
+        while len(texts) < CROWD and time.monotonic() < deadline:
+            message = bob.read(200)
+            if isinstance(message, Deliver):
+                texts.add(message.text)
+        assert texts == {f"hello {i}" for i in range(CROWD)}
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+        broker.kill()
+    assert "Traceback" not in broker.log_text()

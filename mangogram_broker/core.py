@@ -30,7 +30,11 @@ Theory of operation
   again with the same broker id and not stored or delivered twice.
 * Presence (PRESENCE, WELCOME's online list) reaches every online user while at most
   `PRESENCE_BROADCAST_LIMIT` are online, and only contacts (people with stored messages
-  to or from the user) beyond that.
+  to or from the user) beyond that. Joins and leaves are noted as they happen and told
+  once per turn (`take_presence`): each recipient online at the end of the turn hears
+  only the net change since its view was last right (the turn's start, or its own
+  WELCOME), so a join then leave within one turn tells nobody, and nobody is told
+  anything after leaving. Without `hold_presence` every entry point is its own turn.
 * A session ends by LEAVE, by its connection closing (`disconnected`), by silence longer
   than the heartbeat timeout (`expire`), or when a send to it finds it unreachable
   (`send_failed`). Each end tells the other online users it left.
@@ -240,9 +244,20 @@ def is_generated_routing_id(peer: bytes) -> bool:
     return len(peer) == 5 and peer[0] == 0
 
 
+class _PresenceEvent(NamedTuple):
+    """A session's start ("joined", or "resumed": a takeover, not announced) or end
+    ("left"), with the number of users online right after it."""
+
+    session: Session
+    kind: str
+    at: int
+    online_after: int
+
+
 class BrokerCore:
     """Routing state and rules. Drive it with `handle_frames`, `disconnected`, `expire`
     and `send_failed`; commit the store, then send every `Outgoing` they return, in order.
+    A shell that calls `hold_presence` adds `take_presence()` once per turn instead.
     """
 
     def __init__(
@@ -288,8 +303,28 @@ class BrokerCore:
         self._send_budgets: dict[str, TokenBucket] = {}
         self._next_prune = 0
         self._pruning = False
+        # Joins, leaves and resumes since presence was last told, in order.
+        self._presence_events: list[_PresenceEvent] = []
+        self._hold_presence = False
 
     # Entry points
+
+    def hold_presence(self) -> None:
+        """From now on, keep joins and leaves until `take_presence` (once per turn)
+        instead of telling them in each entry point's reply."""
+        self._hold_presence = True
+
+    @property
+    def presence_pending(self) -> bool:
+        """Whether joins or leaves wait for `take_presence`."""
+        return bool(self._presence_events)
+
+    def login_cost(self) -> int:
+        """About how many messages and names a successful LOGIN now makes (its WELCOME's
+        online list, and a PRESENCE to each other user told): what a shell that bounds its
+        turns counts."""
+        online = len(self.registry)
+        return 1 + (2 * online if online < PRESENCE_BROADCAST_LIMIT else 0)
 
     def handle_frames(
         self,
@@ -302,6 +337,11 @@ class BrokerCore:
         """Handle one multipart message (routing id already stripped) from `peer`;
         `user_key` is its authenticated public key, `address` its IP address."""
         now = self._steady(now)
+        return self._told(self._handle_frames(peer, frames, now, user_key, address))
+
+    def _handle_frames(
+        self, peer: bytes, frames: list[bytes], now: Clock, user_key: str | None, address: str
+    ) -> list[Outgoing]:
         if self.require_keys and not user_key:
             log.warning("dropped a message with no authenticated key from %s", peer.hex())
             return []
@@ -332,7 +372,7 @@ class BrokerCore:
                 peer, now, ErrorCode.UNKNOWN_COMMAND, f"{message.COMMAND} is sent by brokers only"
             )
         try:
-            return self.handle(peer, message, now, user_key, address)
+            return self._handle(peer, message, now, user_key, address)
         except StoreUnavailable as exc:
             # Cluster mode with NATS out of reach: refuse, never acknowledge.
             log.warning("refused %s from %s: %s", message.COMMAND, peer.hex(), exc)
@@ -353,6 +393,11 @@ class BrokerCore:
     ) -> list[Outgoing]:
         """Handle one decoded client message from `peer` (see `handle_frames`)."""
         now = self._steady(now)
+        return self._told(self._handle(peer, message, now, user_key, address))
+
+    def _handle(
+        self, peer: bytes, message: ClientMessage, now: Clock, user_key: str | None, address: str
+    ) -> list[Outgoing]:
         if isinstance(message, Send):
             # The hot path first; SEND is limited per user, in `_send`.
             session = self.registry.by_peer(peer)
@@ -398,7 +443,7 @@ class BrokerCore:
         self._cut_off.discard(peer)
         for command in _RATE_CLASSES.values():
             self._command_budgets.pop((peer, command), None)
-        return self._end_session(peer, now, "disconnected")
+        return self._told(self._end_session(peer, now, "disconnected"))
 
     def expire(self, now: Clock) -> list[Outgoing]:
         """End sessions silent for longer than the heartbeat timeout, and apply retention.
@@ -423,7 +468,7 @@ class BrokerCore:
             self._pruning = not finished
             if removed:
                 log.info("retention removed %d old messages", removed)
-        return out
+        return self._told(out)
 
     def cluster_events(self, now: Clock) -> list[Outgoing]:
         """Apply what the other brokers of a cluster reported (see `cluster.py`) by the
@@ -464,7 +509,9 @@ class BrokerCore:
         ends (its mail waits for the next login)."""
         now = self._steady(now)
         if unreachable:
-            return self._end_session(failed.peer, now, "unreachable")
+            # Its leave is told with the turn's others, so a storm of departures found
+            # this way does not cascade into sends to peers that are gone too.
+            return self._told(self._end_session(failed.peer, now, "unreachable"))
         message = failed.message
         session = self.registry.by_peer(failed.peer)
         in_flight = session.in_flight if session is not None else {}
@@ -540,8 +587,9 @@ class BrokerCore:
         out = [Outgoing(peer, welcome), *told]
         out += self._fill_window(session, now, delayed=True)
         out += self._owed_receipts(session)
-        if not resumed and key not in self.cluster.online_elsewhere():
-            out += self._tell_presence(session, Presence(name, "joined", now.wall))
+        # Someone already online at another broker of the cluster is no news to anyone.
+        known_online = resumed or key in self.cluster.online_elsewhere()
+        self._note_presence(session, "resumed" if known_online else "joined", now)
         self.cluster.joined(key, name)
         return out
 
@@ -872,21 +920,83 @@ class BrokerCore:
             targets = [s for s in self.registry if key in s.contacts]
         return [Outgoing(s.peer, presence) for s in targets]
 
-    def _tell_presence(self, session: Session, presence: Presence) -> list[Outgoing]:
-        if len(self.registry) <= PRESENCE_BROADCAST_LIMIT:
-            targets = [s for s in self.registry if s.peer != session.peer]
-        else:
-            found = (self.registry.by_key(k) for k in session.contacts)
-            targets = [s for s in found if s is not None and s.peer != session.peer]
-        return [Outgoing(s.peer, presence) for s in targets]
+    def _note_presence(self, session: Session, kind: str, now: Clock) -> None:
+        event = _PresenceEvent(session, kind, now.wall, len(self.registry))
+        self._presence_events.append(event)
+
+    def _told(self, out: list[Outgoing]) -> list[Outgoing]:
+        """`out`, and the presence it caused unless presence is held for the turn."""
+        if self._hold_presence or not self._presence_events:
+            return out
+        return out + self.take_presence()
+
+    def take_presence(self) -> list[Outgoing]:
+        """PRESENCE for the joins and leaves since the last call, one per user whose
+        state changed for a recipient. A recipient's view was right at the turn's start,
+        or at its own WELCOME if it logged in during the turn (that WELCOME listed who
+        was online then); it hears each user whose state differs now, as the rule of
+        `PRESENCE_BROADCAST_LIMIT` allows. Only users online now are told."""
+        events, self._presence_events = self._presence_events, []
+        if not events:
+            return []
+        # Per user: its state at the turn's start, its events in order, its last event.
+        history: dict[str, list[tuple[int, bool]]] = defaultdict(list)
+        started_online: dict[str, bool] = {}
+        last: dict[str, _PresenceEvent] = {}
+        # Where each user's own view became right (the index of its latest login).
+        view_from: dict[bytes, int] = {}
+        for index, event in enumerate(events):
+            key = event.session.key
+            online = event.kind != "left"
+            started_online.setdefault(key, event.kind != "joined")
+            history[key].append((index, online))
+            last[key] = event
+            if online:
+                view_from[event.session.peer] = index
+        latest_view = max(view_from.values(), default=-1)
+        out: list[Outgoing] = []
+        for key, event in last.items():
+            online_now = event.kind != "left"
+            steps = history[key]
+            if started_online[key] == online_now and latest_view < steps[0][0]:
+                continue  # back where it started for everyone (a join then leave)
+            presence = Presence(event.session.name, "joined" if online_now else "left", event.at)
+            # The usual recipient's view was right at the turn's start.
+            changed_since_start = started_online[key] != online_now
+            for recipient in self._presence_targets(event):
+                since = view_from.get(recipient.peer)
+                if since is None:
+                    if changed_since_start and recipient.key != key:
+                        out.append(Outgoing(recipient.peer, presence))
+                    continue
+                if recipient.key == key:
+                    continue
+                was_online = started_online[key]
+                for index, online in steps:
+                    if index > since:
+                        break
+                    was_online = online
+                if was_online != online_now:
+                    out.append(Outgoing(recipient.peer, presence))
+        return out
+
+    def _presence_targets(self, event: _PresenceEvent) -> list[Session]:
+        """Who may hear of `event`'s user, online now (see PRESENCE_BROADCAST_LIMIT,
+        counted right after the event)."""
+        if event.online_after <= PRESENCE_BROADCAST_LIMIT:
+            return list(self.registry)
+        found = (self.registry.by_key(k) for k in event.session.contacts)
+        return [s for s in found if s is not None]
 
     def _end_session(self, peer: bytes, now: Clock, why: str) -> list[Outgoing]:
+        """End `peer`'s session; its leave is noted for `take_presence`."""
         session = self.registry.deregister(peer)
         if session is None:
             return []
         self.cluster.left(session.key)
         log.info("%s is offline (%s; %d online)", session.name, why, len(self.registry))
-        return self._tell_presence(session, Presence(session.name, "left", now.wall))
+        self._note_presence(session, "left", now)
+        return []
 
     def _steady(self, now: Clock) -> Clock:
         """`now` with its wall time held at the latest seen: after the machine's clock

@@ -2,7 +2,9 @@
 
 It owns all I/O and calls the pure `BrokerCore`; nothing here decides routing. Each
 loop turn drains up to `BATCH` messages, commits the store once (group commit), and only
-then sends what the core returned: an acknowledgement never precedes its commit.
+then sends what the core returned: an acknowledgement never precedes its commit. The
+turn's joins and leaves are told once, at its end (`BrokerCore.take_presence`), and a
+turn admits LOGINs only up to a bound of work (`TURN_LOGIN_WORK`).
 A socket monitor reports accepted and closed TCP connections, so a client that dies
 (even kill -9) goes offline at once instead of after the heartbeat timeout; the
 connection's file descriptor (ZMQ_SRCFD of its messages) ties a closed connection to its
@@ -60,6 +62,11 @@ TICK_MS = 100
 # this many bytes; the rest waits for the next turn. Replies are kept until the turn's
 # commit, so without it a turn of 8,192 HISTORY requests would hold a gigabyte at once.
 TURN_REPLY_BYTES = 16 * 2**20
+# A turn admits LOGINs until what they make (WELCOME's online list, PRESENCE to the others;
+# `BrokerCore.login_cost`) reaches this; later LOGINs, and whatever their connections sent
+# after them, wait for the next turn while everyone else's messages are handled now. A
+# login storm then costs a few tens of milliseconds per turn, not seconds.
+TURN_LOGIN_WORK = 4096
 _BIG_REPLIES = (HistoryPage, Online)
 
 
@@ -115,6 +122,7 @@ class BrokerServer:
         self._crash = crash_points or CrashPoints(None)
         self._keys = keys
         self.core = core
+        core.hold_presence()  # told once per turn (`take_presence`), merged and net
         self._clock = clock
         self._context = context or zmq.Context.instance()
         self._stopping = False
@@ -184,6 +192,9 @@ class BrokerServer:
                     outgoing += self.core.expire(now)
                     next_expiry = now.mono + TICK_MS
                 outgoing += self.core.cluster_events(now)  # (a single broker has none)
+                # Leaves found by the last turn's failed sends are told now, with this
+                # turn's: never to a peer already known gone.
+                outgoing += self.core.take_presence()
                 self.core.store.commit()
                 if self._queues:
                     outgoing += self._flush_backlogs(now)
@@ -200,7 +211,7 @@ class BrokerServer:
 
     def _poll_timeout_ms(self) -> int:
         """Until the next housekeeping tick, or sooner when a backlog is due."""
-        if self._carried:
+        if self._carried or self.core.presence_pending:
             return 0
         due = self._queues.next_retry_ms() if self._queues else None
         if due is None:
@@ -250,19 +261,35 @@ class BrokerServer:
         outgoing: list[Outgoing] = []
         known = self._connections.knows
         reply_bytes = 0
-        for index, (first, frames, extra) in enumerate(received):
+        login_work = 0
+        # Connections with a LOGIN left for the next turn: the rest of what they sent
+        # waits too, so each connection's messages keep their order.
+        waiting: set[bytes] = set()
+        carried = self._carried
+        for index, received_message in enumerate(received):
             if reply_bytes > TURN_REPLY_BYTES:
                 # Big replies are held until the turn ends: stop making them here, send
                 # these, and handle the rest next turn (each connection's own rate limits
                 # do not bound what many connections ask for in one turn).
-                self._carried = received[index:]
+                carried += received[index:]
                 break
+            first, frames, extra = received_message
             peer = first.bytes
+            command = frames[1] if len(frames) > 1 else b""
+            if waiting and peer in waiting:
+                carried.append(received_message)
+                continue
+            if command == _LOGIN:
+                cost = self.core.login_cost()
+                if login_work and login_work + cost > TURN_LOGIN_WORK:
+                    waiting.add(peer)
+                    carried.append(received_message)
+                    continue
+                login_work += cost
             if not known(peer):
                 outgoing += self._note_connection(peer, first)
             if extra:
                 log.info("dropped %d surplus frames from %s", extra, peer.hex())
-            command = frames[1] if len(frames) > 1 else b""
             # The address only matters to LOGIN (registration limits): not read for the rest.
             user_key, address = self._credentials(first, with_address=command == _LOGIN)
             if command == _LOGIN:
@@ -274,6 +301,8 @@ class BrokerServer:
                 if isinstance(out.message, _BIG_REPLIES):
                     reply_bytes += _size_bound(out.message)
             outgoing += replies
+        if waiting:
+            log.debug("%d LOGINs wait for the next turn (login work per turn)", len(waiting))
         return outgoing
 
     def _credentials(self, frame: zmq.Frame, with_address: bool) -> tuple[str | None, str]:
@@ -369,10 +398,20 @@ class BrokerServer:
         delivered_after_welcome: dict[bytes, int] = {}
         count_logins = self._crash.armed("mid_login")
         queues = self._queues
+        # One PRESENCE goes to many peers: encode each message object once.
+        encoded: dict[int, list[bytes]] = {}
+        # Peers found gone in this call, and how many messages were not sent to them.
+        gone: set[bytes] = set()
+        unsent = 0
         for out in outgoing:
+            if gone and out.peer in gone:
+                unsent += 1
+                continue
             if count_logins:
                 self._count_login_delivery(out, delivered_after_welcome)
-            frames = codec.encode(out.message)
+            frames = encoded.get(id(out.message))
+            if frames is None:
+                frames = encoded[id(out.message)] = codec.encode(out.message)
             if out.peer in queues:
                 # Behind what already waits for this peer, so the order holds.
                 if queues.add(out, frames, now.mono):
@@ -385,7 +424,9 @@ class BrokerServer:
             unreachable = error == _EHOSTUNREACH
             if unreachable:
                 queues.drop(out.peer)
-                log.warning("could not send %s to %s: gone", out.message.COMMAND, out.peer.hex())
+                gone.add(out.peer)
+                unsent += 1
+                log.debug("could not send %s to %s: gone", out.message.COMMAND, out.peer.hex())
             else:
                 log.debug(
                     "dropped %s for %s: %d bytes already wait for it",
@@ -396,3 +437,6 @@ class BrokerServer:
             follow_up = self.core.send_failed(out, unreachable, now)
             if retry:
                 self._send_all(follow_up, now, retry=False)
+        if gone:
+            # Once per turn: a storm of departures would otherwise log a line per message.
+            log.warning("could not send %d messages to %d peers that are gone", unsent, len(gone))

@@ -262,6 +262,8 @@ def _to_json_value(value: Any) -> Any:
             if getattr(value, field.name) is not None
         }
     if isinstance(value, tuple | list):
+        if all(type(item) is str for item in value):
+            return value  # names (WELCOME, ONLINE): orjson writes a tuple as an array
         return [_to_json_value(item) for item in value]
     return value
 

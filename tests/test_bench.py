@@ -150,3 +150,15 @@ def test_the_login_storm_is_measured_against_the_quiet_broker(tmp_path):
     assert result["storm_samples"] >= 1
     assert 0 < result["storm_p50_us"] <= result["storm_p99_us"] <= result["storm_max_us"]
     assert result["storm_p99_to_quiet_p99"] > 0
+
+
+def test_the_disconnect_storm_reports_round_trips_and_loop_turns(tmp_path):
+    from bench.disconnect_storm import measure
+
+    result = measure(tmp_path, clients=20, count=30, after=0.5)
+    assert result["clients"] == 20
+    assert result["storm_samples"] >= 1
+    assert 0 < result["storm_p99_us"] <= result["storm_max_us"]
+    # The timed broker wrote its turns: at least one per round trip handled.
+    assert int(result["turns"]) >= int(result["storm_samples"])
+    assert float(result["storm_longest_turn_ms"]) >= 0

@@ -41,7 +41,7 @@ def wait_until_online(client: Client, name: str, timeout: float = 10.0) -> None:
     while time.monotonic() < deadline:
         if name in client.online_users():
             return
-        client.poll(0.1)
+        client.poll(0.6)  # the broker answers WHO 2 times a second per connection
     raise AssertionError(f"{name} never came online")
 
 

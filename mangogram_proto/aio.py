@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import zmq
@@ -87,11 +88,13 @@ class AsyncConnection:
         self._wakeup.set()
         return message_id
 
-    def confirm(self, message: IncomingMessage) -> None:
+    def confirm(self, message: IncomingMessage, after: Iterable[str] = ()) -> None:
         """Say that the application is done with `message` (shown, stored, answered).
         Only confirmed messages are confirmed to the broker; the others come again at
-        the next login, also after the process died."""
-        self.session.confirm(message.seq, wall_clock_ms())
+        the next login, also after the process died. With `after` (ids of texts sent
+        for it, such as a reply), the broker hears of it only once those texts are
+        accepted or refused for good."""
+        self.session.confirm(message.seq, wall_clock_ms(), after=after)
         self._wakeup.set()
 
     def request_online(self) -> None:

@@ -29,7 +29,8 @@ wait, so order holds. After the last failed run the message is logged as given u
 confirmed, so that one bad message cannot stop the bot for ever. A bot stopped (or
 killed) meanwhile gets it again at its next start, as it gets every message it had
 received but not finished: `stop()` lets the handler at work finish (for up to
-STOP_GRACE_S seconds) and leaves the rest of the queue unconfirmed.
+STOP_GRACE_S seconds), gives replies still queued up to STOP_GRACE_S seconds to be
+accepted, and leaves the rest of the queue unconfirmed.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ from .session import ClientSession
 
 log = logging.getLogger(__name__)
 
-# How long stop() waits for a running handler before leaving anyway; that message then
-# stays unconfirmed and comes again.
+# How long stop() waits for a running handler before leaving anyway (that message then
+# stays unconfirmed and comes again), and for queued replies to be accepted.
 STOP_GRACE_S = 5.0
 
 
@@ -156,8 +157,9 @@ class Bot:
 
     def stop(self) -> None:
         """Leave the broker and make `run_async()` return. A handler at work finishes
-        first (for up to STOP_GRACE_S seconds); messages still queued stay unconfirmed
-        and come again at the next start."""
+        first (for up to STOP_GRACE_S seconds), and replies not yet accepted get up to
+        STOP_GRACE_S seconds more; messages still queued stay unconfirmed and come again
+        at the next start."""
         if self._stopping is not None:
             self._stopping.set()
         connection = self._connection
@@ -170,9 +172,15 @@ class Bot:
         if self._handling and loop is not None:
             # The worker leaves once the handler returns; a handler that hangs must not
             # keep the bot from stopping.
-            loop.call_later(STOP_GRACE_S, connection.stop)
+            loop.call_later(STOP_GRACE_S, self._stop_connection, connection)
         else:
-            connection.stop()
+            self._stop_connection(connection)
+
+    @staticmethod
+    def _stop_connection(connection: AsyncConnection) -> None:
+        # Replies still queued get a grace period: left behind, their messages would
+        # come again at the next start and be answered twice.
+        connection.stop(drain=STOP_GRACE_S)
 
     def run(self) -> None:
         """Run until `stop()`, Ctrl-C or SIGTERM (blocking); leaves the broker politely."""
@@ -255,7 +263,7 @@ class Bot:
                         log.exception("handler failed on %r", event)
             finally:
                 self._handling = False
-        connection.stop()
+        self._stop_connection(connection)
 
     async def _handle_message(self, message: IncomingMessage) -> bool:
         """Run the handlers for `message`, again after a failure; True once it may be

@@ -10,7 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .constants import DEFAULT_ENDPOINT, PROTOCOL_VERSION, SIGNATURE
-from .errors import BrokerRefused, ErrorCode, LocalProtocolError, RemoteProtocolError
+from .errors import (
+    BrokerRefused,
+    ErrorCode,
+    LocalProtocolError,
+    RemoteProtocolError,
+    UnsentMessagesError,
+)
 from .events import IncomingMessage
 from .session import ClientSession, State
 
@@ -31,6 +37,7 @@ __all__ = [
     "LocalProtocolError",
     "RemoteProtocolError",
     "State",
+    "UnsentMessagesError",
 ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import zmq
@@ -75,6 +76,7 @@ class AsyncConnection:
         self._socket: zmq.asyncio.Socket | None = None
         self._wakeup = asyncio.Event()
         self._stopping = False
+        self._drain_until: int | None = None
         self._reconnect_at: int | None = None
 
     @property
@@ -87,11 +89,13 @@ class AsyncConnection:
         self._wakeup.set()
         return message_id
 
-    def confirm(self, message: IncomingMessage) -> None:
+    def confirm(self, message: IncomingMessage, after: Iterable[str] = ()) -> None:
         """Say that the application is done with `message` (shown, stored, answered).
         Only confirmed messages are confirmed to the broker; the others come again at
-        the next login, also after the process died."""
-        self.session.confirm(message.seq, wall_clock_ms())
+        the next login, also after the process died. With `after` (ids of texts sent
+        for it, such as a reply), the broker hears of it only once those texts are
+        accepted or refused for good."""
+        self.session.confirm(message.seq, wall_clock_ms(), after=after)
         self._wakeup.set()
 
     def request_online(self) -> None:
@@ -109,8 +113,13 @@ class AsyncConnection:
         self.session.request_history(peer, limit, before, wall_clock_ms())
         self._wakeup.set()
 
-    def stop(self) -> None:
-        """Leave the broker (waiting up to 1 s for GOODBYE) and make `run()` return."""
+    def stop(self, *, drain: float = 0.0) -> None:
+        """Leave the broker (waiting up to 1 s for GOODBYE) and make `run()` return.
+
+        With `drain`, texts still in the outbox get up to that many seconds to be
+        accepted (or refused) before the LEAVE; a later call can only shorten that."""
+        until = wall_clock_ms() + int(drain * 1000)
+        self._drain_until = until if self._drain_until is None else min(self._drain_until, until)
         self._stopping = True
         self._wakeup.set()
 
@@ -155,7 +164,7 @@ class AsyncConnection:
         leave_deadline: int | None = None
         while True:
             now = wall_clock_ms()
-            if self._stopping and leave_deadline is None:
+            if self._stopping and leave_deadline is None and self._drained(now):
                 self.session.leave(now)
                 leave_deadline = now + 1000
             if self.session.state is State.CLOSED or (
@@ -193,9 +202,14 @@ class AsyncConnection:
             await asyncio.wait_for(self._wakeup.wait(), wait_ms / 1000)
         self._wakeup.clear()
 
+    def _drained(self, now: int) -> bool:
+        """May a stopping connection leave: outbox answered, or no time left for it?"""
+        return not self.session.outbox_size or now >= (self._drain_until or 0)
+
     def _wait_ms(self, now: int, leave_deadline: int | None) -> int:
         candidates = [1000]
-        for deadline in (self.session.next_deadline(), self._reconnect_at, leave_deadline):
+        drain = self._drain_until if leave_deadline is None else None
+        for deadline in (self.session.next_deadline(), self._reconnect_at, leave_deadline, drain):
             if deadline is not None:
                 candidates.append(max(0, deadline - now + 1))
         return min(candidates)

@@ -13,24 +13,36 @@ Handlers run one message at a time, in arrival order, in a task of their own, so
 handler never delays heartbeats. The bot reconnects with backoff and logs in again on
 its own; texts not yet accepted by the broker are resent with their original ids.
 
-A message is confirmed to the broker only after every handler returned for it. If a
+A message is confirmed to the broker only after every handler returned for it and the
+broker accepted every text the bot sent on its behalf: the string a handler returned,
+and each `bot.send()` made while a handler ran for it (also from tasks it started). A
+text refused for good (say `unknown_recipient`) is logged and ends the wait too.
+Confirmations stay in order: a later message is confirmed only after the earlier ones.
+So a bot killed between handling a message and the broker accepting its reply gets
+that message again at its next start and answers it again: every message is answered
+at least once, and a user may get a reply twice (at-least-once).
+
+If a
 handler raises, the message stays unconfirmed and all handlers run for it again after
 `retry_delay` seconds (doubling), up to `handler_attempts` runs in all; later messages
 wait, so order holds. After the last failed run the message is logged as given up and
 confirmed, so that one bad message cannot stop the bot for ever. A bot stopped (or
 killed) meanwhile gets it again at its next start, as it gets every message it had
 received but not finished: `stop()` lets the handler at work finish (for up to
-STOP_GRACE_S seconds) and leaves the rest of the queue unconfirmed.
+STOP_GRACE_S seconds), gives replies still queued up to STOP_GRACE_S seconds to be
+accepted, and leaves the rest of the queue unconfirmed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import loops
@@ -38,15 +50,30 @@ from .aio import AsyncConnection
 from .backoff import Backoff
 from .constants import DEFAULT_ENDPOINT
 from .errors import BrokerRefused
-from .events import Event, IncomingMessage, LoggedIn
+from .events import Event, IncomingMessage, LoggedIn, MessageFailed
 from .keys import KeyPair, SecurityRequest
 from .session import ClientSession
 
 log = logging.getLogger(__name__)
 
-# How long stop() waits for a running handler before leaving anyway; that message then
-# stays unconfirmed and comes again.
+# How long stop() waits for a running handler before leaving anyway (that message then
+# stays unconfirmed and comes again), and for queued replies to be accepted.
 STOP_GRACE_S = 5.0
+
+
+@dataclass
+class _Handling:
+    """The message whose handlers run in this context, and the texts sent for it."""
+
+    bot: Bot
+    sent: list[str] = field(default_factory=list)
+
+
+# Set while handlers run for a message; tasks a handler starts inherit it, so their
+# sends count as sent for that message too.
+_handling: contextvars.ContextVar[_Handling | None] = contextvars.ContextVar(
+    "mangogram_bot_handling", default=None
+)
 
 MessageHandler = Callable[[IncomingMessage], Awaitable[str | None]]
 EventHandler = Callable[[Event], Awaitable[None]]
@@ -68,6 +95,10 @@ class Bot:
         handler_attempts: how many times the handlers run for a message that makes one
             of them raise, before the message is given up (logged and confirmed).
         retry_delay: seconds before the second run; doubled for each further one.
+
+    A message is confirmed only after its handlers returned and the broker accepted
+    (or refused for good) every text sent for it, so replies are at least once: a bot
+    killed in between answers the message again after its restart.
     """
 
     def __init__(
@@ -113,15 +144,22 @@ class Bot:
         return handler
 
     def send(self, to: str, text: str) -> str:
-        """Queue a message to `to`; returns its id. Call it while the bot runs."""
+        """Queue a message to `to`; returns its id. Call it while the bot runs. Called
+        from a handler (or a task it started), the incoming message is confirmed only
+        once the broker has accepted this text too."""
         if self._connection is None:
             raise RuntimeError("the bot is not running")
-        return self._connection.send_text(to, text)
+        message_id = self._connection.send_text(to, text)
+        handling = _handling.get()
+        if handling is not None and handling.bot is self:
+            handling.sent.append(message_id)
+        return message_id
 
     def stop(self) -> None:
         """Leave the broker and make `run_async()` return. A handler at work finishes
-        first (for up to STOP_GRACE_S seconds); messages still queued stay unconfirmed
-        and come again at the next start."""
+        first (for up to STOP_GRACE_S seconds), and replies not yet accepted get up to
+        STOP_GRACE_S seconds more; messages still queued stay unconfirmed and come again
+        at the next start."""
         if self._stopping is not None:
             self._stopping.set()
         connection = self._connection
@@ -134,9 +172,15 @@ class Bot:
         if self._handling and loop is not None:
             # The worker leaves once the handler returns; a handler that hangs must not
             # keep the bot from stopping.
-            loop.call_later(STOP_GRACE_S, connection.stop)
+            loop.call_later(STOP_GRACE_S, self._stop_connection, connection)
         else:
-            connection.stop()
+            self._stop_connection(connection)
+
+    @staticmethod
+    def _stop_connection(connection: AsyncConnection) -> None:
+        # Replies still queued get a grace period: left behind, their messages would
+        # come again at the next start and be answered twice.
+        connection.stop(drain=STOP_GRACE_S)
 
     def run(self) -> None:
         """Run until `stop()`, Ctrl-C or SIGTERM (blocking); leaves the broker politely."""
@@ -194,16 +238,32 @@ class Bot:
             self._handling = True
             try:
                 if isinstance(event, IncomingMessage):
-                    if await self._handle_message(event):
-                        connection.confirm(event)
+                    handling = _Handling(self)
+                    token = _handling.set(handling)
+                    try:
+                        handled = await self._handle_message(event)
+                    finally:
+                        _handling.reset(token)
+                    if handled:
+                        # Confirmed once the replies are accepted: a kill before that
+                        # brings the message (and so its answer) again.
+                        connection.confirm(event, after=handling.sent)
                 else:
+                    if isinstance(event, MessageFailed):
+                        log.warning(
+                            "message %s to %s refused for good (%s): %s",
+                            event.id,
+                            event.to,
+                            event.code,
+                            event.message,
+                        )
                     try:
                         await self._dispatch(event)
                     except Exception:
                         log.exception("handler failed on %r", event)
             finally:
                 self._handling = False
-        connection.stop()
+        self._stop_connection(connection)
 
     async def _handle_message(self, message: IncomingMessage) -> bool:
         """Run the handlers for `message`, again after a failure; True once it may be

@@ -16,6 +16,13 @@ unconfirmed. Messages you only see through `next_event()` are confirmed by
 The client does its network work (heartbeats, reconnects, receipts) only while one of
 its methods runs, so a script that stays away for longer than the heartbeat timeout is
 logged out by the broker; the next call notices and logs in again by itself.
+
+Closing: `send(..., wait=False)` only queues a text. `close()` (and leaving a `with`
+block) first waits, up to its `timeout` (10 s by default), until the broker has accepted
+or refused for good every queued text (refusals are logged), and only then leaves. Texts
+still unanswered after that raise `UnsentMessagesError` naming their ids, once the client
+is closed; when the `with` block already ends with an exception, they are logged instead,
+so that exception is not hidden.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .backoff import Backoff
 from .constants import DEFAULT_ENDPOINT
-from .errors import BrokerRefused, ErrorCode, RemoteProtocolError
+from .errors import BrokerRefused, ErrorCode, RemoteProtocolError, UnsentMessagesError
 from .events import (
     ConnectionLost,
     Event,
@@ -67,6 +74,8 @@ MAX_EVENTS_KEPT = 10_000
 # While messages wait in the inbox, a RECEIPT goes out at least every this many confirmed
 # messages (the broker's delivery window is 256), else when the inbox runs empty.
 RECEIPT_EVERY = 64
+# How long close() waits for the broker's GOODBYE after LEAVE.
+LEAVE_WAIT_S = 1.0
 
 
 class Client:
@@ -118,6 +127,8 @@ class Client:
         self._history: HistoryReceived | None = None
         self._refused: LoginRefused | None = None
         self._logged_in: LoggedIn | None = None
+        # Set by close(): refusals nobody waits for any more are logged.
+        self._closing = False
 
     # Lifecycle
 
@@ -128,7 +139,13 @@ class Client:
 
     def __exit__(self, exc_type: object, *exc_info: object) -> None:
         # An exception means the message in hand was not handled: leave it unconfirmed.
-        self.close(confirm=exc_type is None)
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close(confirm=False)
+        except UnsentMessagesError as exc:
+            log.warning("closing after an error: %s", exc)  # do not hide the first one
 
     @property
     def name(self) -> str:
@@ -158,18 +175,33 @@ class Client:
         assert self._logged_in is not None  # _pump returned on the condition above
         return self._logged_in
 
-    def close(self, timeout: float = 1.0, *, confirm: bool = True) -> None:
-        """Leave politely (waiting up to `timeout` s for the broker) and close the socket.
+    def close(self, timeout: float = 10.0, *, confirm: bool = True) -> None:
+        """Send what is queued, leave politely and close the socket.
 
-        With `confirm` (the default) the message last returned by `receive()` is
-        confirmed first; pass False if it was not handled, to get it again next time."""
+        Waits up to `timeout` seconds for the broker to accept (or refuse for good, which
+        is logged) every text still in the outbox, for example those sent with
+        `wait=False`, reconnecting if need be; then leaves, waiting up to 1 s more for
+        the broker's GOODBYE. With `confirm` (the default) the message last returned by
+        `receive()` is confirmed first; pass False if it was not handled, to get it
+        again next time.
+
+        Raises:
+            UnsentMessagesError: texts still unanswered after `timeout` (its `ids`);
+                the client is closed all the same.
+        """
         if confirm:
             self._confirm_taken()
+        self._closing = True
+        if self.session.outbox_size and (self._socket or self._reconnect_at is not None):
+            self._pump(timeout, lambda: not self.session.outbox_size or self._refused)
         if self._socket is not None and self.session.state is State.ONLINE:
             self.session.leave(self._clock())
-            self._pump(timeout, lambda: self.session.state is State.CLOSED)
+            self._pump(LEAVE_WAIT_S, lambda: self.session.state is State.CLOSED)
         self.session.state = State.CLOSED
         self._close_socket()
+        unsent = [send.id for send in self.session.unacknowledged]
+        if unsent:
+            raise UnsentMessagesError(unsent, timeout)
 
     # Messaging
 
@@ -393,6 +425,8 @@ class Client:
     def _dispatch(self, event: Event, now: int) -> None:
         if isinstance(event, IncomingMessage):
             self._inbox.append(event)
+        if isinstance(event, MessageFailed) and self._closing:
+            log.warning("message %s to %s refused: %s", event.id, event.to, event.message)
         if isinstance(event, MessageAccepted | MessageFailed) and event.id in self._waiting:
             self._results[event.id] = event
         elif isinstance(event, OnlineUsers):
@@ -412,4 +446,4 @@ class Client:
         self._events.append(event)
 
 
-__all__ = ["Client", "BrokerRefused", "ErrorCode"]
+__all__ = ["Client", "BrokerRefused", "ErrorCode", "UnsentMessagesError"]

@@ -112,3 +112,17 @@ class BrokerRefused(ProtocolError):
         super().__init__(known, f"{code}: {message}", ref)
         self.wire_code = str(code.value if isinstance(code, ErrorCode) else code)
         self.retry_after_ms = retry_after_ms
+
+
+class UnsentMessagesError(TimeoutError):
+    """`Client.close()` gave up waiting for texts the broker had not yet answered.
+
+    `ids` names them, oldest first. The client is closed all the same; each of them was
+    sent at most as far as the socket, and may or may not have been stored."""
+
+    def __init__(self, ids: list[str], timeout: float) -> None:
+        super().__init__(
+            f"{len(ids)} message(s) not accepted by the broker within {timeout} s of closing:"
+            f" {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}"
+        )
+        self.ids = ids

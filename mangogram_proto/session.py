@@ -23,7 +23,9 @@ in-flight slot is always freed, even by a broker that drops its answers.
 Incoming messages are de-duplicated by stream seq. Two contiguous marks are kept: what
 has been received (for dropping repeats) and what the application has confirmed it
 finished with (`confirm`). Only the second goes into RECEIPT and LOGIN.resume_from,
-so a process that dies holding messages it has not handled gets them again. A RECEIPT
+so a process that dies holding messages it has not handled gets them again. A message
+can also be confirmed `after` texts sent for it (a bot's reply): it then counts as
+finished only once those texts have been accepted or refused for good. A RECEIPT
 goes out with the next frames after the confirmed mark moves, and for every repeated
 DELIVER (the broker is resending, so an earlier RECEIPT may have been lost).
 """
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -161,6 +163,10 @@ class ClientSession:
         # what RECEIPT and resume_from carry. `_confirmed_above`: confirmed beyond a gap.
         self._confirmed_mark: int | None = None
         self._confirmed_above: set[int] = set()
+        # Confirmations that wait for texts sent on the message's behalf (its reply):
+        # seq -> ids still in the outbox, and each such id -> its seq.
+        self._held_confirms: dict[int, set[str]] = {}
+        self._holding_text: dict[str, int] = {}
         self._receipt_due = False
         # Ids of the texts on the wire awaiting an answer (a set, so that freeing a slot
         # twice cannot miscount).
@@ -229,23 +235,31 @@ class ClientSession:
         self._flush_outbox(now)
         return message_id
 
-    def confirm(self, seq: int, now: int) -> None:
+    def confirm(self, seq: int, now: int, *, after: Iterable[str] = ()) -> None:
         """The application has finished with the incoming message at stream `seq` (shown
         it, written it out, handled it). Confirm each message once it is done, in any
         order: a RECEIPT confirms only up to the first message not yet finished, and
         whatever was received but not confirmed comes again at the next login, also in
-        another process. A seq that was never received is ignored."""
-        received = seq <= (self._stream_mark or 0) or seq in self._above_mark
-        mark = self._confirmed_mark or 0
-        if not received or seq <= mark or seq in self._confirmed_above:
+        another process. A seq that was never received is ignored.
+
+        `after` names texts sent on the message's behalf (a bot's reply): the message
+        counts as finished only once each of them has left the outbox, accepted by the
+        broker or refused for good (`MessageAccepted` or `MessageFailed`). A process that
+        dies before then gets the message again and can answer it again."""
+        waiting = {message_id for message_id in after if message_id in self._outbox}
+        if waiting:
+            self._held_confirms.setdefault(seq, set()).update(waiting)
+            for message_id in waiting:
+                self._holding_text[message_id] = seq
             return
-        self._confirmed_above.add(seq)
-        while mark + 1 in self._confirmed_above:
-            mark += 1
-            self._confirmed_above.discard(mark)
-        if mark != (self._confirmed_mark or 0):
-            self._confirmed_mark = mark
-            self._receipt_due = True
+        if seq in self._held_confirms:
+            return  # confirmed again while its texts are still on their way
+        self._confirm_now(seq)
+
+    def held_confirms(self) -> dict[int, frozenset[str]]:
+        """Messages handled but not yet confirmed because texts sent for them (seq ->
+        their ids) are not yet accepted."""
+        return {seq: frozenset(ids) for seq, ids in self._held_confirms.items()}
 
     def request_online(self, now: int) -> None:
         """Ask who is online; the answer arrives as `OnlineUsers`."""
@@ -362,6 +376,33 @@ class ClientSession:
 
     # Internals
 
+    def _confirm_now(self, seq: int) -> None:
+        received = seq <= (self._stream_mark or 0) or seq in self._above_mark
+        mark = self._confirmed_mark or 0
+        if not received or seq <= mark or seq in self._confirmed_above:
+            return
+        self._confirmed_above.add(seq)
+        while mark + 1 in self._confirmed_above:
+            mark += 1
+            self._confirmed_above.discard(mark)
+        if mark != (self._confirmed_mark or 0):
+            self._confirmed_mark = mark
+            self._receipt_due = True
+
+    def _left_outbox(self, message_id: str) -> None:
+        """Text `message_id` was accepted or given up: a confirmation waiting for it may
+        go ahead."""
+        seq = self._holding_text.pop(message_id, None)
+        if seq is None:
+            return
+        waiting = self._held_confirms.get(seq)
+        if waiting is None:
+            return
+        waiting.discard(message_id)
+        if not waiting:
+            del self._held_confirms[seq]
+            self._confirm_now(seq)
+
     def _queue_due_receipt(self, now: int) -> None:
         if self._receipt_due and self.state is State.ONLINE:
             self._receipt_due = False
@@ -385,6 +426,7 @@ class ClientSession:
             pending.transmitted = False
             if pending.attempts >= MAX_SEND_ATTEMPTS:
                 del self._outbox[message_id]
+                self._left_outbox(message_id)
                 reason = f"no answer from the broker after {pending.attempts} attempts"
                 events.append(MessageFailed(message_id, pending.send.to, NO_ANSWER, reason))
         return events
@@ -463,6 +505,7 @@ class ClientSession:
             pending = self._outbox.pop(message_id, None)
             if pending is None:
                 continue  # a repeated acknowledgement
+            self._left_outbox(message_id)
             events.append(MessageAccepted(message_id, broker_id, accepted.accepted_at))
         self._flush_outbox(now)
         return events
@@ -525,6 +568,7 @@ class ClientSession:
                 return [BrokerError(error.code, error.message, error.retry_after_ms)]
             if error.code in _FINAL_SEND_ERRORS or pending.attempts >= MAX_SEND_ATTEMPTS:
                 del self._outbox[pending.send.id]
+                self._left_outbox(pending.send.id)
                 return [MessageFailed(pending.send.id, pending.send.to, error.code, error.message)]
             # Any other refusal naming the text: try it again later, a bounded number of
             # times.

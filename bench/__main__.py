@@ -1,4 +1,4 @@
-"""`python -m bench`: MangoGram against the limit and the old design, in one run.
+"""`python -m bench`: MangoGram against the limit, the old design and Prosody, in one run.
 
     python -m bench            # N = 1, 10, 100, 1000, latency, memory at 1,000 and 10,000
     python -m bench --quick    # N = 100 and latency only (under a minute)
@@ -6,10 +6,13 @@
     python -m bench --repeat 3 # each throughput run three times, systems in turns; medians
     python -m bench --storm-only --storm 1000   # only the login storm (below)
 
-Systems: the MangoGram broker as shipped (durability full), with durability normal, and
-with its store in memory (a reference for what durability costs: nothing on disk); the
-limit (a bare pyzmq ROUTER, `bench.limit_router`); and the old design (a thread per
-client, `bench.thread_server`).
+Systems: the MangoGram broker as shipped (CurveZMQ, durability full), with durability
+normal, with its store in memory (a reference for what durability costs: nothing on
+disk) and with --insecure-plaintext; the limit (a bare pyzmq ROUTER,
+`bench.limit_router`), in plaintext (`limit`) and with CurveZMQ on every connection
+(`limit-curve`, the fair limit for the shipped broker); the old design (a thread per
+client, `bench.thread_server`); and Prosody, an XMPP server with TLS and offline storage
+(`bench.prosody`), skipped with a line saying so where it is not installed.
 
 Every system runs in its own process with the same load generator (`bench.load`) in
 another; the server's CPU time comes from the OS (psutil), sampled when the generator

@@ -3,8 +3,8 @@
     python -m bench.load SYSTEM ENDPOINT MODE [options]   (ends with one JSON object)
 
 SYSTEM is mangogram, limit, limit-curve, thread-server or prosody; MODE is throughput
-(N sender->receiver pairs, `--inflight` messages outstanding per pair, counted over a window after a
-warm-up), rtt (one pair, one message at a time, each answered: round-trip samples) or
+(N sender->receiver pairs, `--inflight` messages outstanding per pair, counted over a
+window after a warm-up), rtt (one pair, one message at a time, each answered: round-trip samples) or
 idle (log `--clients` in, report the time, then wait for stdin to close). Throughput
 prints a line as its measured window starts and another as it ends, so that whoever runs
 it can sample the server's CPU time over exactly that window. Every loop is

@@ -193,6 +193,7 @@ class XmppClient(Client):
             raise SystemExit("the XMPP server offers no STARTTLS")
         self.sock.sendall(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
         self.until(b"<proceed")
+        self.until(b">")  # the whole tag: TLS starts right after it
         self.buffer = b""
         self.sock = TLS_CONTEXT.wrap_socket(raw, server_hostname=domain)
         self.open_stream()

@@ -66,6 +66,15 @@ class Prosody:
     endpoint: str
     config: Path
 
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it is still closing streams after 10 s."""
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
     def register(self, names: list[str]) -> None:
         """Create the users, all in one `prosodyctl shell` run over its admin socket."""
         script = "".join(

@@ -112,8 +112,7 @@ def test_prosody_delivers_over_tls_and_stores_for_offline_users(tmp_path):
         alice.sock.close()
         bob.sock.close()
     finally:
-        server.process.terminate()
-        server.process.wait(10)
+        server.stop()
 
 
 @needs_prosody
@@ -125,5 +124,4 @@ def test_a_wrong_password_is_refused_by_prosody(tmp_path):
         with pytest.raises(SystemExit, match="refused the login"):
             XmppClient(host, int(port), "carol", XMPP_DOMAIN, "not-the-password")
     finally:
-        server.process.terminate()
-        server.process.wait(10)
+        server.stop()

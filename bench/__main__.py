@@ -1,4 +1,4 @@
-"""`python -m bench`: MangoGram against the limit and the old design, in one run.
+"""`python -m bench`: MangoGram against the limit, the old design and Prosody, in one run.
 
     python -m bench            # N = 1, 10, 100, 1000, latency, memory at 1,000 and 10,000
     python -m bench --quick    # N = 100 and latency only (under a minute)
@@ -6,10 +6,13 @@
     python -m bench --repeat 3 # each throughput run three times, systems in turns; medians
     python -m bench --storm-only --storm 1000   # only the login storm (below)
 
-Systems: the MangoGram broker as shipped (durability full), with durability normal, and
-with its store in memory (a reference for what durability costs: nothing on disk); the
-limit (a bare pyzmq ROUTER, `bench.limit_router`); and the old design (a thread per
-client, `bench.thread_server`).
+Systems: the MangoGram broker as shipped (CurveZMQ, durability full), with durability
+normal, with its store in memory (a reference for what durability costs: nothing on
+disk) and with --insecure-plaintext; the limit (a bare pyzmq ROUTER,
+`bench.limit_router`), in plaintext (`limit`) and with CurveZMQ on every connection
+(`limit-curve`, the fair limit for the shipped broker); the old design (a thread per
+client, `bench.thread_server`); and Prosody, an XMPP server with TLS and offline storage
+(`bench.prosody`), skipped with a line saying so where it is not installed.
 
 Every system runs in its own process with the same load generator (`bench.load`) in
 another; the server's CPU time comes from the OS (psutil), sampled when the generator
@@ -37,10 +40,14 @@ from typing import IO
 
 import psutil
 
-from bench.load import WINDOW_END, WINDOW_START
+from bench import prosody
+from bench.load import WINDOW_END, WINDOW_START, rtt_names, throughput_names
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ("mangogram", "mangogram-normal", "mangogram-memory", "limit", "thread-server")
+SYSTEMS = (
+    "mangogram", "mangogram-normal", "mangogram-memory", "mangogram-plaintext", "limit",
+    "limit-curve", "thread-server", "prosody",
+)  # fmt: skip
 # Limits a real deployment keeps are opened up so they do not throttle the load itself.
 BROKER_BENCH_FLAGS = [
     "--rate-per-second", "1000000000", "--rate-burst", "1000000000",
@@ -55,6 +62,13 @@ class Server:
     process: subprocess.Popen[str]
     endpoint: str
     server_key: str | None = None
+    xmpp: prosody.Prosody | None = None
+
+    def register(self, names: list[str]) -> None:
+        """Users the generator will log in as; only Prosody needs them made beforehand
+        (MangoGram registers a name at its first login, the others take any name)."""
+        if self.xmpp is not None:
+            self.xmpp.register(names)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -80,6 +94,8 @@ def start_server(system: str, data_dir: Path) -> Server:
             "--key-bind", "tcp://127.0.0.1:*", "--data", str(data_dir),
             "--durability", durability, *BROKER_BENCH_FLAGS[:-2], "--log-level", "INFO",
         ]  # fmt: skip
+        if system == "mangogram-plaintext":  # measured against the plaintext limit
+            command.append("--insecure-plaintext")
         process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
                                    stdout=subprocess.DEVNULL, cwd=ROOT)  # fmt: skip
         assert process.stderr is not None
@@ -97,14 +113,23 @@ def start_server(system: str, data_dir: Path) -> Server:
                 return Server(process, match.group(1), key)
         process.kill()
         raise RuntimeError("the MangoGram broker did not start")
-    module = "bench.limit_router" if system == "limit" else "bench.thread_server"
-    args = ["tcp://127.0.0.1:*"] if system == "limit" else ["127.0.0.1", "0"]
+    if system == "prosody":
+        xmpp = prosody.start(data_dir)
+        return Server(xmpp.process, xmpp.endpoint, xmpp=xmpp)  # type: ignore[arg-type]
+    if system in ("limit", "limit-curve"):
+        module, args = "bench.limit_router", ["tcp://127.0.0.1:*"]
+        if system == "limit-curve":
+            args.append("--curve")
+    else:
+        module, args = "bench.thread_server", ["127.0.0.1", "0"]
     process = subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=ROOT,
                                stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert process.stdout is not None
     first = process.stdout.readline().strip()
-    endpoint = first if system == "limit" else "{}:{}".format(*first.split())
-    return Server(process, endpoint)
+    if system == "thread-server":
+        return Server(process, "{}:{}".format(*first.split()))
+    key = process.stdout.readline().strip() if system == "limit-curve" else None
+    return Server(process, first, key)
 
 
 def drain(stream: IO[str]) -> None:
@@ -140,6 +165,7 @@ def measure_throughput(
     # and a name stays owned by the key that registered it.
     server = start_server(system, work / f"{system}-{pairs}-{attempt}")
     try:
+        server.register(throughput_names("b", pairs))
         owner = psutil.Process(server.process.pid)
         command = load_command(system, server, "throughput", "--pairs", str(pairs),
                                "--warmup", str(warmup), "--window", str(window))  # fmt: skip
@@ -208,6 +234,7 @@ def window_cpu(
 def measure_rtt(system: str, work: Path, count: int) -> dict[str, object]:
     server = start_server(system, work / f"{system}-rtt")
     try:
+        server.register(rtt_names("b"))
         result = run_load(load_command(system, server, "rtt", "--count", str(count)), 300)
     finally:
         server.stop()
@@ -316,6 +343,28 @@ def busy_warning(busy_percent: float) -> str | None:
     )
 
 
+def chosen_systems(names: str | None) -> tuple[list[str], dict[str, str]]:
+    """The systems to run (all by default, or the comma-separated `names`) and those
+    skipped, with why: Prosody when it is not installed."""
+    wanted = SYSTEMS if not names else tuple(names.split(","))
+    unknown = [name for name in wanted if name not in SYSTEMS]
+    if unknown:
+        raise SystemExit(f"unknown systems: {', '.join(unknown)} (known: {', '.join(SYSTEMS)})")
+    skipped = {}
+    if "prosody" in wanted and (why := prosody.missing()):
+        skipped["prosody"] = why
+    return [name for name in wanted if name not in skipped], skipped
+
+
+def skip_line(system: str, why: str) -> str:
+    return f"{system}: skipped, {why} (Debian/Ubuntu: apt-get install prosody)"
+
+
+def rtt_ratio(rtts: list[dict[str, object]], a: str, b: str) -> float | None:
+    p99 = {r["system"]: float(r["p99_us"]) for r in rtts}  # type: ignore[arg-type]
+    return round(p99[a] / p99[b], 3) if p99.get(a) and p99.get(b) else None
+
+
 def ratio(runs: list[dict[str, object]], a: str, b: str, n: int) -> float | None:
     def rate(system: str) -> float | None:
         for run in runs:
@@ -334,6 +383,9 @@ def main() -> None:
     parser.add_argument("--sizes", help="comma-separated N values (default 1,10,100,1000)")
     parser.add_argument("--window", type=float, default=3.0, help="measured seconds per run")
     parser.add_argument("--no-memory", action="store_true", help="skip the idle-client test")
+    parser.add_argument(
+        "--systems", help=f"comma-separated systems to run (default all: {','.join(SYSTEMS)})"
+    )
     parser.add_argument("--rtt-count", type=int, help="round trips per system (default 2000)")
     parser.add_argument(
         "--repeat",
@@ -359,6 +411,10 @@ def main() -> None:
     sizes = [100] if args.quick else [int(n) for n in (args.sizes or "1,10,100,1000").split(",")]
     warmup = 1.0
     report: dict[str, object] = {"runs": [], "rtt": [], "memory": []}
+    systems, skipped = chosen_systems(args.systems)
+    report["skipped"] = skipped
+    for system, why in skipped.items():
+        print(skip_line(system, why), file=sys.stderr)
     busy = idle_check()
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
         work = Path(tmp)
@@ -366,23 +422,21 @@ def main() -> None:
         attempts: dict[tuple[str, int], list[dict[str, object]]] = {}
         for attempt in range(max(1, args.repeat)):
             for n in sizes:
-                for system in SYSTEMS:
+                for system in systems:
                     run = measure_throughput(system, n, work, warmup, args.window, attempt)
                     attempts.setdefault((system, n), []).append(run)
         runs = [median_run(found) for found in attempts.values()]
         report["runs"] = runs
         count = args.rtt_count or (500 if args.quick else 2000)
-        rtts = [measure_rtt(s, work, count) for s in SYSTEMS]
+        rtts = [measure_rtt(s, work, count) for s in systems]
         report["rtt"] = rtts
         if storm_clients:
             report["storm"] = measure_storm(work, storm_clients, args.rtt_count or 500)
-        if not args.quick and not args.no_memory:
+        if not args.quick and not args.no_memory and "mangogram" in systems:
             report["memory"] = [measure_memory(c, work) for c in (1000, 10000)]
             # The same idle clients on the bare ROUTER: what libzmq itself keeps per
             # connection, without encryption, sessions or storage.
             report["memory_limit"] = [measure_memory(c, work, "limit") for c in (1000, 10000)]
-    limit_p99 = next(r["p99_us"] for r in rtts if r["system"] == "limit")
-    mango_p99 = next(r["p99_us"] for r in rtts if r["system"] == "mangogram")
     report["ratios"] = {
         "mangogram_to_limit_n100": ratio(runs, "mangogram", "limit", 100),
         "mangogram_normal_to_limit_n100": ratio(runs, "mangogram-normal", "limit", 100),
@@ -390,7 +444,20 @@ def main() -> None:
         "mangogram_to_limit_n1000": ratio(runs, "mangogram", "limit", 1000),
         "mangogram_memory_to_limit_n1000": ratio(runs, "mangogram-memory", "limit", 1000),
         "mangogram_to_thread_server_n1000": ratio(runs, "mangogram", "thread-server", 1000),
-        "rtt_p99_to_limit": round(float(mango_p99) / float(limit_p99), 3),  # type: ignore[arg-type]
+        "rtt_p99_to_limit": rtt_ratio(rtts, "mangogram", "limit"),
+        # The fair limit: the same forwarder, every connection CurveZMQ-encrypted as the
+        # shipped broker's are. The plaintext limit is the one for --insecure-plaintext.
+        "mangogram_to_limit_curve_n100": ratio(runs, "mangogram", "limit-curve", 100),
+        "mangogram_to_limit_curve_n1000": ratio(runs, "mangogram", "limit-curve", 1000),
+        "mangogram_normal_to_limit_curve_n100": ratio(runs, "mangogram-normal", "limit-curve", 100),
+        "mangogram_plaintext_to_limit_n100": ratio(runs, "mangogram-plaintext", "limit", 100),
+        "mangogram_plaintext_to_limit_n1000": ratio(runs, "mangogram-plaintext", "limit", 1000),
+        "limit_curve_to_limit_n100": ratio(runs, "limit-curve", "limit", 100),
+        "limit_curve_to_limit_n1000": ratio(runs, "limit-curve", "limit", 1000),
+        "rtt_p99_to_limit_curve": rtt_ratio(rtts, "mangogram", "limit-curve"),
+        "mangogram_to_prosody_n100": ratio(runs, "mangogram", "prosody", 100),
+        "mangogram_to_prosody_n1000": ratio(runs, "mangogram", "prosody", 1000),
+        "rtt_p99_to_prosody": rtt_ratio(rtts, "mangogram", "prosody"),
     }
     if "storm" in report:
         ratio_of_storm = report["storm"]["storm_p99_to_quiet_p99"]  # type: ignore[index]
@@ -423,6 +490,8 @@ def main() -> None:
             print(f"connected in {m['connect_s']} s")
     if "storm" in report:
         print("\n" + format_storm(report["storm"]))  # type: ignore[arg-type]
+    for system, why in skipped.items():
+        print("\n" + skip_line(system, why))
     print("\nratios:", json.dumps(report["ratios"]))
 
 

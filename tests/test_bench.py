@@ -12,6 +12,8 @@ import sys
 import psutil
 import pytest
 
+from bench import prosody
+
 from .conftest import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +38,15 @@ def test_bench_reports_every_system_with_ratios():
         raise
     assert bench.returncode == 0, err[-3000:]
     report = json.loads(out)
-    systems = {"mangogram", "mangogram-normal", "mangogram-memory", "limit", "thread-server"}
+    systems = {"mangogram", "mangogram-normal", "mangogram-memory", "mangogram-plaintext",
+               "limit", "limit-curve", "thread-server"}  # fmt: skip
+    # Prosody is measured where it is installed and skipped, said so, where it is not.
+    if prosody.missing() is None:
+        systems.add("prosody")
+        assert report["skipped"] == {}
+    else:
+        assert set(report["skipped"]) == {"prosody"}
+        assert "prosody: skipped" in err
     assert {run["system"] for run in report["runs"]} == systems
     assert all(run["n"] == 10 and run["msgs_per_s"] > 0 for run in report["runs"])
     # Each system was measured twice (in turns, each in a fresh data directory), and the
@@ -54,7 +64,12 @@ def test_bench_reports_every_system_with_ratios():
         "mangogram_to_limit_n1000",
         "mangogram_to_thread_server_n1000",
         "rtt_p99_to_limit",
+        "mangogram_to_limit_curve_n100",
+        "mangogram_to_limit_curve_n1000",
+        "rtt_p99_to_limit_curve",
+        "mangogram_to_prosody_n100",
     }
+    assert report["ratios"]["rtt_p99_to_limit_curve"] > 0
 
 
 @pytest.mark.parametrize("system", ["mangogram", "limit"])

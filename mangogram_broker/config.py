@@ -70,7 +70,7 @@ _REFUSED = "beyond it: ERROR rate_limited with retry_after_ms"
 _RATE_OPTIONS = (
     ("--login-rate", "login", "LOGIN and LEAVE together", _REFUSED),
     ("--history-rate", "history", "HISTORY", _REFUSED),
-    ("--who-rate", "who", "WHO", _REFUSED),
+    ("--who-rate", "who", "WHO and LOOKUP together", _REFUSED),
     ("--ping-rate", "ping", "PING", _REFUSED),
     ("--read-rate", "read", "READ", "beyond it, ignored (READ is never answered)"),
     (

@@ -12,7 +12,9 @@ Theory of operation
   another key gets `name_owned`. New registrations are rate limited per address.
 * A peer becomes a user with LOGIN. Names are unique by `name_key` (NFKC + casefold).
   A LOGIN for a name already online succeeds only with that session's resume token,
-  which replaces the old session (the old connection is dead or dying).
+  which replaces the old session (the old connection is dead or dying), or, on an
+  encrypted broker, with `takeover` from the key that owns the name (the same user,
+  elsewhere): the same replacement, without the token.
 * Every command but LOGIN and LEAVE needs a session; anything else gets `not_logged_in`,
   which is also how a reconnected client learns it must log in again.
 * SEND is routed with `deliver_or_store`: the message is appended to the recipient's
@@ -81,6 +83,8 @@ from mangogram_proto.messages import (
     Leave,
     Limits,
     Login,
+    Lookup,
+    NameInfo,
     Online,
     Ping,
     Pong,
@@ -148,6 +152,7 @@ _RATE_CLASSES: dict[type, str] = {
     Leave: "login",
     History: "history",
     Who: "who",
+    Lookup: "who",  # a cheap question, asked about as often as WHO
     Ping: "ping",
     Read: "read",
     Receipt: "receipt",
@@ -432,6 +437,14 @@ class BrokerCore:
             return self._history(session, message, now)
         if isinstance(message, Who):
             return [Outgoing(peer, Online(self._online_names(), now.wall))]
+        if isinstance(message, Lookup):
+            # The store's registry, as SEND's unknown_recipient check (and its length
+            # bound): registered means a SEND to this name would not be refused for it.
+            asked = message.name
+            found = None
+            if 0 < len(asked) <= 4 * self.limits.max_name_chars:
+                found = self.store.lookup_user(name_key(asked))
+            return [Outgoing(peer, NameInfo(found or asked, found is not None))]
         if isinstance(message, Ping):
             return [Outgoing(peer, Pong(now.wall))]
         raise AssertionError(f"unhandled client command {message!r}")  # our bug, not input
@@ -536,6 +549,7 @@ class BrokerCore:
         key = name_key(name)
         self.store.begin_session(key)
         claim = False
+        owned = False  # by this connection's key: proof enough for `takeover`
         if user_key is not None:
             owner = self.store.name_owner(key)
             if owner is not None and owner != user_key:
@@ -544,13 +558,19 @@ class BrokerCore:
                     peer, now, ErrorCode.NAME_OWNED, f"{name} belongs to another key; pick another"
                 )
             claim = owner is None
+            owned = owner == user_key
         resumed = False
         holder = self.registry.by_key(key)
         if holder is not None:
             token = login.resume_token
-            if token is None or not secrets.compare_digest(
-                token.encode("utf-8"), holder.resume_token.encode("utf-8")
-            ):
+            # The owner's key asking for a takeover proves as much as the token does.
+            proven = bool(login.takeover and owned) or (
+                token is not None
+                and secrets.compare_digest(
+                    token.encode("utf-8"), holder.resume_token.encode("utf-8")
+                )
+            )
+            if not proven:
                 return self._error(peer, now, ErrorCode.NAME_TAKEN, f"{holder.name} is online")
         elif len(self.registry) >= self.max_sessions:
             # Only a login that adds a session can find the broker full. `name_taken` comes

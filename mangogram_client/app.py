@@ -399,6 +399,7 @@ class ChatApp:
                 self.show([SystemLine(wall_clock_ms(), str(exc), "error")])
         if not await self._trust_server():
             return None, None
+        takeover = False
         while True:
             if not self.name:
                 self.name = (await self._ask("your name: ", self.default_name)).strip()
@@ -407,7 +408,10 @@ class ChatApp:
                     continue
             self.state.connection = "connecting"
             self.show([SystemLine(wall_clock_ms(), f"connecting to {self.server} as {self.name}…")])
-            connection = AsyncConnection(self.name, self.server, **self._security)
+            connection = AsyncConnection(
+                self.name, self.server, takeover=takeover, **self._security
+            )
+            takeover = False  # asked for this login only
             runner = asyncio.create_task(connection.run())
             outcome = await self._await_login(connection, runner)
             if isinstance(outcome, LoggedIn):
@@ -430,11 +434,16 @@ class ChatApp:
             text = outcome.message
             if outcome.code == ErrorCode.NAME_TAKEN and connection.security is not None:
                 # Encrypted, the broker checks the key first: a name online with our own
-                # key is ours, in another window or on another machine.
-                text = (
-                    f"{self.name} is you, logged in elsewhere with your key (another window"
-                    " or machine): /exit there and log in again here, or pick another name"
+                # key is ours, in another window or on another machine. The broker lets
+                # that key take the session over (LOGIN `takeover`), if the user says so.
+                answer = await self._ask(
+                    "You are online elsewhere (another window or machine). Take over here? [y/N] ",
+                    fresh=True,
                 )
+                if answer.strip().lower() in ("y", "yes"):
+                    takeover = True
+                    continue
+                text = f"{self.name} stays logged in elsewhere; pick another name"
             elif "another" not in text:
                 text += "; try another name"
             self.show([SystemLine(wall_clock_ms(), text, "error")])
@@ -590,7 +599,14 @@ class ChatApp:
             else:
                 connection.request_history(self.state.peer, command.count)
         elif isinstance(command, SwitchPeer):
-            self.show(self.state.switch_peer(command.name, now))
+            # Asked of the broker only online: offline, the conversation opens with what
+            # is known here (and a warning for an unknown name).
+            can_ask = connection.state is State.ONLINE
+            opened = self.state.ask_peer(command.name, now, can_ask=can_ask)
+            if opened is None:
+                connection.lookup_name(command.name)
+            else:
+                self.show(opened)
         elif isinstance(command, SendText):
             to = command.to or self.state.peer
             if to is None:

@@ -27,6 +27,7 @@ from mangogram_proto.events import (
     MessageDelivered,
     MessageFailed,
     MessageRead,
+    NameStatus,
     OnlineUsers,
     PresenceChanged,
 )
@@ -75,6 +76,11 @@ def snippet(text: str) -> str:
     return flat if len(flat) <= SNIPPET_CHARS else flat[: SNIPPET_CHARS - 1] + "…"
 
 
+# Refusals of a LOOKUP after which no answer comes (rate_limited; unknown_command from a
+# broker older than LOOKUP).
+_CANNOT_ASK = frozenset({"rate_limited", "unknown_command"})
+
+
 class ChatState:
     """Everything the screen needs to know, updated by events and user actions."""
 
@@ -102,6 +108,9 @@ class ChatState:
         self.seen_at: dict[str, int] = {}
         # What the broker accepts, as announced at login.
         self.limits: Limits | None = None
+        # A name from /to that the broker is being asked about (LOOKUP): the conversation
+        # opens when it says the name is registered.
+        self.asking: str | None = None
 
     def remember(self, memory: ChatMemory) -> None:
         """Start from what an earlier run left: contacts and unread counts."""
@@ -112,8 +121,18 @@ class ChatState:
 
     # User actions
 
-    def switch_peer(self, name: str, now: int) -> list[Line]:
-        """Open the conversation with `name`."""
+    def ask_peer(self, name: str, now: int, *, can_ask: bool) -> list[Line] | None:
+        """/to NAME: open the conversation now if the name is known here (or the broker
+        cannot be asked); else None: ask the broker, whose `NameStatus` answer opens it
+        or says nobody has the name, leaving the open conversation as it was."""
+        key = name_key(name)
+        if not can_ask or key in self.online or key in self.contacts or key == name_key(self.me):
+            return self.switch_peer(name, now)
+        self.asking = name
+        return None
+
+    def switch_peer(self, name: str, now: int, *, registered: bool = False) -> list[Line]:
+        """Open the conversation with `name` (`registered`: the broker said it is)."""
         key = name_key(name)
         shown = self.online.get(key) or self._display.get(key) or name
         self.peer = shown
@@ -123,8 +142,10 @@ class ChatState:
         status = "online" if key in self.online else "offline"
         extra = f", {unread} unread above" if unread else ""
         lines: list[Line] = [SystemLine(now, f"talking to {shown} ({status}{extra})")]
-        if key not in self.online and key not in self.contacts and key != name_key(self.me):
-            # The protocol cannot ask whether a name exists; say what is known at once.
+        unknown = key not in self.online and key not in self.contacts
+        if unknown and not registered and key != name_key(self.me):
+            # The broker could not be asked (offline, or older than LOOKUP): say what is
+            # known at once.
             lines.append(
                 SystemLine(
                     now,
@@ -213,7 +234,16 @@ class ChatState:
                 return []
             self.connection = "reconnecting"
             return [SystemLine(now, "connection lost; reconnecting…", "error")]
+        if isinstance(event, NameStatus):
+            return self._name_status(event, now)
         if isinstance(event, BrokerError):
+            if self.asking is not None and event.code in _CANNOT_ASK:
+                # No answer will come: open the conversation as if it could not be asked.
+                asked, self.asking = self.asking, None
+                lines = self.switch_peer(asked, now)
+                if event.code == "unknown_command":
+                    return lines  # an older broker: nothing the user can act on
+                return [SystemLine(now, event.message, "error"), *lines]
             text = event.message
             if event.retry_after_ms:
                 text = f"slow down: {text} (retrying in {event.retry_after_ms / 1000:.1f} s)"
@@ -344,6 +374,14 @@ class ChatState:
         return sorted(names.values(), key=name_key)
 
     # Internals
+
+    def _name_status(self, event: NameStatus, now: int) -> list[Line]:
+        if self.asking is None or name_key(self.asking) != name_key(event.name):
+            return []  # a stale answer: the user asked about someone else since
+        self.asking = None
+        if event.registered:
+            return self.switch_peer(event.name, now, registered=True)
+        return [SystemLine(now, f"nobody is called {event.name}", "error")]
 
     def _incoming(self, message: IncomingMessage, now: int) -> list[Line]:
         if message.id in self._to_myself:

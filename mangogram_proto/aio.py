@@ -60,6 +60,7 @@ class AsyncConnection:
         identity: KeyPair | Path | None = None,
         plaintext: bool | None = None,
         trust_new_server: TrustPrompt | None = None,
+        takeover: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self._security_request = SecurityRequest(server_key, identity, plaintext, trust_new_server)
@@ -68,7 +69,7 @@ class AsyncConnection:
         self.failure: ServerKeyError | None = None
         self._monitor: zmq.asyncio.Socket | None = None
         self._watch = HandshakeWatch()
-        self.session = ClientSession(name)
+        self.session = ClientSession(name, takeover=takeover)
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.refused: LoginRefused | None = None
         self.reconnecting = False
@@ -101,6 +102,12 @@ class AsyncConnection:
     def request_online(self) -> None:
         """Ask who is online; the answer arrives as an `OnlineUsers` event."""
         self.session.request_online(wall_clock_ms())
+        self._wakeup.set()
+
+    def lookup_name(self, name: str) -> None:
+        """Ask whether `name` is registered; the answer arrives as a `NameStatus` event
+        (from a broker older than LOOKUP, a `BrokerError` `unknown_command`)."""
+        self.session.lookup_name(name, wall_clock_ms())
         self._wakeup.set()
 
     def mark_read(self, broker_id: str) -> None:

@@ -41,6 +41,7 @@ from .backoff import Backoff
 from .constants import DEFAULT_ENDPOINT
 from .errors import BrokerRefused, ErrorCode, RemoteProtocolError, UnsentMessagesError
 from .events import (
+    BrokerError,
     ConnectionLost,
     Event,
     HistoryReceived,
@@ -49,6 +50,7 @@ from .events import (
     LoginRefused,
     MessageAccepted,
     MessageFailed,
+    NameStatus,
     OnlineUsers,
 )
 from .keys import (
@@ -100,6 +102,7 @@ class Client:
         identity: KeyPair | Path | None = None,
         plaintext: bool | None = None,
         trust_new_server: TrustPrompt | None = None,
+        takeover: bool = False,
     ) -> None:
         # A cluster's brokers share one key pair: the security resolved for the first
         # endpoint holds for all of them.
@@ -110,7 +113,7 @@ class Client:
         self._security_resolved = False
         self._monitor: zmq.Socket[bytes] | None = None
         self._watch = HandshakeWatch()
-        self.session = ClientSession(name)
+        self.session = ClientSession(name, takeover=takeover)
         self._context = context or zmq.Context.instance()
         self._clock = clock
         self._backoff = backoff or Backoff()
@@ -124,6 +127,8 @@ class Client:
         self._results: dict[str, MessageAccepted | MessageFailed] = {}
         self._waiting: set[str] = set()
         self._online: tuple[str, ...] | None = None
+        self._name_status: NameStatus | BrokerError | None = None
+        self._looking_up = False
         self._history: HistoryReceived | None = None
         self._refused: LoginRefused | None = None
         self._logged_in: LoggedIn | None = None
@@ -283,6 +288,25 @@ class Client:
         assert self._online is not None
         return self._online
 
+    def is_registered(self, name: str, timeout: float = 5.0) -> bool:
+        """Ask the broker whether `name` is registered (a SEND to it would be stored).
+
+        Raises:
+            BrokerRefused: the broker refused the question (`rate_limited`, or
+                `unknown_command` from a broker older than LOOKUP).
+            TimeoutError: no answer within `timeout` seconds.
+        """
+        self._name_status = None
+        self._looking_up = True
+        self.session.lookup_name(name, self._clock())
+        if not self._pump(timeout, lambda: self._name_status is not None):
+            raise TimeoutError("no answer to LOOKUP")
+        answer = self._name_status
+        if isinstance(answer, BrokerError):
+            raise BrokerRefused(answer.code, answer.message, retry_after_ms=answer.retry_after_ms)
+        assert answer is not None
+        return answer.registered
+
     def history(
         self, peer: str, limit: int = 50, before: str | None = None, timeout: float = 5.0
     ) -> HistoryReceived:
@@ -431,6 +455,10 @@ class Client:
             self._results[event.id] = event
         elif isinstance(event, OnlineUsers):
             self._online = event.users
+        elif self._looking_up and isinstance(event, NameStatus | BrokerError):
+            # An ERROR without a ref while a LOOKUP waits is taken as its refusal.
+            self._name_status = event
+            self._looking_up = False
         elif isinstance(event, HistoryReceived):
             self._history = event
         elif isinstance(event, LoggedIn):

@@ -110,6 +110,15 @@ class OnlineUsers:
 
 
 @dataclass(frozen=True)
+class NameStatus:
+    """Answer to a lookup: whether `name` is registered with the broker (then `name` is
+    its registered display form; else as asked)."""
+
+    name: str
+    registered: bool
+
+
+@dataclass(frozen=True)
 class BrokerError:
     """An error not tied to one of our messages (e.g. rate limited, malformed)."""
 
@@ -141,6 +150,7 @@ Event = (
     | MessageFailed
     | PresenceChanged
     | OnlineUsers
+    | NameStatus
     | BrokerError
     | ConnectionLost
     | Closed

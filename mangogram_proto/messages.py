@@ -36,12 +36,15 @@ class Limits:
 @dataclass(frozen=True)
 class Login:
     """Claim a name. `resume_token` (from an earlier WELCOME) lets a reconnecting client
-    take over its own session even before the broker noticed the old connection died."""
+    take over its own session even before the broker noticed the old connection died.
+    `takeover` (True, or absent) asks to end the name's online session without its
+    token: honoured only on an encrypted broker, for the key that owns the name."""
 
     COMMAND: ClassVar[str] = "LOGIN"
     name: str
     resume_token: str | None = None
     resume_from: int | None = None
+    takeover: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,14 @@ class Who:
     """Ask for the list of online users."""
 
     COMMAND: ClassVar[str] = "WHO"
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Ask whether `name` is registered (has ever logged in to this broker)."""
+
+    COMMAND: ClassVar[str] = "LOOKUP"
+    name: str
 
 
 @dataclass(frozen=True)
@@ -213,6 +224,16 @@ class Online:
 
 
 @dataclass(frozen=True)
+class NameInfo:
+    """Answer to LOOKUP: whether the name is registered; `name` is its registered
+    display form, or the name as asked when it is not registered."""
+
+    COMMAND: ClassVar[str] = "NAME_INFO"
+    name: str
+    registered: bool
+
+
+@dataclass(frozen=True)
 class Presence:
     """Pushed to online users when someone joins or leaves."""
 
@@ -257,7 +278,7 @@ class Error:
             return None
 
 
-ClientMessage = Login | Send | Receipt | Read | History | Who | Ping | Leave
+ClientMessage = Login | Send | Receipt | Read | History | Who | Lookup | Ping | Leave
 BrokerMessage = (
     Welcome
     | Accepted
@@ -266,6 +287,7 @@ BrokerMessage = (
     | Seen
     | HistoryPage
     | Online
+    | NameInfo
     | Presence
     | Pong
     | Goodbye
@@ -280,6 +302,7 @@ CLIENT_COMMANDS: tuple[type[ClientMessage], ...] = (
     Read,
     History,
     Who,
+    Lookup,
     Ping,
     Leave,
 )
@@ -291,6 +314,7 @@ BROKER_COMMANDS: tuple[type[BrokerMessage], ...] = (
     Seen,
     HistoryPage,
     Online,
+    NameInfo,
     Presence,
     Pong,
     Goodbye,

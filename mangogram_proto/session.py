@@ -54,6 +54,7 @@ from .events import (
     MessageDelivered,
     MessageFailed,
     MessageRead,
+    NameStatus,
     OnlineUsers,
     PresenceChanged,
 )
@@ -69,6 +70,8 @@ from .messages import (
     Leave,
     Limits,
     Login,
+    Lookup,
+    NameInfo,
     Online,
     Ping,
     Pong,
@@ -143,10 +146,20 @@ class ClientSession:
     Args:
         name: the name to log in with.
         id_factory: makes client message ids (unique per sender).
+        takeover: ask the broker to end the name's session that is online elsewhere
+            (encrypted brokers only, for the key that owns the name). Only the first
+            login asks: once logged in, reconnects resume with the token as usual.
     """
 
-    def __init__(self, name: str, *, id_factory: Callable[[], str] = new_message_id) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        id_factory: Callable[[], str] = new_message_id,
+        takeover: bool = False,
+    ) -> None:
         self.name = name
+        self.takeover = takeover
         self.state = State.DISCONNECTED
         self.limits: Limits | None = None
         self.online: dict[str, str] = {}
@@ -219,7 +232,8 @@ class ClientSession:
             pending.attempts = 0  # a broker that was away is no verdict on the text
         self._in_flight.clear()
         self._last_received = now
-        self._queue(Login(self.name, self._resume_token, self._confirmed_mark), now)
+        takeover = True if self.takeover else None  # absent on the wire unless asked
+        self._queue(Login(self.name, self._resume_token, self._confirmed_mark, takeover), now)
 
     def send_text(self, to: str, text: str, now: int) -> str:
         """Queue a private message; returns its id. It goes out now if we are online,
@@ -264,6 +278,10 @@ class ClientSession:
     def request_online(self, now: int) -> None:
         """Ask who is online; the answer arrives as `OnlineUsers`."""
         self._queue(Who(), now)
+
+    def lookup_name(self, name: str, now: int) -> None:
+        """Ask whether `name` is registered; the answer arrives as `NameStatus`."""
+        self._queue(Lookup(name), now)
 
     def mark_read(self, broker_id: str, now: int) -> None:
         """Tell the sender of message `broker_id` that our user has seen it."""
@@ -365,6 +383,8 @@ class ClientSession:
         if isinstance(message, Online):
             self.online = {name_key(n): n for n in message.users}
             return [OnlineUsers(message.users)]
+        if isinstance(message, NameInfo):
+            return [NameStatus(message.name, message.registered)]
         if isinstance(message, Pong):
             return []
         if isinstance(message, Goodbye):
@@ -467,6 +487,7 @@ class ClientSession:
         resumed = self._has_logged_in
         self.state = State.ONLINE
         self._has_logged_in = True
+        self.takeover = False  # one takeover per request, never again on a reconnect
         self._resume_token = welcome.resume_token
         if self.limits != welcome.limits or self._pace is None:
             limits = welcome.limits

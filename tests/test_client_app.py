@@ -21,6 +21,7 @@ from mangogram_client.settings import load_config_file, load_remembered, save_re
 from mangogram_proto import Client, loops
 from mangogram_proto.aio import AsyncConnection
 from mangogram_proto.events import IncomingMessage, LoggedIn, MessageRead, PresenceChanged
+from mangogram_proto.session import State
 
 from .conftest import GRACEFUL_SPAWN, GRACEFUL_STOP, ROOT, BrokerProcess, wait_for_line
 
@@ -138,10 +139,10 @@ def test_mention_sends_one_message_without_switching(broker):
         mei_task = asyncio.create_task(mei.run())
         await next_event(mei, LoggedIn)
         await wait_for(lambda: app.state.connection == "online", what="login")
-        pipe.send_text("/to nobody\r")
+        pipe.send_text("/to Олена\r")  # a conversation with myself: no lookup needed
         pipe.send_text("@mei 你好 Mei\r")
         assert (await next_event(mei, IncomingMessage)).text == "你好 Mei"
-        assert app.state.peer == "nobody"
+        assert app.state.peer == "Олена"
         pipe.send_text("/exit\r")
         mei.stop()
         await mei_task
@@ -463,7 +464,7 @@ def test_a_name_given_for_one_run_does_not_replace_the_remembered_one(
     assert load_remembered().name == "Олена"
 
 
-def test_own_name_online_elsewhere_is_called_you(tmp_path, monkeypatch):
+def test_own_name_online_elsewhere_offers_a_takeover_and_no_keeps_it_there(tmp_path, monkeypatch):
     monkeypatch.setenv("MANGOGRAM_INSECURE_PLAINTEXT", "0")
     monkeypatch.setenv("MANGOGRAM_CONFIG_DIR", str(tmp_path / "config"))
     broker = BrokerProcess(tmp_path / "data", env={"MANGOGRAM_INSECURE_PLAINTEXT": "0"})
@@ -475,7 +476,15 @@ def test_own_name_online_elsewhere_is_called_you(tmp_path, monkeypatch):
             mine_task = asyncio.create_task(mine.run())
             await next_event(mine, LoggedIn)
             pipe.send_text("Mei\r")
-            await wait_for(lambda: "is you, logged in elsewhere" in screen_text(app), what="you")
+
+            def asked() -> bool:
+                question = app._question
+                return question is not None and "You are online elsewhere" in question[0]
+
+            await wait_for(asked, what="the takeover question")
+            pipe.send_text("n\r")
+            await wait_for(lambda: "Mei stays logged in elsewhere" in screen_text(app), what="no")
+            assert mine.state is State.ONLINE
             mine.stop()
             await mine_task
             pipe.send_text("\x04")

@@ -27,12 +27,14 @@ from mangogram_client.state import (
     ChatState,
 )
 from mangogram_proto.events import (
+    BrokerError,
     ConnectionLost,
     IncomingMessage,
     LoggedIn,
     MessageAccepted,
     MessageDelivered,
     MessageFailed,
+    NameStatus,
     OnlineUsers,
     PresenceChanged,
 )
@@ -448,3 +450,35 @@ def test_to_a_name_nobody_known_has_says_so_at_once():
     assert warning.kind == "error" and "nobody called Nobody is online" in warning.text
     state.contacts["богдан"] = "Богдан"  # talked with before: offline is expected
     assert len(state.switch_peer("богдан", T)) == 1
+
+
+def test_to_an_unknown_name_asks_the_broker_and_keeps_the_conversation():
+    state = ChatState("Олена")
+    logged_in(state)  # Тарас and Mei are online
+    state.switch_peer("Тарас", T)
+    assert state.ask_peer("mei", T, can_ask=True)[0].text == "talking to Mei (online)"
+    state.switch_peer("Тарас", T)
+    assert state.ask_peer("Nobody", T, can_ask=True) is None
+    assert state.peer == "Тарас"  # kept while the broker is asked
+    assert state.on_event(NameStatus("Someone", False), T) == []  # not what was asked
+    (line,) = state.on_event(NameStatus("nobody", False), T)
+    assert line.kind == "error" and line.text == "nobody is called nobody"
+    assert state.peer == "Тарас" and state.asking is None
+    # A registered name opens with the broker's spelling, and no warning.
+    assert state.ask_peer("богдан", T, can_ask=True) is None
+    (line,) = state.on_event(NameStatus("Богдан", True), T)
+    assert line.text == "talking to Богдан (offline)" and state.peer == "Богдан"
+
+
+def test_to_opens_at_once_when_the_broker_cannot_answer():
+    state = ChatState("Олена")
+    logged_in(state)
+    assert state.ask_peer("Nobody", T, can_ask=False)[1].kind == "error"  # offline: warned
+    assert state.ask_peer("Ghost", T, can_ask=True) is None
+    older = BrokerError("unknown_command", "unknown command LOOKUP", None)
+    talking, warning = state.on_event(older, T)
+    assert talking.text == "talking to Ghost (offline)" and warning.kind == "error"
+    assert state.ask_peer("Ghost2", T, can_ask=True) is None
+    limited = BrokerError("rate_limited", "too many LOOKUP; at most 2/s", 500)
+    said, talking, _warning = state.on_event(limited, T)
+    assert "too many LOOKUP" in said.text and state.peer == "Ghost2"

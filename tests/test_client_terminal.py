@@ -115,6 +115,13 @@ def wait_until(check, what: str, timeout: float = 15.0, context=lambda: ""):
 def test_keys_typed_while_connecting_stay_in_the_input_line(tmux, tmp_path):
     port = free_port_pair()
     endpoint = f"tcp://127.0.0.1:{port}"
+    # Тарас has an account on this broker (its store), so /to finds him once logged in.
+    earlier = BrokerProcess(tmp_path / "data", bind=endpoint)
+    try:
+        with Client("Тарас", earlier.endpoint) as taras:
+            assert taras.is_online
+    finally:
+        earlier.kill()
     tmux.start("olena", client_cmd(endpoint, "--name", "Олена"), client_env(tmp_path, "olena"))
     tmux.wait_for("olena", "connecting to")
     keys(tmux, "olena", "-l", "typed while connecting")
@@ -546,3 +553,78 @@ def test_the_cursor_follows_emoji_sequences_in_the_input_line(broker, tmux, tmp_
     )
     tmux.type("olena", "")
     tmux.wait_for("olena", r"Олена x👨‍👩‍👧🇺🇦👍🏽")  # sent as typed
+
+
+def test_logging_in_while_online_elsewhere_offers_to_take_over(tmux, tmp_path):
+    port = free_port_pair()
+    broker = BrokerProcess(tmp_path / "data", bind=f"tcp://127.0.0.1:{port}", env=ENCRYPTED)
+    bob = Client(
+        "bob",
+        broker.endpoint,
+        server_key=broker.public_key,
+        identity=KeyPair.generate(),
+        plaintext=False,
+    )
+    try:
+        # One config directory: the same key, the server already trusted by the first run.
+        env = client_env(tmp_path, "mei") | ENCRYPTED
+        tmux.start("laptop", client_cmd(f"127.0.0.1:{port}", "--name", "Mei"), env)
+        trust_and_log_in(tmux, "laptop", broker, "Mei")
+        tmux.start("desk", client_cmd(f"127.0.0.1:{port}", "--name", "Mei", "--to", "bob"), env)
+        tmux.wait_for("desk", r"You are online elsewhere \(another window or machine\)")
+        tmux.wait_for("desk", r"Take over here\? \[y/N\]")
+        tmux.type("desk", "y")
+        tmux.wait_for("desk", "logged in as Mei", timeout=20)
+        bob.login(timeout=10)
+        bob.send("Mei", "hello desk", wait=True)
+
+        def desk_shows_it() -> bool:
+            bob.next_event(timeout=0.1)  # keeps bob's session alive meanwhile
+            return "hello desk" in tmux.screen("desk")
+
+        wait_until(desk_shows_it, "the message on the desk", context=lambda: tmux.screen("desk"))
+        assert "hello desk" not in tmux.screen("laptop")
+    finally:
+        bob.close(confirm=False)
+        broker.kill()
+
+
+def test_declining_the_takeover_keeps_the_other_session(tmux, tmp_path):
+    port = free_port_pair()
+    broker = BrokerProcess(tmp_path / "data", bind=f"tcp://127.0.0.1:{port}", env=ENCRYPTED)
+    try:
+        env = client_env(tmp_path, "mei") | ENCRYPTED
+        tmux.start("laptop", client_cmd(f"127.0.0.1:{port}", "--name", "Mei"), env)
+        trust_and_log_in(tmux, "laptop", broker, "Mei")
+        tmux.start("desk", client_cmd(f"127.0.0.1:{port}", "--name", "Mei"), env)
+        tmux.wait_for("desk", r"Take over here\? \[y/N\]")
+        tmux.type("desk", "n")
+        tmux.wait_for("desk", "Mei stays logged in elsewhere; pick another name")
+        tmux.wait_for("desk", "your name:")
+        assert "connection lost" not in tmux.screen("laptop")
+    finally:
+        broker.kill()
+
+
+def test_to_a_name_nobody_has_is_refused_at_once(broker, tmux, tmp_path):
+    taras = Client("Тарас", broker.endpoint)
+    try:
+        taras.login(timeout=10)
+        command = client_cmd(broker.endpoint, "--name", "Олена", "--to", "Тарас")
+        tmux.start("olena", command, client_env(tmp_path, "olena"))
+
+        def olena_sees_taras() -> bool:
+            taras.next_event(timeout=0.1)
+            return "talking to Тарас (online)" in tmux.screen("olena")
+
+        wait_until(olena_sees_taras, "Олена to see Тарас online")
+        tmux.type("olena", "/to Nobody")
+        screen = tmux.wait_for("olena", "nobody is called Nobody")
+        assert "talking to Nobody" not in screen
+        assert input_row(screen).startswith("[Тарас] ›")  # still where she was
+        taras.close()  # offline now, but registered: /to opens it, with no warning
+        tmux.type("olena", "/to тарас")
+        screen = tmux.wait_for("olena", r"talking to Тарас \(offline\)")
+        assert "nobody called" not in screen
+    finally:
+        taras.close()

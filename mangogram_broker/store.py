@@ -587,8 +587,8 @@ class SqliteStore:
         # redone (messages come again and clients drop them by seq), and the next fsync of
         # the WAL makes them durable anyway.
         self._deferred: list[tuple[str, Any, bool]] = []
-        # This turn's messages, written in one statement at the flush (the commit, or a
-        # read that must see them) instead of one statement each. Broker ids and seqs are
+        # This turn's new messages, written in a few statements at the flush (the commit,
+        # or a read that must see them) instead of one statement each. Broker ids and seqs are
         # handed out here, so ACCEPTED can carry them before the rows exist. An id is
         # never reused: AUTOINCREMENT's high-water mark outlives retention's deletions.
         self._pending: list[StoredMessage] = []
@@ -596,8 +596,9 @@ class SqliteStore:
         self._pending_streams: dict[str, list[StoredMessage]] = {}
         self._next_id = self._highest_id() + 1
         # Per sender, an id at or above every client id it has stored (read through the
-        # unique index the first time). An id above it cannot be a resend, so its append
-        # skips the lookup; ids that grow (the SDK's do) always take that path.
+        # unique index the first time; one short string per sender, like `_users`). An id
+        # above it cannot be a resend, so it waits for the flush; ids that grow (the SDK's
+        # do) always take that path. Others are written at once, as before.
         self._id_marks: dict[str, str] = {}
         self._recent_contacts: set[tuple[str, str]] = set()
         self._sweep = _RetentionSweep()
@@ -762,43 +763,52 @@ class SqliteStore:
         sent_at: int,
         accepted_at: int,
     ) -> StoredMessage:
-        self._check_new(sender_key, client_id)
         seq = self._last_seq.get(recipient_key, 0) + 1
         message = StoredMessage(
             str(self._next_id), seq, sender_key, sender, recipient_key, recipient, client_id,
             text, sent_at, accepted_at,
         )  # fmt: skip
+        if self._grows(sender_key, client_id):
+            # Cannot be stored yet: written with the rest of the turn.
+            self._pending.append(message)
+            self._pending_by_client[(sender_key, client_id)] = message
+            self._pending_streams.setdefault(recipient_key, []).append(message)
+        else:
+            # Maybe a resend: written now, so that the unique (sender, id) index checks it
+            # (no dearer than a lookup first). The turn's rows go before it: they are
+            # checked too, and stay the stream's newest but this one.
+            self._flush_messages()
+            try:
+                self._write().execute(_insert_statement(1), (self._next_id, *message[1:10]))
+            except sqlite3.IntegrityError as exc:
+                raise DuplicateMessage(client_id) from exc
         self._next_id += 1
-        self._pending.append(message)
-        self._pending_by_client[(sender_key, client_id)] = message
-        self._pending_streams.setdefault(recipient_key, []).append(message)
         self._note_contact(sender_key, recipient_key)
         # The stream position is written once per commit, not once per message.
         self._last_seq[recipient_key] = seq
         self._dirty_streams.add(recipient_key)
         return message
 
-    def _check_new(self, sender_key: str, client_id: str) -> None:
-        """The idempotency check, done when the message is appended (its row is written
-        later): raises DuplicateMessage for an id this turn holds or the store does."""
-        # Inside the turn's transaction: a lookup outside one also takes and drops a WAL
-        # read lock, measured at 5x the cost.
-        db = self._write()
+    def _grows(self, sender_key: str, client_id: str) -> bool:
+        """Whether `client_id` is above every id the sender has stored, so certainly new.
+        (Then it becomes the sender's mark.)"""
         mark = self._id_marks.get(sender_key)
         if mark is None:
-            (mark,) = db.execute(
-                "SELECT coalesce(max(client_id), '') FROM messages WHERE sender_key = ?",
-                (sender_key,),
-            ).fetchone()
+            # Inside the turn's transaction: a read outside one also takes and drops a
+            # WAL read lock, measured at 5x the cost of the lookup.
+            (mark,) = (
+                self._write()
+                .execute(
+                    "SELECT coalesce(max(client_id), '') FROM messages WHERE sender_key = ?",
+                    (sender_key,),
+                )
+                .fetchone()
+            )
         if client_id > mark:
             self._id_marks[sender_key] = client_id
-            return
+            return True
         self._id_marks[sender_key] = mark
-        if (sender_key, client_id) in self._pending_by_client or db.execute(
-            "SELECT 1 FROM messages WHERE sender_key = ? AND client_id = ?",
-            (sender_key, client_id),
-        ).fetchone():
-            raise DuplicateMessage(client_id)
+        return False
 
     def unconfirmed_count(self, recipient_key: str) -> int:
         return self.last_seq(recipient_key) - self.confirmed_through(recipient_key)

@@ -309,7 +309,7 @@ def test_a_turn_of_many_messages_is_written_in_a_few_statements(tmp_path):
     store = SqliteStore(tmp_path / "few.sqlite3", "normal")
     try:
         for i in range(100):
-            put(store, "a", "b", f"x{i}")
+            put(store, "a", "b", f"x{i:03d}")
         statements: list[str] = []
         store._db.set_trace_callback(statements.append)
         store.commit()
@@ -521,7 +521,7 @@ def test_the_old_retention_statements_were_table_scans(tmp_path):
         store.close()
 
 
-def test_growing_ids_skip_the_lookup_and_others_are_still_checked(tmp_path):
+def test_growing_ids_wait_for_the_commit_and_others_are_checked_at_once(tmp_path):
     from mangogram_broker.store import DuplicateMessage
 
     path = tmp_path / "marks.sqlite3"
@@ -535,16 +535,21 @@ def test_growing_ids_skip_the_lookup_and_others_are_still_checked(tmp_path):
         store._db.set_trace_callback(statements.append)
         put(store, "a", "b", "m06")
         put(store, "a", "b", "m07")
-        store._db.set_trace_callback(None)
-        assert [s for s in statements if "client_id = " in s] == []
+        assert [s for s in statements if s.startswith("INSERT INTO messages")] == []
         with pytest.raises(DuplicateMessage):
             put(store, "a", "b", "m05")  # below the mark and stored: a resend
         with pytest.raises(DuplicateMessage):
             put(store, "a", "b", "m06")  # below the mark and in this turn
         assert put(store, "a", "b", "m01").seq == 4  # below the mark but new
+        put(store, "a", "b", "m08")
+        assert [m.seq for m in store.unconfirmed("b", 0, 10)] == [1, 2, 3, 4, 5]
+        assert [m.seq for m in store.unconfirmed("b", 3, 10)] == [4, 5]
+        statements.clear()
         store.commit()
+        store._db.set_trace_callback(None)
+        assert len([s for s in statements if s.startswith("INSERT INTO messages")]) == 1
         assert [m.client_id for m in store.unconfirmed("b", 0, 10)] == [
-            "m05", "m06", "m07", "m01",
+            "m05", "m06", "m07", "m01", "m08",
         ]  # fmt: skip
     finally:
         store.close()

@@ -3,7 +3,9 @@
 Two stores with one interface: `SqliteStore` (the broker's default, a file in the data
 dir) and `MemoryStore` (tests, throwaway brokers). The core writes freely during a loop
 turn; the shell calls `commit()` once per turn, before any acknowledgement goes out, so
-an ACCEPTED always means "stored" (and, with durability `full`, "on disk").
+an ACCEPTED always means "stored" (and, with durability `full`, "on disk"). The SQLite
+store hands out broker ids and seqs in memory and writes a turn's new messages at the
+commit, a few statements for the whole turn; reads in the turn see them.
 
 Each recipient has a stream: its messages numbered `seq` = 1, 2, 3... Confirmation is
 cumulative: a stream is confirmed through a mark (the recipient's RECEIPT, or LOGIN's
@@ -588,9 +590,9 @@ class SqliteStore:
         # the WAL makes them durable anyway.
         self._deferred: list[tuple[str, Any, bool]] = []
         # This turn's new messages, written in a few statements at the flush (the commit,
-        # or a read that must see them) instead of one statement each. Broker ids and seqs are
-        # handed out here, so ACCEPTED can carry them before the rows exist. An id is
-        # never reused: AUTOINCREMENT's high-water mark outlives retention's deletions.
+        # or a read that must see them) instead of one statement each. Broker ids and
+        # seqs are handed out here, so ACCEPTED can carry them before the rows exist. An
+        # id is never reused: AUTOINCREMENT's high-water mark outlives retention.
         self._pending: list[StoredMessage] = []
         self._pending_by_client: dict[tuple[str, str], StoredMessage] = {}
         self._pending_streams: dict[str, list[StoredMessage]] = {}

@@ -116,7 +116,9 @@ class MangoClient(Client):
         return self.sock
 
     def send_text(self, to: Client, text: str) -> None:
-        body = {"id": str(next(self.ids)), "to": to.name, "text": text, "sent_at": 0}
+        # Fixed width, so the ids grow as strings too, as the SDK's do (the broker's store
+        # then knows a new id from a resend without a lookup).
+        body = {"id": f"{next(self.ids):012d}", "to": to.name, "text": text, "sent_at": 0}
         self.sock.send_multipart([SIGNATURE, b"SEND", orjson.dumps(body)])
 
     def ping(self) -> None:

@@ -116,3 +116,13 @@ def test_sender_hears_delivered_only_when_the_recipient_finished(net):
     bob.session.confirm(message.seq, net.now)
     net.pump()
     assert [d.id for d in alice.take(MessageDelivered)] == [message.id]
+
+
+def test_message_ids_grow_even_when_the_clock_stands_still_or_steps_back(monkeypatch):
+    from mangogram_proto import session as session_module
+
+    clock = iter([5_000_000, 5_000_000, 4_000_000] + [6_000_000] * 3)
+    monkeypatch.setattr(session_module.time, "time_ns", lambda: next(clock))
+    ids = [session_module.new_message_id() for _ in range(6)]
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert ids == sorted(ids) and len(set(ids)) == 6

@@ -123,16 +123,18 @@ def test_broker_killed_at_random_points_loses_and_repeats_nothing(tmp_path, zctx
 # take all 400 SENDs at once, so "the 2nd receipt" was reached only in some runs.)
 @posix_signals  # SIGKILL
 @pytest.mark.parametrize("point,count", [("after_commit", 1), ("before_receipt", 1)])
-def test_crash_point_in_a_stream_is_survived(tmp_path, zctx, point, count):
+@pytest.mark.parametrize("durability", ["full", "normal"])  # a killed broker, not machine
+def test_crash_point_in_a_stream_is_survived(tmp_path, zctx, point, count, durability):
     crash_at = {"MANGOGRAM_CRASH_AT": f"{point}:{count}"}
-    crashing = BrokerProcess(tmp_path / "data", *FAST, env=crash_at)
+    options = (*FAST, "--durability", durability)
+    crashing = BrokerProcess(tmp_path / "data", *options, env=crash_at)
     endpoint = crashing.endpoint
     brokers = [crashing]
     stream = Stream(endpoint, zctx)
 
     def restart_when_dead() -> None:
         if len(brokers) == 1 and crashing.proc.poll() is not None:
-            brokers.append(BrokerProcess(tmp_path / "data", *FAST, bind=endpoint))
+            brokers.append(BrokerProcess(tmp_path / "data", *options, bind=endpoint))
 
     try:
         stream.send(400)

@@ -202,6 +202,137 @@ def test_a_stored_id_cannot_be_appended_twice(store):
     assert put(store, "c", "b", "same").seq == first.seq + 1  # ids are per sender
 
 
+def test_a_duplicate_is_refused_within_one_turn_and_across_turns(store):
+    from mangogram_broker.store import DuplicateMessage
+
+    first = put(store, "a", "b", "same")
+    with pytest.raises(DuplicateMessage):
+        put(store, "a", "b", "same")  # the SQLite store has not written `first` yet
+    assert store.find("a", "same") == first
+    store.commit()
+    with pytest.raises(DuplicateMessage):
+        put(store, "a", "b", "same")
+    # A refused resend takes no number: the next message follows on.
+    later = put(store, "a", "b", "next")
+    assert (later.seq, int(later.broker_id)) == (first.seq + 1, int(first.broker_id) + 1)
+    store.commit()
+    assert [m.client_id for m in store.unconfirmed("b", 0, 10)] == ["same", "next"]
+
+
+def test_reads_in_a_turn_see_its_messages_before_the_commit(store):
+    put(store, "a", "b", "c1")
+    put(store, "a", "b", "c2")
+    store.commit()
+    stored = [put(store, "a" if i % 2 else "d", "b", f"p{i}") for i in range(4)]
+    assert [m.seq for m in stored] == [3, 4, 5, 6]
+    assert store.find("d", "p2") == stored[2]
+    # Window fills: from the committed rows into this turn's, from inside this turn's,
+    # bounded by the limit, and nothing past the end.
+    assert [m.client_id for m in store.unconfirmed("b", 0, 10)] == [
+        "c1", "c2", "p0", "p1", "p2", "p3",
+    ]  # fmt: skip
+    assert [m.client_id for m in store.unconfirmed("b", 1, 2)] == ["c2", "p0"]
+    assert [m.client_id for m in store.unconfirmed("b", 3, 2)] == ["p1", "p2"]
+    assert store.unconfirmed("b", 6, 10) == []
+    assert store.unconfirmed_count("b") == 6
+    store.confirm_through("b", 4, 20)
+    assert [m.seq for m in store.unconfirmed("b", 0, 10)] == [5, 6]
+    store.owe_receipts([stored[1].broker_id])
+    assert [m.client_id for m in store.receipts_owed("a", 10)] == ["p1"]
+    assert store.mark_read("b", stored[3].broker_id, 21).read_at == 21
+    assert [m.client_id for m in store.history("b", "a", None, 10)] == ["p3", "p1", "c2", "c1"]
+    assert store.contacts("d") == {"b"}
+    assert [m.client_id for m in store.unconfirmed("b", 0, 10)] == ["p2", "p3"]
+    store.commit()
+    assert [(m.seq, m.delivered_at, m.read_at) for m in store.unconfirmed("b", 0, 10)] == [
+        (5, None, None),
+        (6, None, 21),
+    ]
+
+
+def test_a_turn_holding_messages_commits_with_the_fsync_even_with_confirmations(tmp_path):
+    store = SqliteStore(tmp_path / "sync.sqlite3", "full")
+    try:
+        put(store, "a", "b", "x")
+        store.commit()
+        statements: list[str] = []
+        store._db.set_trace_callback(statements.append)
+        store.confirm_through("b", 1, 5)  # bookkeeping first, then a message: an ACCEPTED
+        put(store, "a", "b", "y")
+        store.commit()
+        store._db.set_trace_callback(None)
+        assert not [s for s in statements if "synchronous" in s.lower()]
+        assert any(s.startswith("INSERT INTO messages") for s in statements)
+    finally:
+        store.close()
+
+
+def test_broker_ids_after_a_restart_continue_past_the_highest_ever_stored(tmp_path):
+    path = tmp_path / "ids.sqlite3"
+    first = SqliteStore(path, "full")
+    ids = [int(put(first, "a", "b", f"x{i}").broker_id) for i in range(5)]
+    first.commit()
+    first.close()
+    second = SqliteStore(path, "full")
+    assert int(put(second, "a", "b", "y").broker_id) == ids[-1] + 1
+    second.confirm_through("b", 6, 10)
+    second.commit()
+    # Retention removes every message, the newest too: its number is still never reused,
+    # as a client may hold it (READ names a message by it).
+    assert second.prune(10_000, 1, None) == 6
+    second.close()
+    third = SqliteStore(path, "full")
+    try:
+        after = put(third, "a", "b", "z")
+        assert int(after.broker_id) == ids[-1] + 2
+        assert after.seq == 7
+    finally:
+        third.close()
+
+
+def test_a_turn_lost_in_a_crash_leaves_nothing_and_the_store_carries_on(tmp_path):
+    path = tmp_path / "crash.sqlite3"
+    store = SqliteStore(path, "full")
+    kept = put(store, "a", "b", "kept")
+    store.commit()
+    for i in range(3):  # numbers handed out, never committed: the broker dies here
+        put(store, "a", "b", f"lost{i}")
+    store._db.close()  # the connection ends without COMMIT, as a killed process's would
+    reopened = SqliteStore(path, "full")
+    try:
+        assert reopened.find("a", "lost0") is None
+        assert reopened.last_seq("b") == 1
+        # The sender never got an ACCEPTED for them, so it sends them again.
+        again = [put(reopened, "a", "b", f"lost{i}") for i in range(3)]
+        assert [m.seq for m in again] == [2, 3, 4]
+        assert [int(m.broker_id) for m in again] == [int(kept.broker_id) + i for i in (1, 2, 3)]
+        reopened.commit()
+        assert [m.client_id for m in reopened.unconfirmed("b", 0, 10)] == [
+            "kept", "lost0", "lost1", "lost2",
+        ]  # fmt: skip
+        reopened.confirm_through("b", 4, 9)
+        reopened.commit()
+        assert reopened.unconfirmed_count("b") == 0
+    finally:
+        reopened.close()
+
+
+def test_a_turn_of_many_messages_is_written_in_a_few_statements(tmp_path):
+    store = SqliteStore(tmp_path / "few.sqlite3", "normal")
+    try:
+        for i in range(100):
+            put(store, "a", "b", f"x{i:03d}")
+        statements: list[str] = []
+        store._db.set_trace_callback(statements.append)
+        store.commit()
+        store._db.set_trace_callback(None)
+        inserts = [s for s in statements if s.startswith("INSERT INTO messages")]
+        assert len(inserts) == 3  # 64 + 32 + 4 rows
+        assert [m.seq for m in store.unconfirmed("b", 0, 200)] == list(range(1, 101))
+    finally:
+        store.close()
+
+
 # Retention in bounded steps, and lookups through indexes (nothing may stall the loop).
 
 
@@ -364,6 +495,7 @@ def test_lookups_and_retention_go_through_indexes_not_table_scans(tmp_path):
         store.commit()
 
         def login_and_retention():
+            put(store, "e", "b", "first")  # the sender's id mark is read through an index
             store.contacts("b")
             store.receipts_owed("a", 10)
             store.mark_sender_notified(["1"])
@@ -373,6 +505,7 @@ def test_lookups_and_retention_go_through_indexes_not_table_scans(tmp_path):
             store.commit()
 
         plans = query_plans(store, login_and_retention)
+        assert any("max(client_id)" in sql for sql in plans)
         assert any("FROM contacts" in sql for sql in plans)
         assert any(sql.startswith("DELETE FROM messages") for sql in plans)
         assert any("receipts_owed WHERE message_id" in sql for sql in plans)
@@ -398,5 +531,39 @@ def test_the_old_retention_statements_were_table_scans(tmp_path):
             sql: [row[3] for row in store._db.execute(f"EXPLAIN QUERY PLAN {sql}")] for sql in old
         }
         assert set(full_scans(plans)) == set(old)
+    finally:
+        store.close()
+
+
+def test_growing_ids_wait_for_the_commit_and_others_are_checked_at_once(tmp_path):
+    from mangogram_broker.store import DuplicateMessage
+
+    path = tmp_path / "marks.sqlite3"
+    store = SqliteStore(path, "normal")
+    put(store, "a", "b", "m05")
+    store.commit()
+    store.close()
+    store = SqliteStore(path, "normal")  # the sender's mark is read from the store
+    try:
+        statements: list[str] = []
+        store._db.set_trace_callback(statements.append)
+        put(store, "a", "b", "m06")
+        put(store, "a", "b", "m07")
+        assert [s for s in statements if s.startswith("INSERT INTO messages")] == []
+        with pytest.raises(DuplicateMessage):
+            put(store, "a", "b", "m05")  # below the mark and stored: a resend
+        with pytest.raises(DuplicateMessage):
+            put(store, "a", "b", "m06")  # below the mark and in this turn
+        assert put(store, "a", "b", "m01").seq == 4  # below the mark but new
+        put(store, "a", "b", "m08")
+        assert [m.seq for m in store.unconfirmed("b", 0, 10)] == [1, 2, 3, 4, 5]
+        assert [m.seq for m in store.unconfirmed("b", 3, 10)] == [4, 5]
+        statements.clear()
+        store.commit()
+        store._db.set_trace_callback(None)
+        assert len([s for s in statements if s.startswith("INSERT INTO messages")]) == 1
+        assert [m.client_id for m in store.unconfirmed("b", 0, 10)] == [
+            "m05", "m06", "m07", "m01", "m08",
+        ]  # fmt: skip
     finally:
         store.close()

@@ -5,6 +5,7 @@ and the two that depend on the shell against the real broker."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -393,16 +394,16 @@ def test_even_a_message_that_earns_an_error_keeps_a_session_alive(wire):
 # Section 12: the SDK's outbox, ids, reconnect delays and socket options.
 
 
-def test_sdk_message_ids_are_uuid4_hex():
-    import uuid
-
+def test_sdk_message_ids_are_time_then_random_hex_and_grow():
     from mangogram_proto.session import new_message_id
 
-    ids = {new_message_id() for _ in range(100)}
-    assert len(ids) == 100
+    ids = [new_message_id() for _ in range(100)]
+    assert len(set(ids)) == 100
+    assert ids == sorted(ids)  # growing within a process: the broker's fast path
     for value in ids:
         assert re.fullmatch(r"[0-9a-f]{32}", value)
-        assert uuid.UUID(hex=value).version == 4
+    # 14 hex digits of microseconds since the epoch, then 18 of randomness
+    assert abs(int(ids[0][:14], 16) - time.time_ns() // 1000) < 3_600_000_000
 
 
 def test_sdk_outbox_holds_10000_texts_and_refuses_more_locally():

@@ -4,9 +4,11 @@ the real `python client.py` against the real broker on 127.0.0.1, read back from
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -546,3 +548,63 @@ def test_the_cursor_follows_emoji_sequences_in_the_input_line(broker, tmux, tmp_
     )
     tmux.type("olena", "")
     tmux.wait_for("olena", r"Олена x👨‍👩‍👧🇺🇦👍🏽")  # sent as typed
+
+
+def test_a_client_killed_mid_burst_loses_no_message_it_confirmed(broker, tmux, tmp_path):
+    """kill -9 while a backlog is being printed, then start again: every message is on one
+    screen or the other. The old test of this (test_confirm.py) gave ChatApp a console of
+    its own, which writes at once; the real client prints through prompt_toolkit's
+    patch_stdout, which queued the text for a writer thread while the message was already
+    confirmed, so a kill lost what was queued. Here the real client.py runs in a terminal.
+
+    Duplicates are allowed, and expected: what was written but not yet confirmed when the
+    kill came is shown again by the second run."""
+    total = 300
+    texts = [f"k{i}" for i in range(1, total + 1)]
+    with Client("Тарас", broker.endpoint):
+        pass  # the name exists; Тарас is offline while x writes
+    with Client("x", broker.endpoint) as x:
+        for text in texts:
+            x.send("Тарас", text)
+        deadline = time.monotonic() + 30
+        while x.session.unacknowledged and time.monotonic() < deadline:
+            x.poll(0.05)
+        assert not x.session.unacknowledged
+    env = client_env(tmp_path, "taras")
+    command = client_cmd(broker.endpoint, "--name", "Тарас")
+    # The pane stays after its program dies (its screen is read after the kill), and the
+    # program is exec'd, so the pane's pid is the client's.
+    tmux.run("new-session", "-d", "-s", "placeholder", "-x", "200", "-y", "50", "sleep 120")
+    tmux.run("set-option", "-g", "remain-on-exit", "on")
+    tmux.run("set-option", "-g", "history-limit", "5000")
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    shown = re.compile(r"\bk(\d+)\b")
+
+    def run_and_read(session: str, kill_at_first: bool) -> set[int]:
+        line = f"exec env {exports} {shlex.join(command)}"
+        tmux.run("new-session", "-d", "-s", session, "-x", "200", "-y", "50", line)
+        pid = int(pane(tmux, session, "pane_pid"))
+
+        def read() -> str:
+            return tmux.run("capture-pane", "-p", "-J", "-t", session, "-S", "-")
+
+        if kill_at_first:
+            wait_until(lambda: shown.search(read()), "the first message on screen", 30, read)
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: pane(tmux, session, "pane_dead") == "1", "the kill", 10, read)
+            return {int(n) for n in shown.findall(read())}
+        seen: set[int] = set()
+
+        def the_rest_came() -> bool:
+            seen.update(int(n) for n in shown.findall(read()))
+            return f"k{total}" in read() and seen.issuperset(range(min(seen), total + 1))
+
+        wait_until(the_rest_came, "the rest of the backlog", 60, read)
+        return seen
+
+    first = run_and_read("first", kill_at_first=True)
+    second = run_and_read("second", kill_at_first=False)
+    assert first, "nothing was on screen at the kill"
+    assert len(first) < total, "all came before the kill: the test proved nothing"
+    missing = sorted(set(range(1, total + 1)) - first - second)
+    assert not missing, f"lost: {missing[:20]}… ({len(missing)}); first run showed {len(first)}"

@@ -317,7 +317,8 @@ def test_after_an_impostor_the_client_recovers_when_the_real_broker_is_back(tmux
         with taras() as client:
             message = client.receive(timeout=10)
         assert message is not None and message.text == "написано під час підміни"
-        wait_for_toolbar(tmux, "olena", lambda row: row.startswith(" online"), "online")
+        screen = wait_for_toolbar(tmux, "olena", lambda row: row.startswith(" online"), "online")
+        assert not [r for r in transcript_rows(screen) if "›" in r], screen  # no stray prompt
     finally:
         for broker in brokers:
             broker.kill()
@@ -608,3 +609,36 @@ def test_a_client_killed_mid_burst_loses_no_message_it_confirmed(broker, tmux, t
     assert len(first) < total, "all came before the kill: the test proved nothing"
     missing = sorted(set(range(1, total + 1)) - first - second)
     assert not missing, f"lost: {missing[:20]}… ({len(missing)}); first run showed {len(first)}"
+
+
+def test_a_quick_reply_shows_below_the_message_it_answers(broker, tmux, tmp_path):
+    """The echo bot answers before it confirms, so its reply reached us before the ✓✓
+    of our message, whose line used to wait for that ✓✓ (or a grace period): the reply
+    was printed above the message it answers."""
+    from .test_sdk_and_examples import start_bot
+
+    bot = start_bot("echo_bot.py", broker, "echo")
+    try:
+        command = client_cmd(broker.endpoint, "--name", "Олена", "--to", "echo")
+        tmux.start("olena", command, client_env(tmp_path, "olena"))
+        wait_until(
+            lambda: (
+                "echo is online" in tmux.screen("olena")
+                or "talking to echo (online)" in tmux.screen("olena")
+            ),
+            "the echo bot online",
+            context=lambda: tmux.screen("olena"),
+        )
+        for n in (1, 2, 3):
+            tmux.type("olena", f"order test {n}")
+            tmux.wait_for("olena", rf"echo: order test {n}\b")
+        screen = tmux.wait_for("olena", r"Олена order test 3\b")
+        rows = transcript_rows(screen)
+        for n in (1, 2, 3):
+            own = [i for i, r in enumerate(rows) if re.search(rf"Олена order test {n}\b", r)]
+            reply = [i for i, r in enumerate(rows) if f"echo: order test {n}" in r]
+            assert len(own) == 1 and len(reply) == 1, screen
+            assert own[0] < reply[0], screen
+    finally:
+        bot.terminate()
+        bot.wait(10)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.application import run_in_terminal
 from prompt_toolkit.buffer import Buffer
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
@@ -72,6 +74,8 @@ KEY_ATTEMPT_MS = 1000
 KEY_RETRY_S = 2.0
 # The toolbar's state while the client asks for the server, the name, or trust.
 SETTING_UP = "not connected"
+# How long leaving waits for the lines still being written to the terminal.
+DRAIN_S = 5.0
 # xterm's title stack: save the terminal's title before changing it, restore it at exit.
 TITLE_PUSH = "\x1b[22;0t"
 TITLE_POP = "\x1b[23;0t"
@@ -162,6 +166,10 @@ class ChatApp:
         self._closing = False
         self.exit_code = 0
         self._patch_stdout = input is None
+        # Rendered text not yet on the terminal, each with what to do once it is there
+        # (confirm the message it shows); one task writes them, in order.
+        self._unwritten: list[tuple[str, Callable[[], None]]] = []
+        self._writer: asyncio.Task[None] | None = None
         # Lines typed before anyone asks for them: answers to the next login question, or
         # chat lines acted on once logged in.
         self._typed: asyncio.Queue[str] = asyncio.Queue()
@@ -245,10 +253,40 @@ class ChatApp:
             return False
         return keep
 
-    def show(self, lines: Iterable[Line], *, shown: IncomingMessage | None = None) -> None:
-        """Print `lines`; then confirm `shown`, the incoming message among them (only
-        now that it is on screen: a client killed before gets it again)."""
+    def show(self, lines: Iterable[Line]) -> None:
+        """Print `lines`; then confirm the incoming messages among them (only once they
+        are on the terminal: a client killed before gets them again)."""
         lines = list(lines)
+        shown: list[IncomingMessage] = []
+        reads: list[str] = []
+        if self.connection is not None:
+            shown, reads = self.state.take_shown(), self.state.take_reads()
+        after = functools.partial(self._on_screen, shown, reads)
+        idle = self._writer is None or self._writer.done()
+        if not lines and idle:
+            after()  # nothing to print (a message held back, or one to ourselves)
+            return
+        if not (self._own_console and self._patch_stdout):
+            self._print(lines)  # a console of the caller's: written when print returns
+            after()
+            return
+        # Under patch_stdout a print only queues the text for the proxy's thread, which
+        # writes it a moment later: a message confirmed at print time was lost by a kill
+        # in between. So the text is rendered here and written by `_write_unwritten`,
+        # which confirms after the write (and, as the proxy did, above the input line).
+        with self.console.capture() as captured:
+            self._print(lines)
+        if idle and not self._prompt.app.is_running:
+            # No input line to keep clear (before the prompt is first drawn, or after
+            # it ended): written now, so that it precedes the prompt's first drawing.
+            if self._write_now(captured.get()):
+                after()
+            return
+        self._unwritten.append((captured.get(), after))
+        if idle:
+            self._writer = asyncio.get_running_loop().create_task(self._write_unwritten())
+
+    def _print(self, lines: list[Line]) -> None:
         if self._own_console:
             # Lay rows out for the width prompt_toolkit draws in: rich alone would trust
             # a stale COLUMNS variable, and a row wider than the terminal wraps.
@@ -259,16 +297,83 @@ class ChatApp:
         for line in lines:
             for renderable in self.renderer.render(line):
                 self.console.print(renderable)
+
+    def _on_screen(self, shown: list[IncomingMessage], reads: list[str]) -> None:
+        """What `show` printed is on the terminal: confirm it, and tell senders it was read."""
         if self.connection is not None:
-            if shown is not None:
-                self.connection.confirm(shown)
+            for message in shown:
+                self.connection.confirm(message)
             # Shown in the open conversation means read: tell the senders.
-            for broker_id in self.state.take_reads():
+            for broker_id in reads:
                 self.connection.mark_read(broker_id)
         if self._title:
             self._set_title(sum(self.state.unread.values()))
         if self._prompt.app.is_running:
             self._prompt.app.invalidate()
+
+    def _write_now(self, text: str) -> bool:
+        """Write `text` to the terminal; False (and a warning) if that failed."""
+        output = self._prompt.app.output
+        try:
+            output.enable_autowrap()  # as patch_stdout does: Windows resets it per flush
+            output.write_raw(text)
+            output.flush()  # on the terminal (the tty's buffer) when this returns
+        except Exception as exc:
+            log.warning("could not write to the terminal (%s); not confirmed", exc)
+            return False
+        return True
+
+    async def _write_unwritten(self) -> None:
+        """Write the queued text to the terminal, all that has gathered in one go, and only
+        then run what waited for it. Text that cannot be written is not confirmed: its
+        messages come again at the next login."""
+        while self._unwritten:
+            batch, self._unwritten = self._unwritten, []
+            text = "".join(text for text, _after in batch)
+            if self._prompt.app.is_running:
+                await self._first_drawing()
+                # Clears the input line, writes, draws it again below the text.
+                try:
+                    written = await run_in_terminal(
+                        functools.partial(self._write_now, text), in_executor=False
+                    )
+                except Exception as exc:  # the prompt ending meanwhile, say
+                    log.warning("could not write above the input line (%s)", exc)
+                    written = False
+            else:
+                written = self._write_now(text)
+            if written:
+                for _text, after in batch:
+                    after()
+
+    async def _first_drawing(self) -> None:
+        """Wait (up to a second; the toolbar redraws every half) until the prompt has been
+        drawn twice. Text written above the prompt's first drawing, made before the
+        terminal answered its cursor-position request, left that prompt row in the
+        transcript (seen in tmux, test_after_an_impostor_...); the proxy's thread hop
+        happened to come late enough."""
+        app = self._prompt.app
+        if app.render_counter > 1:
+            return
+        drawn = asyncio.get_running_loop().create_future()
+
+        def on_render(_app: object) -> None:
+            if not drawn.done():
+                drawn.set_result(None)
+
+        app.after_render += on_render
+        try:
+            await asyncio.wait_for(drawn, 1.0)
+        except TimeoutError:
+            pass  # written anyway, at worst below a stray prompt row
+        finally:
+            app.after_render -= on_render
+
+    async def _screen_caught_up(self) -> None:
+        """Wait (a bounded time) until what was shown is written and confirmed."""
+        if self._writer is not None and not self._writer.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._writer), DRAIN_S)
 
     def _set_title(self, unread: int | None) -> None:
         """Name the unread count in the window title; None gives the title back."""
@@ -300,6 +405,7 @@ class ChatApp:
                 else:
                     work.cancel()
             await asyncio.gather(work, return_exceptions=True)
+            await self._screen_caught_up()  # the last lines, before the prompt goes
             if not ui.done():
                 self._prompt.app.exit()
             await asyncio.gather(ui, return_exceptions=True)
@@ -332,6 +438,7 @@ class ChatApp:
                 runner = await self._retry_after_key_failure(connection, runner)
         finally:
             self._chatting = False
+            await self._screen_caught_up()  # confirmations of what is on screen go out
             connection.stop()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(runner, 3)
@@ -567,9 +674,8 @@ class ChatApp:
             if event is not None and not isinstance(event, Closed):
                 lines += self.state.on_event(event, now)
             lines += self.state.due(now)
-            incoming = event if isinstance(event, IncomingMessage) else None
-            if lines or incoming is not None:
-                self.show(lines, shown=incoming)
+            if lines or isinstance(event, IncomingMessage):
+                self.show(lines)
             elif event is not None and self._prompt.app.is_running:
                 self._prompt.app.invalidate()
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterable
@@ -93,22 +95,36 @@ def listen(
     install_stop_handler(stop)
 
     def work() -> int:
-        with Client(name, server, **security) as client:
-            print(f"listening as {client.name}", file=sys.stderr, flush=True)
-            while not stopping:
-                message = client.receive(timeout=0.2)
-                if message is None:
-                    continue
-                if as_json:
-                    out.write(message_json(message) + "\n")
-                else:
-                    out.write(f"{message.sender}: {message.text}\n")
-                out.flush()
-                # Confirmed only once written out: killed before, it comes again.
-                client.confirm(message)
+        try:
+            with Client(name, server, **security) as client:
+                print(f"listening as {client.name}", file=sys.stderr, flush=True)
+                while not stopping:
+                    message = client.receive(timeout=0.2)
+                    if message is None:
+                        continue
+                    plain = f"{message.sender}: {message.text}"
+                    line = message_json(message) if as_json else plain
+                    out.write(line + "\n")
+                    out.flush()
+                    # Confirmed only once written out: killed before, it comes again.
+                    client.confirm(message)
+        except BrokenPipeError:
+            # The reader left (`| head -1`): the line in hand was not delivered. Raised
+            # through the `with`, which then leaves it unconfirmed, so it comes again;
+            # leaving is not an error.
+            discard_unwritten(out)
         return 0
 
     return reporting_failures(work)
+
+
+def discard_unwritten(out: TextIO) -> None:
+    """Point `out` at the null device, so that the text left in its buffer is not flushed
+    again at exit (Python would print a BrokenPipeError for it)."""
+    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, out.fileno())
+        os.close(null)
 
 
 def send_lines(
@@ -121,7 +137,8 @@ def send_lines(
 
     def work() -> int:
         with Client(name, server, **security) as client:
-            pending: set[str] = set()
+            # Message id -> its line number, for saying which line a refusal is about.
+            pending: dict[str, int] = {}
             failed = 0
 
             def settle_one() -> bool:
@@ -132,20 +149,20 @@ def send_lines(
                     if event is None:
                         return False
                     if isinstance(event, MessageAccepted | MessageFailed) and event.id in pending:
-                        pending.discard(event.id)
+                        number = pending.pop(event.id)
                         if isinstance(event, MessageFailed):
                             failed += 1
-                            print(f"mangogram: {event.message}", file=sys.stderr)
+                            print(f"mangogram: line {number}: {event.message}", file=sys.stderr)
                         return True
 
-            for line in lines:
+            for number, line in enumerate(lines, start=1):
                 text = line.rstrip("\r\n")
                 if not text.strip():
                     continue
                 while len(pending) >= SEND_WINDOW:
                     if not settle_one():
                         return not_acknowledged(len(pending))
-                pending.add(client.send(to, text))
+                pending[client.send(to, text)] = number
             while pending:
                 if not settle_one():
                     return not_acknowledged(len(pending))

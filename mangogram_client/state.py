@@ -3,12 +3,15 @@
 Own messages are printed once their fate is (nearly) known, because printed lines are
 never redrawn: normally the ✓✓ arrives within milliseconds, so the line shows ✓✓
 straight away. If it has not come after a short grace, the line shows what is known
-(… or ✓) and a later receipt gets a line of its own.
+(… or ✓) and a later receipt gets a line of its own. A message from someone we have
+just written to waits for our own line to be printed first: a bot answers before it
+confirms, so its reply comes before our ✓✓, and would otherwise be printed above the
+message it answers.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -59,6 +62,17 @@ class _OwnMessage:
     print_at: int
     mark: Mark = "pending"
     printed: bool = False
+    accepted_at: int | None = None  # the broker's clock
+
+
+@dataclass
+class _Held:
+    """An incoming message's lines, waiting for our own lines in `waits_for` (ids)."""
+
+    lines: list[Line]
+    message: IncomingMessage
+    read: str | None
+    waits_for: set[str]
 
 
 def clock_time(at_ms: int) -> str:
@@ -100,6 +114,9 @@ class ChatState:
         # Broker ids shown but not yet seen in the open conversation, per sender key.
         self._unseen: dict[str, list[str]] = {}
         self._reads: list[str] = []
+        # Incoming messages whose lines were handed out: confirmed once on screen.
+        self._shown: list[IncomingMessage] = []
+        self._held: deque[_Held] = deque()
         # Ids of messages this session sent to its own name (their DELIVER is not shown).
         self._to_myself: set[str] = set()
         # Per ("sent" or "delivered", recipient key): when to say it, their display name,
@@ -173,12 +190,18 @@ class ChatState:
         for message_id, own in list(self._own.items()):
             if not own.printed and own.print_at <= now:
                 lines.append(self._print_own(message_id, own))
-        return lines + self._receipt_lines(now)
+        return lines + self._release() + self._receipt_lines(now)
 
     def take_reads(self) -> list[str]:
         """Broker ids the user has now seen in the open conversation: send READ for each."""
         reads, self._reads = self._reads, []
         return reads
+
+    def take_shown(self) -> list[IncomingMessage]:
+        """Incoming messages whose lines were handed out since the last call (or that need
+        no line): to be confirmed once those lines are on screen."""
+        shown, self._shown = self._shown, []
+        return shown
 
     def next_due(self) -> int | None:
         waiting = [o.print_at for o in self._own.values() if not o.printed]
@@ -196,14 +219,15 @@ class ChatState:
                 self.contacts.setdefault(name_key(own.to), own.to)
             if own is not None and own.mark == "pending":
                 own.mark = "sent"
+                own.accepted_at = event.accepted_at
                 own.print_at = min(own.print_at, now + DELIVERY_GRACE_MS)
                 if own.printed:  # shown with ○ while the broker was away
                     self._late(("sent", name_key(own.to)), own.to, own.text, now)
             return []
         if isinstance(event, MessageDelivered):
-            return self._delivered(event, now)
+            return self._delivered(event, now) + self._release()
         if isinstance(event, MessageFailed):
-            return self._failed(event, now)
+            return self._failed(event, now) + self._release()
         if isinstance(event, PresenceChanged):
             return self._presence(event, now)
         if isinstance(event, MessageRead):
@@ -388,6 +412,7 @@ class ChatState:
             # A note to ourselves from this very session: its own line already shows it.
             self._to_myself.discard(message.id)
             self._reads.append(message.broker_id)
+            self._shown.append(message)
             return []
         key = name_key(message.sender)
         self._display[key] = message.sender
@@ -401,8 +426,6 @@ class ChatState:
         if elsewhere:
             self.unread[key] += 1
             self._unseen.setdefault(key, []).append(message.broker_id)
-        else:
-            self._reads.append(message.broker_id)
         lines.append(
             ChatLine(
                 at_ms=message.sent_at,
@@ -414,6 +437,34 @@ class ChatState:
                 delayed=message.delayed or now - message.accepted_at > DELAYED_AFTER_MS,
             )
         )
+        # Our messages to the sender that the broker took before this one (so it may
+        # answer them) and that are not printed yet go first, within their grace. Only
+        # those: two people writing at once must not hold each other's messages, as
+        # each confirms (and so gives the other ✓✓) only what it has printed.
+        waits = {
+            i
+            for i, own in self._own.items()
+            if not own.printed
+            and name_key(own.to) == key
+            and own.accepted_at is not None
+            and own.accepted_at <= message.accepted_at
+        }
+        read = None if elsewhere else message.broker_id
+        self._held.append(_Held(lines, message, read, waits))
+        return self._release()
+
+    def _release(self) -> list[Line]:
+        """Lines of held incoming messages whose own lines are printed now, in order."""
+        lines: list[Line] = []
+        while self._held:
+            head = self._held[0]
+            if any(i in self._own and not self._own[i].printed for i in head.waits_for):
+                break
+            self._held.popleft()
+            lines += head.lines
+            self._shown.append(head.message)
+            if head.read is not None:
+                self._reads.append(head.read)
         return lines
 
     def _print_own(self, message_id: str, own: _OwnMessage) -> ChatLine:

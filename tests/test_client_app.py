@@ -226,6 +226,54 @@ def test_piped_stdin_sends_each_line(broker, zctx, tmp_path):
         assert texts == ["рядок один", "рядок два"]
 
 
+def test_listen_into_a_reader_that_left_exits_quietly_and_keeps_the_rest(broker, zctx, tmp_path):
+    """`--listen --json | head -1`: once the reader is gone the next line cannot be
+    written, so the listener leaves without a traceback and without confirming it."""
+    with Client("logger", broker.endpoint, context=zctx):
+        pass  # the name exists, so messages wait for it
+    listener = subprocess.Popen(
+        client_cmd(broker, "--name", "logger", "--listen", "--json"),
+        env=client_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        **GRACEFUL_SPAWN,
+    )
+    try:
+        wait_for_line(listener.stderr, "listening as logger")
+        with Client("Олена", broker.endpoint, context=zctx) as olena:
+            olena.send("logger", "read by head", wait=True)
+            assert json.loads(listener.stdout.readline())["text"] == "read by head"
+            listener.stdout.close()  # head -1 exits after its line
+            olena.send("logger", "nobody reads this", wait=True)
+            assert listener.wait(20) == 0
+        errors = listener.stderr.read()
+        assert "Traceback" not in errors and "BrokenPipe" not in errors, errors
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait(10)
+    with Client("logger", broker.endpoint, context=zctx) as again:
+        texts = [m.text for m in again.messages(timeout=5)]
+    assert texts == ["nobody reads this"]
+
+
+def test_a_piped_line_too_long_is_named_by_its_number(broker, zctx, tmp_path):
+    with Client("Тарас", broker.endpoint, context=zctx):
+        done = subprocess.run(
+            client_cmd(broker, "--name", "Олена", "--to", "Тарас"),
+            input="first\n\n" + "x" * 5000 + "\nlast\n",
+            env=client_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 1
+    assert "mangogram: line 3: text is 5000 characters, limit is 4096" in done.stderr, done.stderr
+
+
 def test_client_help_describes_modes(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "client.py"), "--help"],

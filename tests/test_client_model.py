@@ -104,6 +104,70 @@ def test_own_message_prints_once_with_double_tick_when_delivered_quickly():
     assert state.due(T + 10**6) == []
 
 
+def test_a_reply_before_our_double_tick_waits_for_our_line_and_is_confirmed_after():
+    """A bot answers before it confirms: the reply comes before our ✓✓. It is held (not
+    handed out, so not confirmed) until our line is printed, and then printed below it."""
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("Тарас", T)
+    state.sent("m1", "Тарас", "order test 1", T)
+    state.on_event(MessageAccepted("m1", "b1", T + 1), T + 1)
+    reply = incoming("Тарас", "echo: order test 1", T + 2)
+    assert state.on_event(reply, T + 2) == []
+    assert state.on_event(incoming("Тарас", "and more", T + 3), T + 3) == []  # keeps its place
+    assert state.take_shown() == [] and state.take_reads() == []
+    lines = state.on_event(MessageDelivered("m1", "b1", "Тарас", T + 4), T + 4)
+    assert [(line.text, line.own) for line in lines if isinstance(line, ChatLine)] == [
+        ("order test 1", True),
+        ("echo: order test 1", False),
+        ("and more", False),
+    ]
+    assert lines[0].mark == "delivered"  # one line with ✓✓, no receipt line later
+    assert [m.text for m in state.take_shown()] == ["echo: order test 1", "and more"]
+    assert state.take_reads() == ["b-echo: order test 1", "b-and more"]
+    assert state.due(T + 10**6) == []
+
+
+def test_a_reply_waits_no_longer_than_our_lines_grace():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("Тарас", T)
+    state.sent("m1", "Тарас", "hello", T)
+    state.on_event(MessageAccepted("m1", "b1", T + 1), T + 1)
+    assert state.on_event(incoming("Тарас", "hi", T + 2), T + 2) == []
+    assert state.on_event(incoming("Mei", "unrelated", T + 3), T + 3) == []  # in arrival order
+    lines = state.due(T + 1 + DELIVERY_GRACE_MS)
+    assert [line.text for line in lines] == ["hello", "hi", "unrelated"]
+    assert lines[0].mark == "sent"
+    assert len(state.take_shown()) == 2
+
+
+def test_a_message_from_someone_else_is_not_held():
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("Тарас", T)
+    state.sent("m1", "Тарас", "hello", T)
+    state.on_event(MessageAccepted("m1", "b1", T + 1), T + 1)
+    (line,) = state.on_event(incoming("Mei", "hi", T + 2), T + 2)
+    assert line.text == "hi" and [m.text for m in state.take_shown()] == ["hi"]
+
+
+def test_messages_crossing_are_not_held():
+    """Both write at once: Тарас's message reached the broker before ours, so it cannot
+    answer ours and is shown (and confirmed) at once. Held, each side would wait for
+    the other's ✓✓, which needs the other to show, and both would print with ✓."""
+    state = ChatState("Олена")
+    logged_in(state)
+    state.switch_peer("Тарас", T)
+    state.sent("m1", "Тарас", "hello", T)
+    crossing = incoming("Тарас", "hi", T + 1)
+    state.on_event(MessageAccepted("m1", "b1", T + 2), T + 2)
+    (line,) = state.on_event(crossing, T + 3)
+    assert line.text == "hi" and state.take_shown() == [crossing]
+    (own,) = state.on_event(MessageDelivered("m1", "b1", "Тарас", T + 4), T + 4)
+    assert own.mark == "delivered"
+
+
 def test_own_message_prints_with_single_tick_then_gets_a_receipt_line():
     state = ChatState("Олена")
     logged_in(state)

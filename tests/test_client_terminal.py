@@ -4,9 +4,11 @@ the real `python client.py` against the real broker on 127.0.0.1, read back from
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -322,7 +324,8 @@ def test_after_an_impostor_the_client_recovers_when_the_real_broker_is_back(tmux
         with taras() as client:
             message = client.receive(timeout=10)
         assert message is not None and message.text == "написано під час підміни"
-        wait_for_toolbar(tmux, "olena", lambda row: row.startswith(" online"), "online")
+        screen = wait_for_toolbar(tmux, "olena", lambda row: row.startswith(" online"), "online")
+        assert not [r for r in transcript_rows(screen) if "›" in r], screen  # no stray prompt
     finally:
         for broker in brokers:
             broker.kill()
@@ -628,3 +631,96 @@ def test_to_a_name_nobody_has_is_refused_at_once(broker, tmux, tmp_path):
         assert "nobody called" not in screen
     finally:
         taras.close()
+
+
+def test_a_client_killed_mid_burst_loses_no_message_it_confirmed(broker, tmux, tmp_path):
+    """kill -9 while a backlog is being printed, then start again: every message is on one
+    screen or the other. The old test of this (test_confirm.py) gave ChatApp a console of
+    its own, which writes at once; the real client prints through prompt_toolkit's
+    patch_stdout, which queued the text for a writer thread while the message was already
+    confirmed, so a kill lost what was queued. Here the real client.py runs in a terminal.
+
+    Duplicates are allowed, and expected: what was written but not yet confirmed when the
+    kill came is shown again by the second run."""
+    total = 300
+    texts = [f"k{i}" for i in range(1, total + 1)]
+    with Client("Тарас", broker.endpoint):
+        pass  # the name exists; Тарас is offline while x writes
+    with Client("x", broker.endpoint) as x:
+        for text in texts:
+            x.send("Тарас", text)
+        deadline = time.monotonic() + 30
+        while x.session.unacknowledged and time.monotonic() < deadline:
+            x.poll(0.05)
+        assert not x.session.unacknowledged
+    env = client_env(tmp_path, "taras")
+    command = client_cmd(broker.endpoint, "--name", "Тарас")
+    # The pane stays after its program dies (its screen is read after the kill), and the
+    # program is exec'd, so the pane's pid is the client's.
+    tmux.run("new-session", "-d", "-s", "placeholder", "-x", "200", "-y", "50", "sleep 120")
+    tmux.run("set-option", "-g", "remain-on-exit", "on")
+    tmux.run("set-option", "-g", "history-limit", "5000")
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    shown = re.compile(r"\bk(\d+)\b")
+
+    def run_and_read(session: str, kill_at_first: bool) -> set[int]:
+        line = f"exec env {exports} {shlex.join(command)}"
+        tmux.run("new-session", "-d", "-s", session, "-x", "200", "-y", "50", line)
+        pid = int(pane(tmux, session, "pane_pid"))
+
+        def read() -> str:
+            return tmux.run("capture-pane", "-p", "-J", "-t", session, "-S", "-")
+
+        if kill_at_first:
+            wait_until(lambda: shown.search(read()), "the first message on screen", 30, read)
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: pane(tmux, session, "pane_dead") == "1", "the kill", 10, read)
+            return {int(n) for n in shown.findall(read())}
+        seen: set[int] = set()
+
+        def the_rest_came() -> bool:
+            seen.update(int(n) for n in shown.findall(read()))
+            return f"k{total}" in read() and seen.issuperset(range(min(seen), total + 1))
+
+        wait_until(the_rest_came, "the rest of the backlog", 60, read)
+        return seen
+
+    first = run_and_read("first", kill_at_first=True)
+    second = run_and_read("second", kill_at_first=False)
+    assert first, "nothing was on screen at the kill"
+    assert len(first) < total, "all came before the kill: the test proved nothing"
+    missing = sorted(set(range(1, total + 1)) - first - second)
+    assert not missing, f"lost: {missing[:20]}… ({len(missing)}); first run showed {len(first)}"
+
+
+def test_a_quick_reply_shows_below_the_message_it_answers(broker, tmux, tmp_path):
+    """The echo bot answers before it confirms, so its reply reached us before the ✓✓
+    of our message, whose line used to wait for that ✓✓ (or a grace period): the reply
+    was printed above the message it answers."""
+    from .test_sdk_and_examples import start_bot
+
+    bot = start_bot("echo_bot.py", broker, "echo")
+    try:
+        command = client_cmd(broker.endpoint, "--name", "Олена", "--to", "echo")
+        tmux.start("olena", command, client_env(tmp_path, "olena"))
+        wait_until(
+            lambda: (
+                "echo is online" in tmux.screen("olena")
+                or "talking to echo (online)" in tmux.screen("olena")
+            ),
+            "the echo bot online",
+            context=lambda: tmux.screen("olena"),
+        )
+        for n in (1, 2, 3):
+            tmux.type("olena", f"order test {n}")
+            tmux.wait_for("olena", rf"echo: order test {n}\b")
+        screen = tmux.wait_for("olena", r"Олена order test 3\b")
+        rows = transcript_rows(screen)
+        for n in (1, 2, 3):
+            own = [i for i, r in enumerate(rows) if re.search(rf"Олена order test {n}\b", r)]
+            reply = [i for i, r in enumerate(rows) if f"echo: order test {n}" in r]
+            assert len(own) == 1 and len(reply) == 1, screen
+            assert own[0] < reply[0], screen
+    finally:
+        bot.terminate()
+        bot.wait(10)

@@ -636,6 +636,9 @@ class JetStreamStore:
         if read_at is not None:
             return None
         self._set_status(number, read_at=now)
+        cached = self._index.get(recipient_key, {})
+        if message.seq in cached:  # the window's copy must say so too, as a re-read would
+            cached[message.seq] = cached[message.seq]._replace(read_at=now)
         return message._replace(delivered_at=delivered_at, read_at=now)
 
     def owe_receipts(self, broker_ids: Iterable[str]) -> None:

@@ -65,6 +65,7 @@ from .store import (
     StoreUnavailable,
     _RetentionSweep,
     parse_broker_id,
+    whole_pass,
 )
 
 log = logging.getLogger(__name__)
@@ -731,11 +732,7 @@ class JetStreamStore:
 
     def prune(self, now: int, max_age_ms: int | None, keep_per_user: int | None) -> int:
         self._sweep = _RetentionSweep()
-        removed, finished = 0, False
-        while not finished:
-            step_removed, finished = self.prune_step(now, max_age_ms, keep_per_user)
-            removed += step_removed
-        return removed
+        return whole_pass(lambda: self.prune_step(now, max_age_ms, keep_per_user))
 
     def _stream_keys(self) -> list[str]:
         # Only a mailbox with a mark has confirmed messages to remove.

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -175,6 +175,15 @@ class _Prunable(Protocol):
         than `limit` of them (stream order). Returns how many it removed and the seq it
         got to."""
         ...
+
+
+def whole_pass(step: Callable[[], tuple[int, bool]]) -> int:
+    """Run retention `step`s until the pass is finished; how many messages went."""
+    removed, finished = 0, False
+    while not finished:
+        step_removed, finished = step()
+        removed += step_removed
+    return removed
 
 
 class _RetentionSweep:
@@ -381,11 +390,7 @@ class MemoryStore:
 
     def prune(self, now: int, max_age_ms: int | None, keep_per_user: int | None) -> int:
         self._sweep = _RetentionSweep()
-        removed, finished = 0, False
-        while not finished:
-            step_removed, finished = self.prune_step(now, max_age_ms, keep_per_user)
-            removed += step_removed
-        return removed
+        return whole_pass(lambda: self.prune_step(now, max_age_ms, keep_per_user))
 
     def _stream_keys(self) -> list[str]:
         return list(self._last_seq)
@@ -933,11 +938,7 @@ class SqliteStore:
 
     def prune(self, now: int, max_age_ms: int | None, keep_per_user: int | None) -> int:
         self._sweep = _RetentionSweep()
-        removed, finished = 0, False
-        while not finished:
-            step_removed, finished = self.prune_step(now, max_age_ms, keep_per_user)
-            removed += step_removed
-        return removed
+        return whole_pass(lambda: self.prune_step(now, max_age_ms, keep_per_user))
 
     def _stream_keys(self) -> list[str]:
         return list(self._last_seq)

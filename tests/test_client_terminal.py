@@ -324,8 +324,7 @@ def test_after_an_impostor_the_client_recovers_when_the_real_broker_is_back(tmux
         with taras() as client:
             message = client.receive(timeout=10)
         assert message is not None and message.text == "написано під час підміни"
-        screen = wait_for_toolbar(tmux, "olena", lambda row: row.startswith(" online"), "online")
-        assert not [r for r in transcript_rows(screen) if "›" in r], screen  # no stray prompt
+        wait_for_toolbar(tmux, "olena", lambda row: row.startswith(" online"), "online")
     finally:
         for broker in brokers:
             broker.kill()

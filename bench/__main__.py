@@ -80,6 +80,25 @@ class Server:
                 self.process.wait(10)
 
 
+def await_broker(process: subprocess.Popen[str], what: str) -> Server:
+    """Read a starting broker's log until it listens (30 s at most); its key if it has one."""
+    assert process.stderr is not None
+    key = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        if match := re.search(r"public key (\S{40})", line):
+            key = match.group(1)
+        if match := re.search(r"listening on (tcp://\S+)", line):
+            # Keep draining its log, or a full pipe would stall the broker.
+            threading.Thread(target=drain, args=(process.stderr,), daemon=True).start()
+            return Server(process, match.group(1), key)
+    process.kill()
+    raise RuntimeError(f"{what} did not start")
+
+
 def start_server(system: str, data_dir: Path) -> Server:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if system.startswith("mangogram"):
@@ -98,21 +117,7 @@ def start_server(system: str, data_dir: Path) -> Server:
             command.append("--insecure-plaintext")
         process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
                                    stdout=subprocess.DEVNULL, cwd=ROOT)  # fmt: skip
-        assert process.stderr is not None
-        key = None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = process.stderr.readline()
-            if not line:
-                break
-            if match := re.search(r"public key (\S{40})", line):
-                key = match.group(1)
-            if match := re.search(r"listening on (tcp://\S+)", line):
-                # Keep draining its log, or a full pipe would stall the broker.
-                threading.Thread(target=drain, args=(process.stderr,), daemon=True).start()
-                return Server(process, match.group(1), key)
-        process.kill()
-        raise RuntimeError("the MangoGram broker did not start")
+        return await_broker(process, "the MangoGram broker")
     if system == "prosody":
         xmpp = prosody.start(data_dir)
         return Server(xmpp.process, xmpp.endpoint, xmpp=xmpp)  # type: ignore[arg-type]

@@ -21,18 +21,23 @@ import argparse
 import atexit
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import types
 from pathlib import Path
 
 import zmq
 
-from bench.__main__ import BROKER_BENCH_FLAGS, ROOT, Server, drain, load_command, percentile
+from bench.__main__ import (
+    BROKER_BENCH_FLAGS,
+    ROOT,
+    Server,
+    await_broker,
+    load_command,
+    percentile,
+)
 from bench.load import Waiter, make_clients, round_trips, wait_online
 
 
@@ -79,20 +84,7 @@ def start_timed_broker(data_dir: Path, turns_file: Path) -> Server:
     ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
                                stdout=subprocess.DEVNULL, cwd=ROOT)  # fmt: skip
-    assert process.stderr is not None
-    key = None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        if match := re.search(r"public key (\S{40})", line):
-            key = match.group(1)
-        if match := re.search(r"listening on (tcp://\S+)", line):
-            threading.Thread(target=drain, args=(process.stderr,), daemon=True).start()
-            return Server(process, match.group(1), key)
-    process.kill()
-    raise RuntimeError("the timed broker did not start")
+    return await_broker(process, "the timed broker")
 
 
 def measure(work: Path, clients: int, count: int, after: float) -> dict[str, object]:

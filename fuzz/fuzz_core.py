@@ -19,7 +19,7 @@ with atheris.instrument_imports():
     from mangogram_broker.core import BrokerCore
     from mangogram_broker.store import MemoryStore
     from mangogram_proto import codec
-    from mangogram_proto.constants import SIGNATURE
+    from mangogram_proto.constants import SIGNATURE, SIGNATURE_V2
     from mangogram_proto.errors import RemoteProtocolError
     from mangogram_proto.messages import CLIENT_COMMANDS, Limits
 
@@ -33,7 +33,7 @@ def test_one_input(data: bytes) -> None:
     core = BrokerCore(LIMITS, store=MemoryStore())
     now = Clock(1_700_000_000_000, 0)
     for peer in PEERS:
-        login = [SIGNATURE, b"LOGIN", b'{"name":"user%d"}' % peer[-1]]
+        login = [SIGNATURE_V2, b"LOGIN", b'{"name":"user%d"}' % peer[-1]]
         core.handle_frames(peer, login, now)
     for _ in range(provider.ConsumeIntInRange(1, 8)):
         step = provider.ConsumeIntInRange(0, 5000)
@@ -43,10 +43,16 @@ def test_one_input(data: bytes) -> None:
         peer = PEERS[provider.ConsumeIntInRange(0, 1)]
         command = COMMANDS[provider.ConsumeIntInRange(0, len(COMMANDS) - 1)]
         body = provider.ConsumeBytes(provider.ConsumeIntInRange(0, 300))
+        # Both framings: version 3 (one frame) and version 2 (three).
+        if provider.ConsumeBool():
+            frames = [SIGNATURE + command + b" " + body]
+        else:
+            frames = [SIGNATURE_V2, command, body]
         with contextlib.suppress(RemoteProtocolError):
-            codec.decode([SIGNATURE, command, body])
-        for out in core.handle_frames(peer, [SIGNATURE, command, body], now):
+            codec.decode(frames)
+        for out in core.handle_frames(peer, frames, now):
             codec.encode(out.message)
+            codec.encode(out.message, 2)
         core.expire(now)
 
 

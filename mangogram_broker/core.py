@@ -60,10 +60,10 @@ import logging
 import secrets
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple, TypeGuard
 
-import orjson
+import msgspec
 
 from mangogram_proto import codec
 from mangogram_proto.constants import MAX_ID_CHARS, MAX_REF_CHARS
@@ -226,7 +226,7 @@ def coalesce(outgoing: list[Outgoing]) -> list[Outgoing]:
     for at, (ids, broker_ids) in extra.items():
         first = merged[at].message
         assert isinstance(first, _ACKS)  # only those get extras
-        whole = replace(
+        whole = msgspec.structs.replace(
             first, ids=first.ids + tuple(ids), broker_ids=first.broker_ids + tuple(broker_ids)
         )
         merged[at] = Outgoing(merged[at].peer, whole)
@@ -358,7 +358,7 @@ class BrokerCore:
                 ErrorCode.ROUTING_ID_REFUSED,
                 "do not set ZMQ_ROUTING_ID; the broker assigns identities",
             )
-        if peer in self._cut_off and (len(frames) < 2 or frames[1] != _LOGIN_FRAME):
+        if peer in self._cut_off and codec.command_of(frames) != _LOGIN_FRAME:
             log.debug("ignored a message from %s: disconnected until it logs in", peer.hex())
             return []
         session = self.registry.by_peer(peer)
@@ -825,8 +825,7 @@ class BrokerCore:
                     m.broker_id, m.client_id, m.sender, m.recipient, m.text, m.sent_at,
                     m.accepted_at, m.delivered_at, m.read_at,
                 )  # fmt: skip
-                # orjson writes absent fields as null: a little over what the codec sends.
-                room -= len(orjson.dumps(item)) + 1
+                room -= len(codec.encode_body(item)) + 1
                 if room < 0 and items:
                     # The page is full; `more` sends the client back for the rest.
                     return [Outgoing(session.peer, HistoryPage(request.peer, tuple(items), True))]

@@ -87,7 +87,9 @@ class NatsCluster:
         self._store.start(self._publish(PRESENCE, orjson.dumps(record), {}))
 
     def tell(self, key: str, message: BrokerMessage) -> None:
-        signature, command, body = codec.encode(message)
+        # Notices between brokers keep the three-part form (version 2): the headers name
+        # signature and command, the data is the body.
+        signature, command, body = codec.encode(message, 2)
         headers = {
             _FROM: self.broker_id,
             _KIND: "notice",

@@ -9,6 +9,12 @@ A socket monitor reports accepted and closed TCP connections, so a client that d
 (even kill -9) goes offline at once instead of after the heartbeat timeout; the
 connection's file descriptor (ZMQ_SRCFD of its messages) ties a closed connection to its
 routing ids (see connections.py for why a new peer is tied only after the monitor is read).
+
+Framing (docs/protocol.md, section 3): the core is framing-agnostic (`codec.decode` reads
+both); the shell answers each connection in the framing of the last message it sent
+that started with `MGP` (one frame: version 3; more: version 2), version 3 until it has
+sent one. Only version 2 connections are remembered (`_v2_peers`). Each message is
+encoded once per framing its recipients speak.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from zmq.backend import Socket as SocketBase
 from zmq.utils.monitor import parse_monitor_message
 
 from mangogram_proto import codec
-from mangogram_proto.constants import FRAME_COUNT
+from mangogram_proto.constants import FRAME_COUNT_V2, SIGNATURE, SIGNATURE_PREFIX
 from mangogram_proto.keys import KeyPair
 from mangogram_proto.messages import (
     Accepted,
+    BrokerMessage,
     Deliver,
     HistoryPage,
     Login,
@@ -51,6 +58,9 @@ log = logging.getLogger(__name__)
 BATCH = 8192
 _LOGIN = Login.COMMAND.encode()
 _RECEIPT = Receipt.COMMAND.encode()
+# The same commands as the start of a version 3 frame.
+_LOGIN_V3 = SIGNATURE + _LOGIN + b" "
+_RECEIPT_V3 = SIGNATURE + _RECEIPT + b" "
 _NOBLOCK_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _MORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -156,6 +166,8 @@ class BrokerServer:
             raise
         self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._connections = ConnectionTable()
+        # Peers whose last message claimed version 2 framing; everyone else gets version 3.
+        self._v2_peers: set[bytes] = set()
 
     def _monitor_socket(self) -> zmq.Socket[bytes]:
         """The PAIR socket that reads the ROUTER's connection events. Unbounded: libzmq
@@ -233,6 +245,7 @@ class BrokerServer:
         self._queues.flush(send, now.mono)
         outgoing: list[Outgoing] = []
         for peer in gone:
+            self._v2_peers.discard(peer)
             log.info("%s is gone; dropped what was queued for it", peer.hex())
             outgoing += self.core.disconnected(peer, now)
         return outgoing
@@ -266,6 +279,7 @@ class BrokerServer:
         # waits too, so each connection's messages keep their order.
         waiting: set[bytes] = set()
         carried = self._carried
+        v2_peers = self._v2_peers
         for index, received_message in enumerate(received):
             if reply_bytes > TURN_REPLY_BYTES:
                 # Big replies are held until the turn ends: stop making them here, send
@@ -275,7 +289,21 @@ class BrokerServer:
                 break
             first, frames, extra = received_message
             peer = first.bytes
-            command = frames[1] if len(frames) > 1 else b""
+            if len(frames) == 1:
+                head = frames[0]
+                command = (
+                    _LOGIN
+                    if head.startswith(_LOGIN_V3)
+                    else _RECEIPT
+                    if head.startswith(_RECEIPT_V3)
+                    else b""
+                )
+                if v2_peers and head.startswith(SIGNATURE_PREFIX):
+                    v2_peers.discard(peer)
+            else:
+                command = frames[1] if len(frames) > 1 else b""
+                if frames and frames[0].startswith(SIGNATURE_PREFIX):
+                    v2_peers.add(peer)
             if waiting and peer in waiting:
                 carried.append(received_message)
                 continue
@@ -329,7 +357,7 @@ class BrokerServer:
         frame = first
         while frame.more:
             frame = recv(copy=False)
-            if len(frames) <= FRAME_COUNT:
+            if len(frames) <= FRAME_COUNT_V2:
                 frames.append(frame.bytes)
             else:
                 extra += 1
@@ -363,6 +391,7 @@ class BrokerServer:
                 continue
             for peer in gone:
                 self._queues.drop(peer)
+                self._v2_peers.discard(peer)
                 outgoing += self.core.disconnected(peer, self._clock())
 
     def _count_login_delivery(self, out: Outgoing, after_welcome: dict[bytes, int]) -> None:
@@ -379,27 +408,45 @@ class BrokerServer:
         full) or EHOSTUNREACH (no such peer)."""
         router = self._router
         send = SocketBase.send
-        signature, command, body = frames
         try:
             # Frame by frame with plain int flags, through the backend's send: the
             # sugar layer's enum flag arithmetic and draft-option checks showed up in
             # profiles. Only the first frame can fail; the rest follow.
             send(router, peer, _NOBLOCK_MORE)
-            send(router, signature, _MORE)
-            send(router, command, _MORE)
-            send(router, body, 0)
+            if len(frames) == 1:
+                send(router, frames[0], 0)
+            else:
+                signature, command, body = frames
+                send(router, signature, _MORE)
+                send(router, command, _MORE)
+                send(router, body, 0)
         except zmq.ZMQError as exc:
             if exc.errno != _EAGAIN and exc.errno != _EHOSTUNREACH:
                 raise
             return exc.errno
         return 0
 
+    @staticmethod
+    def _encode(message: BrokerMessage, v2: bool, encoded: dict[int, list[bytes]]) -> list[bytes]:
+        """`message` framed for a version 2 peer or a version 3 one, its body taken from
+        the other framing's copy if there is one (the body is the same)."""
+        other = encoded.get(id(message) if v2 else -id(message))
+        if other is None:
+            command, body = codec.encode_parts(message)
+        elif v2:
+            command, body = codec.split(other)
+        else:
+            command, body = other[1], other[2]
+        return codec.frame(command, body, 2 if v2 else 3)
+
     def _send_all(self, outgoing: list[Outgoing], now: Clock, retry: bool = True) -> None:
         delivered_after_welcome: dict[bytes, int] = {}
         count_logins = self._crash.armed("mid_login")
         queues = self._queues
-        # One PRESENCE goes to many peers: encode each message object once.
+        # One PRESENCE goes to many peers: encode each message object once per framing
+        # (keys: the message's id, negated for version 2).
         encoded: dict[int, list[bytes]] = {}
+        v2_peers = self._v2_peers
         # Peers found gone in this call, and how many messages were not sent to them.
         gone: set[bytes] = set()
         unsent = 0
@@ -409,9 +456,12 @@ class BrokerServer:
                 continue
             if count_logins:
                 self._count_login_delivery(out, delivered_after_welcome)
-            frames = encoded.get(id(out.message))
+            key = id(out.message)
+            if v2_peers and out.peer in v2_peers:
+                key = -key
+            frames = encoded.get(key)
             if frames is None:
-                frames = encoded[id(out.message)] = codec.encode(out.message)
+                frames = encoded[key] = self._encode(out.message, key < 0, encoded)
             if out.peer in queues:
                 # Behind what already waits for this peer, so the order holds.
                 if queues.add(out, frames, now.mono):

@@ -236,7 +236,7 @@ class AsyncConnection:
                 await self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
             except zmq.Again:
                 # Texts stay in the session's outbox and go out again after a reconnect.
-                log.debug("send queue full; dropped one %s frame set", frames[1])
+                log.debug("send queue full; dropped one message: %r", frames[0][:40])
 
     async def _drain(self) -> None:
         while self._socket is not None:

@@ -377,7 +377,7 @@ class Client:
             except zmq.Again:
                 # The broker is not taking messages; texts stay in the session's outbox
                 # and go out again after the reconnect this will lead to.
-                log.debug("send queue full; dropped one %s frame set", frames[1])
+                log.debug("send queue full; dropped one message: %r", frames[0][:40])
 
     def _pump(self, timeout: float | None, done: Callable[[], object]) -> bool:
         """Do network work until `done()` or `timeout` seconds pass. Returns `done()`."""

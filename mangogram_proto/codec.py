@@ -1,115 +1,212 @@
 """Encode messages to ZeroMQ frames and decode frames back, validating everything.
 
-Wire form: exactly three frames — the signature (`MGP02`), the command name in ASCII,
-and a UTF-8 JSON object holding the message fields. Unknown fields are ignored so newer
-peers can add optional ones; optional fields may be absent or null.
+Two framings (docs/protocol.md, section 2):
+
+* version 3, one frame: `MGP03`, the command name in ASCII, one space, the UTF-8 JSON
+  body: `MGP03PING {}`;
+* version 2, three frames: `MGP02`, the command name, the body. Still served by the
+  broker; `decode` tells the two apart by the first frame.
+
+Bodies are decoded and validated by msgspec straight into the message structs
+(messages.py): strict types, no coercion, integers within 64 bits. Unknown fields are
+ignored so newer peers can add optional ones; optional fields may be absent or null. A
+key repeated in any object is refused, as is a body that is not UTF-8 throughout.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
-import types
 import typing
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal
 
+import msgspec
 import orjson
 
-from .constants import FRAME_COUNT, MAX_REF_CHARS, SIGNATURE, SIGNATURE_PREFIX
+from .constants import (
+    FRAME_COUNT_V2,
+    MAX_COMMAND_BYTES,
+    MAX_REF_CHARS,
+    PROTOCOL_VERSION,
+    SEPARATOR,
+    SIGNATURE,
+    SIGNATURE_PREFIX,
+    SIGNATURE_V2,
+)
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError, printable
-from .messages import BROKER_COMMANDS, CLIENT_COMMANDS, Message
+from .messages import BROKER_COMMANDS, CLIENT_COMMANDS, Message, Welcome, WireStruct
 
-_INT_MIN = -(2**63)
-_INT_MAX = 2**63 - 1
+Version = Literal[2, 3]
 
-_COMMANDS: dict[bytes, type[Message]] = {
-    cls.COMMAND.encode("ascii"): cls for cls in (*CLIENT_COMMANDS, *BROKER_COMMANDS)
-}
+_SIGNATURE_BYTES = len(SIGNATURE)
+_HEAD = SIGNATURE  # what a version 3 frame starts with
+_SEP = SEPARATOR[0]
+_SEND = b"SEND"
+_SPOKEN = f"{SIGNATURE.decode()} and {SIGNATURE_V2.decode()}"
 
-T = TypeVar("T")
+_ENCODER = msgspec.json.Encoder()
+_encode_json = _ENCODER.encode
 
 
-def encode(message: Message) -> list[bytes]:
-    """Turn a message into the frames to send.
+# Encoding
+
+
+def encode(message: Message, version: Version = PROTOCOL_VERSION) -> list[bytes]:
+    """Turn a message into the frames to send, in framing `version` (3: one frame).
 
     Raises:
         LocalProtocolError: a field holds a value the protocol cannot carry (our bug).
     """
-    command, names, plain, nested = _shape(type(message))
-    body: Any
-    if plain:
-        # No field can be None (absent on the wire), so orjson can walk the dataclass
-        # itself, in field order: the hot path (DELIVER, ACCEPTED, DELIVERED), 5x faster.
-        body = message
-    elif nested:
-        body = _to_json_value(message)
-    else:
-        # Flat messages: tuples of strings serialize as JSON arrays as they are.
-        body = {n: v for n in names if (v := getattr(message, n)) is not None}
+    command, body = encode_parts(message)
+    return frame(command, body, version)
+
+
+def encode_parts(message: Message) -> tuple[bytes, bytes]:
+    """The command name and the JSON body of a message, to be framed by `frame`: a
+    sender with peers of both framings encodes the body once.
+
+    Raises:
+        LocalProtocolError: a field holds a value the protocol cannot carry (our bug).
+    """
+    return _COMMAND_BYTES[type(message)], encode_body(message)
+
+
+def encode_body(value: WireStruct) -> bytes:
+    """The JSON body of a message (or of a `HistoryItem`): compact UTF-8, fields in
+    declaration order, None-valued optional fields left out.
+
+    Raises:
+        LocalProtocolError: a field holds a value the protocol cannot carry (our bug).
+    """
     try:
-        # orjson: compact UTF-8 straight to bytes; refuses lone surrogates and ints beyond
-        # 64 bits. The stdlib encoder was the broker's largest JSON cost in profiles.
-        payload = orjson.dumps(body)
-    except TypeError as exc:
-        raise LocalProtocolError(ErrorCode.MALFORMED, f"cannot encode {message!r}: {exc}") from exc
-    return [SIGNATURE, command, payload]
+        if type(value) is Welcome:
+            # Its `online` is written even when empty (as ever); only None is left out.
+            return _encode_json(
+                {
+                    name: field
+                    for name in value.__struct_fields__
+                    if (field := getattr(value, name)) is not None
+                }
+            )
+        # `omit_defaults` leaves None out; refuses lone surrogates.
+        return _encode_json(value)
+    except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+        raise LocalProtocolError(ErrorCode.MALFORMED, f"cannot encode {value!r}: {exc}") from exc
 
 
-_SHAPES: dict[type, tuple[bytes, tuple[str, ...], bool, bool]] = {}
+def frame(command: bytes, body: bytes, version: Version = PROTOCOL_VERSION) -> list[bytes]:
+    """The frames of a message in framing `version`."""
+    if version == 3:
+        return [b"".join((_HEAD, command, SEPARATOR, body))]
+    return [SIGNATURE_V2, command, body]
 
 
-def _shape(cls: type) -> tuple[bytes, tuple[str, ...], bool, bool]:
-    """A message class's command frame, field names, whether it is plain (no optional
-    field, nothing nested) and whether it nests objects."""
-    shape = _SHAPES.get(cls)
-    if shape is None:
-        every_hint = typing.get_type_hints(cls)  # also holds the COMMAND ClassVar
-        hints = {f.name: every_hint[f.name] for f in dataclasses.fields(cls)}
-        nested = any(
-            dataclasses.is_dataclass(h)
-            or any(dataclasses.is_dataclass(a) for a in typing.get_args(h))
-            for h in hints.values()
+# Framing
+
+
+def version_of(frames: list[bytes]) -> Version | None:
+    """The framing a message claims by its shape: 3 for one frame starting with `MGP`,
+    2 for more frames whose first starts with `MGP`, None for anything else. (The broker
+    answers a peer in the framing its messages claim.)"""
+    if not frames or not frames[0].startswith(SIGNATURE_PREFIX):
+        return None
+    return 3 if len(frames) == 1 else 2
+
+
+def command_of(frames: list[bytes]) -> bytes:
+    """The command name a message carries in either framing, without checking anything
+    else (b"" if none can be read): for choosing how to handle it before decoding."""
+    if len(frames) == 1:
+        whole = frames[0]
+        end = whole.find(SEPARATOR, _SIGNATURE_BYTES, _SIGNATURE_BYTES + MAX_COMMAND_BYTES + 1)
+        return whole[_SIGNATURE_BYTES:end] if end > 0 and whole.startswith(_HEAD) else b""
+    return frames[1] if len(frames) > 1 else b""
+
+
+def split(frames: list[bytes]) -> tuple[bytes, bytes]:
+    """The command name and body of a message in either framing.
+
+    Raises:
+        RemoteProtocolError: the framing is broken (`malformed`), names another protocol
+            version (`unsupported_version`) or no command (`malformed`).
+    """
+    if len(frames) == 1:
+        whole = frames[0]
+        if whole.startswith(_HEAD):
+            # The command ends at the first space; it is at most MAX_COMMAND_BYTES long.
+            end = whole.find(SEPARATOR, _SIGNATURE_BYTES, _SIGNATURE_BYTES + MAX_COMMAND_BYTES + 1)
+            if end > _SIGNATURE_BYTES:
+                return whole[_SIGNATURE_BYTES:end], whole[end + 1 :]
+            if end == _SIGNATURE_BYTES:
+                raise RemoteProtocolError(ErrorCode.MALFORMED, "no command before the space")
+            raise RemoteProtocolError(
+                ErrorCode.MALFORMED,
+                f"no space after the command within {MAX_COMMAND_BYTES} bytes of"
+                f" {SIGNATURE.decode()}",
+            )
+        if whole[:_SIGNATURE_BYTES] == SIGNATURE_V2:
+            raise RemoteProtocolError(
+                ErrorCode.MALFORMED,
+                f"expected {FRAME_COUNT_V2} frames for {SIGNATURE_V2.decode()}, got 1",
+            )
+        _refuse_signature(whole)
+    if len(frames) == FRAME_COUNT_V2 and frames[0] == SIGNATURE_V2:
+        return frames[1], frames[2]
+    first = frames[0] if frames else b""
+    if first == SIGNATURE_V2:
+        # A SEND with surplus frames can still name itself, so its sender can stop resending.
+        ref = find_id(frames[2]) if len(frames) > FRAME_COUNT_V2 and frames[1] == _SEND else None
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED, f"expected {FRAME_COUNT_V2} frames, got {len(frames)}", ref
         )
-        optional = any(type(None) in typing.get_args(h) for h in hints.values())
-        names = tuple(hints)
-        command = cls.COMMAND.encode("ascii")  # type: ignore[attr-defined]
-        shape = _SHAPES[cls] = (command, names, not (nested or optional), nested)
-    return shape
+    if first.startswith(_HEAD):
+        ref = find_id(first) if first.startswith(_HEAD + _SEND + SEPARATOR) else None
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED,
+            f"a {SIGNATURE.decode()} message is one frame, got {len(frames)}",
+            ref,
+        )
+    _refuse_signature(first)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _refuse_signature(signature: bytes) -> typing.NoReturn:
+    if signature.startswith(SIGNATURE_PREFIX):
+        raise RemoteProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"unsupported protocol {printable(signature[:_SIGNATURE_BYTES], 16)};"
+            f" this peer speaks {_SPOKEN}",
+        )
+    raise RemoteProtocolError(
+        ErrorCode.MALFORMED,
+        f"bad signature {printable(signature[:16], 16)},"
+        f" expected {printable(SIGNATURE)} or {printable(SIGNATURE_V2)}",
+    )
+
+
+# Decoding
 
 
 def decode(frames: list[bytes], max_body_bytes: int | None = None) -> Message:
-    """Parse one multipart message.
+    """Parse one message, in either framing.
 
     Raises:
         RemoteProtocolError: the frames are not a valid message; its `code` says why
             and `ref` carries the message id when one could be read.
     """
-    if len(frames) != FRAME_COUNT:
-        # A SEND with surplus frames can still name itself, so its sender can stop resending.
-        ref = (
-            find_id(frames[2])
-            if len(frames) > FRAME_COUNT and frames[:2] == [SIGNATURE, _SEND]
-            else None
-        )
-        raise RemoteProtocolError(
-            ErrorCode.MALFORMED, f"expected {FRAME_COUNT} frames, got {len(frames)}", ref
-        )
-    signature, command, payload = frames
-    if signature != SIGNATURE:
-        if signature.startswith(SIGNATURE_PREFIX):
-            raise RemoteProtocolError(
-                ErrorCode.UNSUPPORTED_VERSION,
-                f"unsupported protocol {printable(signature, 16)};"
-                f" this peer speaks {SIGNATURE.decode()}",
-            )
-        raise RemoteProtocolError(
-            ErrorCode.MALFORMED,
-            f"bad signature {printable(signature, 16)}, expected {printable(SIGNATURE)}",
-        )
-    cls = _COMMANDS.get(command)
-    if cls is None:
+    command, payload = split(frames)
+    return decode_body(command, payload, max_body_bytes)
+
+
+def decode_body(command: bytes, payload: bytes, max_body_bytes: int | None = None) -> Message:
+    """Parse and validate the body of a `command` message.
+
+    Raises:
+        RemoteProtocolError: as `decode`.
+    """
+    plan = _PLANS.get(command)
+    if plan is None:
         raise RemoteProtocolError(
             ErrorCode.UNKNOWN_COMMAND, f"unknown command {printable(command, 32)}"
         )
@@ -120,39 +217,238 @@ def decode(frames: list[bytes], max_body_bytes: int | None = None) -> Message:
             find_id(payload) if command == _SEND else None,
         )
     try:
+        message: Message = plan.decoder(payload)
+    except (msgspec.MsgspecError, RecursionError) as exc:
+        # Rare: find the first problem in the documented order, in our words.
+        raise _explain(plan, payload, exc) from None
+    # msgspec checks UTF-8 in the fields it reads, not in unknown fields it skips.
+    if not payload.isascii():
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _explain(plan, payload, None) from None
+    if not plan.proven_unique(message, payload):
+        body = orjson.loads(payload)  # valid: msgspec read it
+        repeated = _repeated_key(payload, body)
+        if repeated is not None:
+            raise RemoteProtocolError(ErrorCode.MALFORMED, repeated, _body_ref(body))
+    return message
+
+
+class _Plan:
+    """How to decode and check one command's body, worked out once."""
+
+    def __init__(self, cls: type[Message]) -> None:
+        self.cls = cls
+        self.command = cls.COMMAND
+        self.decoder: Callable[[bytes], Any] = msgspec.json.Decoder(cls).decode
+        hints = typing.get_type_hints(cls, include_extras=True)
+        fields = msgspec.structs.fields(cls)
+        self.hints = {f.name: hints[f.name] for f in fields}
+        # For proving a body has no repeated key (see `proven_unique`).
+        self.required = sum(f.required for f in fields)
+        self.optional = tuple(f.name for f in fields if not f.required and f.default is None)
+        self.defaulted = tuple(
+            (f.name, f.default)
+            for f in fields
+            if not f.required and f.default is not None and f.default is not msgspec.NODEFAULT
+        ) + tuple(
+            (f.name, f.default_factory())
+            for f in fields
+            if not f.required and f.default_factory is not msgspec.NODEFAULT
+        )
+        self.strings = tuple(n for n, h in self.hints.items() if _strip(h) is str)
+        self.string_arrays = tuple(n for n, h in self.hints.items() if _strip(h) == tuple[str, ...])
+        self.flat = all(
+            _strip(h) in (str, int, bool, tuple[str, ...]) or typing.get_origin(h) is Literal
+            for h in self.hints.values()
+        )
+
+    def proven_unique(self, message: Message, payload: bytes) -> bool:
+        """True if `payload`, which decoded to `message`, cannot repeat a key; False if it
+        may (then the exact check decides).
+
+        Every member of an object has one ":" outside strings. A known field that holds
+        a value other than its default was present, so the body has at least `present`
+        distinct keys, and, unless a colon is escaped (\\u003a), its known strings put
+        `inner` colons into it. If the colons of `payload` number no more than
+        `present + inner`, there is no room for a member beyond the distinct keys: no
+        repeat, at any depth."""
+        colons = payload.count(b":")
+        present = self.required
+        for name in self.optional:
+            if getattr(message, name) is not None:
+                present += 1
+        for name, default in self.defaulted:
+            if getattr(message, name) != default:
+                present += 1
+        if colons <= present:
+            return True
+        if not self.flat or b"\\u003" in payload:
+            return False
+        inner = 0
+        for name in self.strings:
+            text = getattr(message, name)  # None for an optional string not given
+            if text:
+                inner += text.count(":")
+        for name in self.string_arrays:
+            for item in getattr(message, name):
+                inner += item.count(":")
+        return colons <= present + inner
+
+
+def _strip(hint: Any) -> Any:
+    """`hint` without Annotated metadata and without `| None`."""
+    if typing.get_origin(hint) is typing.Annotated:
+        hint = typing.get_args(hint)[0]
+    args = typing.get_args(hint)
+    if type(None) in args:
+        (hint,) = [a for a in args if a is not type(None)]
+        return _strip(hint)
+    return hint
+
+
+_COMMANDS: tuple[type[Message], ...] = (*CLIENT_COMMANDS, *BROKER_COMMANDS)
+_COMMAND_BYTES: dict[type, bytes] = {cls: cls.COMMAND.encode("ascii") for cls in _COMMANDS}
+_PLANS: dict[bytes, _Plan] = {cls.COMMAND.encode("ascii"): _Plan(cls) for cls in _COMMANDS}
+
+
+def _explain(plan: _Plan, payload: bytes, failure: Exception | None) -> RemoteProtocolError:
+    """The error for a body msgspec refused (`failure`), or that is not UTF-8 throughout
+    (None), naming the first problem in the documented order: UTF-8 and JSON syntax →
+    object → repeated key → fields."""
+    ref_if_send = find_id(payload) if plan.command == "SEND" else None
+    try:
         # orjson validates UTF-8 and refuses lone surrogates, NaN and nesting beyond 1024.
         body = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
-        ref = find_id(payload) if command == _SEND else None
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError as bad:
-            raise RemoteProtocolError(
-                ErrorCode.MALFORMED, f"body is not UTF-8 (byte {bad.start}: {bad.reason})", ref
-            ) from exc
-        raise RemoteProtocolError(
-            ErrorCode.MALFORMED, f"body is not valid JSON: {exc}", ref
-        ) from exc
-    if not isinstance(body, dict):
-        raise RemoteProtocolError(
-            ErrorCode.MALFORMED,
-            "body must be a JSON object",
-            find_id(payload) if command == _SEND else None,
+            return RemoteProtocolError(
+                ErrorCode.MALFORMED,
+                f"body is not UTF-8 (byte {bad.start}: {bad.reason})",
+                ref_if_send,
+            )
+        return RemoteProtocolError(
+            ErrorCode.MALFORMED, f"body is not valid JSON: {exc}", ref_if_send
         )
-    ref = body.get("id") if isinstance(body.get("id"), str) else None
+    if not isinstance(body, dict):
+        return RemoteProtocolError(ErrorCode.MALFORMED, "body must be a JSON object", ref_if_send)
+    ref = _body_ref(body)
     repeated = _repeated_key(payload, body)
     if repeated is not None:
-        raise RemoteProtocolError(ErrorCode.MALFORMED, repeated, _safe_ref(ref))
-    try:
-        return _from_json_object(cls, body)
-    except RemoteProtocolError as exc:
-        exc.ref = _safe_ref(ref)
-        raise
+        return RemoteProtocolError(ErrorCode.MALFORMED, repeated, ref)
+    if isinstance(failure, msgspec.ValidationError):
+        return RemoteProtocolError(ErrorCode.MALFORMED, _field_error(plan, body, str(failure)), ref)
+    if isinstance(failure, RecursionError):
+        return RemoteProtocolError(ErrorCode.MALFORMED, "body is nested too deeply", ref)
+    # orjson read what msgspec did not (or the reverse): say what msgspec said.
+    return RemoteProtocolError(ErrorCode.MALFORMED, f"body is not valid JSON: {failure}", ref)
+
+
+def _body_ref(body: dict[str, Any]) -> str | None:
+    # The ref is echoed back in ERROR, so it must itself be sendable and small.
+    ref = body.get("id")
+    if not isinstance(ref, str) or not 0 < len(ref) <= MAX_REF_CHARS:
+        return None
+    return ref
+
+
+# msgspec's ValidationError texts, e.g. "Expected `int`, got `str` - at `$.sent_at`".
+_AT = r"(?: - at `\$(?P<path>[^`]*)`)?$"
+_MISSING = re.compile(r"Object missing required field `(?P<name>[^`]+)`" + _AT)
+_EXPECTED = re.compile(r"Expected `(?P<type>[^`]+)`, got `[^`]+`" + _AT)
+_RANGE = re.compile(r"Expected `int` [<>]=? -?\d+" + _AT)
+_ENUM = re.compile(r"Invalid enum value .*?" + _AT)
+_TYPE_WORDS = {
+    "int": "integer",
+    "str": "string",
+    "bool": "true or false",
+    "object": "object",
+    "array": "array",
+}
+
+
+def _field_error(plan: _Plan, body: dict[str, Any], failure: str) -> str:
+    """msgspec's complaint about a field, in our words: "field 'seq' must be integer,
+    got string", "SEND: field 'to' is required"."""
+    if found := _MISSING.match(failure):
+        where = _where(found["path"], found["name"])
+        return f"{plan.command}: field '{where}' is required"
+    if found := _RANGE.match(failure):
+        return f"field '{_where(found['path'])}' is outside the 64-bit range"
+    path = None
+    if found := _EXPECTED.match(failure):
+        path = found["path"]
+        value = _at(body, path)
+        if value is None and path and not path.endswith("]"):
+            # null for a required field: the same as absent.
+            return f"{plan.command}: field '{_where(path)}' is required"
+        if path is None or path == "":
+            return "body must be a JSON object"
+        expected = " or ".join(
+            _TYPE_WORDS.get(word, word) for word in found["type"].replace(" | ", "|").split("|")
+        )
+        return f"field '{_where(path)}' must be {expected}, got {_json_type(value)}"
+    if found := _ENUM.match(failure):
+        path = found["path"]
+        hint = _strip(plan.hints.get((path or "").lstrip("."), Any))
+        allowed = (
+            " or ".join(printable(a) for a in typing.get_args(hint))
+            if typing.get_origin(hint) is Literal
+            else "one of the allowed values"
+        )
+        return f"field '{_where(path)}' must be {allowed}, got {_json_type(_at(body, path))}"
+    return failure.replace("`", "'")  # still plain text; no case of ours reaches it
+
+
+def _where(path: str | None, name: str | None = None) -> str:
+    """A field's place for an error message: `sent_at`, `items[0].sent_at`."""
+    where = (path or "").lstrip(".")
+    if name is not None:
+        where = f"{where}.{name}" if where else name
+    return where
+
+
+_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def _at(body: Any, path: str | None) -> Any:
+    """The value at msgspec's `path` (".items[0].sent_at") in the decoded body."""
+    value = body
+    for key, index in _STEP.findall(path or ""):
+        try:
+            value = value[int(index)] if index else value[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return value
+
+
+def _json_type(value: Any) -> str:
+    """What a decoded JSON value is, in JSON's words (not Python's)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number with a fraction or exponent"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+# Repeated keys
 
 
 def _repeated_key(payload: bytes, body: dict[str, Any]) -> str | None:
-    """Why `payload` must be refused if an object in it names a key twice (orjson keeps
-    the last one silently, so two readers could see two different messages), else None.
+    """Why `payload` must be refused if an object in it names a key twice (JSON decoders
+    keep the last one silently, so two readers could see two different messages), else
+    None.
 
     Counting colons instead of parsing again: every member of an object has one ":"
     outside strings, and, unless a colon is written as the escape \\u003a, every ":"
@@ -162,7 +458,7 @@ def _repeated_key(payload: bytes, body: dict[str, Any]) -> str | None:
     """
     colons = payload.count(b":")
     if colons == len(body):
-        # The usual flat body with no ":" in its strings: nothing can be missing.
+        # A flat body with no ":" in its strings: nothing can be missing.
         return None
     try:
         again = orjson.dumps(body).count(b":")
@@ -195,14 +491,8 @@ def _repeated_key_by_parsing(payload: bytes) -> str | None:
     return None
 
 
-def _safe_ref(ref: str | None) -> str | None:
-    # The ref is echoed back in ERROR, so it must itself be sendable and small.
-    if ref is None or not 0 < len(ref) <= MAX_REF_CHARS:
-        return None
-    return ref
+# Refs of undecodable SENDs
 
-
-_SEND = b"SEND"
 # `"id"`, then JSON whitespace, a colon, whitespace and the quote that opens the value.
 _ID_KEY = re.compile(rb'"id"[ \t\n\r]*:[ \t\n\r]*"')
 ID_CANDIDATES = 8
@@ -252,142 +542,3 @@ def _closing_quote(payload: bytes, start: int, limit: int) -> int | None:
         if backslashes % 2 == 0:
             return quote
         at = quote + 1
-
-
-def _to_json_value(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            field.name: _to_json_value(getattr(value, field.name))
-            for field in dataclasses.fields(value)
-            if getattr(value, field.name) is not None
-        }
-    if isinstance(value, tuple | list):
-        if all(type(item) is str for item in value):
-            return value  # names (WELCOME, ONLINE): orjson writes a tuple as an array
-        return [_to_json_value(item) for item in value]
-    return value
-
-
-Converter = Callable[[Any, str], Any]
-_PLANS: dict[type, tuple[tuple[str, bool, Converter], ...]] = {}
-
-
-def _plan(cls: type) -> tuple[tuple[str, bool, Converter], ...]:
-    """How to read each field of `cls`: (name, required, converter), built once."""
-    plan = _PLANS.get(cls)
-    if plan is None:
-        hints = typing.get_type_hints(cls)
-        plan = tuple(
-            (
-                field.name,
-                field.default is dataclasses.MISSING
-                and field.default_factory is dataclasses.MISSING,
-                _converter(hints[field.name]),
-            )
-            for field in dataclasses.fields(cls)
-        )
-        _PLANS[cls] = plan
-    return plan
-
-
-def _from_json_object(cls: type[T], body: dict[str, Any]) -> T:
-    kwargs: dict[str, Any] = {}
-    for name, required, convert in _plan(cls):
-        value = body.get(name)
-        if value is None:
-            if required:
-                what = getattr(cls, "COMMAND", cls.__name__)  # SEND, not Send
-                raise RemoteProtocolError(
-                    ErrorCode.MALFORMED, f"{what}: field '{name}' is required"
-                )
-            continue
-        kwargs[name] = convert(value, name)
-    return cls(**kwargs)
-
-
-def _converter(hint: Any) -> Converter:
-    """A function that checks one JSON value against `hint` and returns the field value."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        (inner,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        return _converter(inner)
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-
-        def literal(value: Any, where: str) -> Any:
-            if value not in allowed:
-                raise _type_error(where, " or ".join(printable(a) for a in allowed), value)
-            return value
-
-        return literal
-    if origin is tuple:
-        (item_hint, _ellipsis) = typing.get_args(hint)
-        item = _converter(item_hint)
-
-        def array(value: Any, where: str) -> Any:
-            if not isinstance(value, list):
-                raise _type_error(where, "array", value)
-            return tuple(item(v, f"{where}[]") for v in value)
-
-        return array
-    if hint is bool:
-        return _boolean
-    if hint is str:
-        return _string
-    if hint is int:
-        return _integer
-    if dataclasses.is_dataclass(hint):
-        cls = hint
-
-        def obj(value: Any, where: str) -> Any:
-            if not isinstance(value, dict):
-                raise _type_error(where, "object", value)
-            return _from_json_object(cls, value)  # type: ignore[arg-type]
-
-        return obj
-    raise LocalProtocolError(ErrorCode.INTERNAL, f"codec cannot handle type {hint!r}")
-
-
-def _boolean(value: Any, where: str) -> Any:
-    if not isinstance(value, bool):
-        raise _type_error(where, "true or false", value)
-    return value
-
-
-def _string(value: Any, where: str) -> Any:
-    if not isinstance(value, str):
-        raise _type_error(where, "string", value)
-    return value
-
-
-def _integer(value: Any, where: str) -> Any:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise _type_error(where, "integer", value)
-    if not _INT_MIN <= value <= _INT_MAX:
-        raise RemoteProtocolError(
-            ErrorCode.MALFORMED, f"field '{where}' is outside the 64-bit range"
-        )
-    return value
-
-
-def _type_error(where: str, expected: str, value: Any) -> RemoteProtocolError:
-    return RemoteProtocolError(
-        ErrorCode.MALFORMED, f"field '{where}' must be {expected}, got {_json_type(value)}"
-    )
-
-
-def _json_type(value: Any) -> str:
-    """What a decoded JSON value is, in JSON's words (not Python's)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number with a fraction or exponent"
-    if isinstance(value, list):
-        return "array"
-    return "object"

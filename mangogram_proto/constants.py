@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-# 2: cumulative RECEIPT by seq; ACCEPTED and DELIVERED carry lists of ids.
-PROTOCOL_VERSION = 2
-# Frame 0 of every message: "MGP" plus a two-digit version, in the spirit of Majordomo's MDPC01.
+from typing import Final
+
+# 3: one frame per message (signature, command, a space, the JSON body).
+# 2: three frames (signature, command, body); cumulative RECEIPT by seq; ACCEPTED and
+#    DELIVERED carry lists of ids. Still served by the broker (docs/protocol.md, section 3).
+PROTOCOL_VERSION: Final = 3
+SUPPORTED_VERSIONS = (3, 2)
+# Every message starts with "MGP" plus a two-digit version, in the spirit of Majordomo's
+# MDPC01: the first bytes of the one frame in version 3, frame 0 in version 2.
 SIGNATURE_PREFIX = b"MGP"
 SIGNATURE = SIGNATURE_PREFIX + b"%02d" % PROTOCOL_VERSION
-FRAME_COUNT = 3
+SIGNATURE_V2 = b"MGP02"
+# Version 3: the byte between the command and the body.
+SEPARATOR = b" "
+# Version 2: the frames of a message.
+FRAME_COUNT_V2 = 3
+# The longest command name (HISTORY_PAGE has 12): a version 3 frame with no separator
+# within this many bytes after the signature has none that could end a command.
+MAX_COMMAND_BYTES = 32
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 

@@ -4,9 +4,9 @@ core never raises, every reply it produces can be encoded, and its books stay co
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
+import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,13 +14,13 @@ from mangogram_broker.clock import Clock
 from mangogram_broker.core import BrokerCore
 from mangogram_broker.store import MemoryStore
 from mangogram_proto import codec
-from mangogram_proto.constants import SIGNATURE
+from mangogram_proto.constants import SIGNATURE, SIGNATURE_V2
 from mangogram_proto.messages import BROKER_COMMANDS, CLIENT_COMMANDS
 
 from .harness import T0, TEST_LIMITS
 
 FIELD_NAMES = sorted(
-    {f.name for cls in CLIENT_COMMANDS + BROKER_COMMANDS for f in dataclasses.fields(cls)}
+    {f.name for cls in CLIENT_COMMANDS + BROKER_COMMANDS for f in msgspec.structs.fields(cls)}
 )
 COMMANDS = [c.COMMAND.encode() for c in CLIENT_COMMANDS + BROKER_COMMANDS] + [b"", b"NOPE"]
 PEERS = [b"\x00" + i.to_bytes(4, "big") for i in range(1, 4)] + [b"chosen-id"]
@@ -48,12 +48,21 @@ def encode_body(body: dict) -> bytes:
 
 frames = st.one_of(
     st.tuples(st.sampled_from(COMMANDS), bodies).map(
-        lambda cb: [SIGNATURE, cb[0], encode_body(cb[1])]
+        lambda cb: [SIGNATURE_V2, cb[0], encode_body(cb[1])]
+    ),
+    st.tuples(st.sampled_from(COMMANDS), bodies).map(
+        lambda cb: [SIGNATURE + cb[0] + b" " + encode_body(cb[1])]
     ),
     st.lists(st.binary(max_size=30), max_size=5),
+    st.binary(max_size=40).map(lambda b: [SIGNATURE + b]),
 )
-logins = st.sampled_from(["alice", "bob", "Олена", "ОЛЕНА"]).map(
-    lambda n: [SIGNATURE, b"LOGIN", json.dumps({"name": n}).encode()]
+logins = st.sampled_from(["alice", "bob", "Олена", "ОЛЕНА"]).flatmap(
+    lambda n: st.sampled_from(
+        [
+            [SIGNATURE_V2, b"LOGIN", json.dumps({"name": n}).encode()],
+            [SIGNATURE + b"LOGIN " + json.dumps({"name": n}).encode()],
+        ]
+    )
 )
 steps = st.lists(
     st.tuples(
@@ -71,7 +80,8 @@ def test_core_survives_any_input_and_keeps_its_books(steps, require_keys):
     for peer, message, key in steps:
         now = Clock(now.wall + 7, now.mono + 7)
         for out in core.handle_frames(peer, message, now, key, "127.0.0.1"):
-            codec.encode(out.message)  # every reply must be sendable
+            codec.encode(out.message)  # every reply must be sendable, in both framings
+            codec.encode(out.message, 2)
         if now.wall % 5 == 0:
             core.expire(now)
             core.disconnected(peer, now)

@@ -11,10 +11,10 @@ connection's file descriptor (ZMQ_SRCFD of its messages) ties a closed connectio
 routing ids (see connections.py for why a new peer is tied only after the monitor is read).
 
 Framing (docs/protocol.md, section 3): the core is framing-agnostic (`codec.decode` reads
-both); the shell answers each connection in the framing of the last message it sent
-that started with `MGP` (one frame: version 3; more: version 2), version 3 until it has
-sent one. Only version 2 connections are remembered (`_v2_peers`). Each message is
-encoded once per framing its recipients speak.
+both); the shell answers each connection in the framing named by the last message it
+sent that started with `MGP` (`codec.version_of`), version 3 until it has sent one.
+Only version 2 connections are remembered (`_v2_peers`). Each message is encoded once per
+framing its recipients speak.
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ from zmq.backend import Socket as SocketBase
 from zmq.utils.monitor import parse_monitor_message
 
 from mangogram_proto import codec
-from mangogram_proto.constants import FRAME_COUNT_V2, SIGNATURE, SIGNATURE_PREFIX
+from mangogram_proto.constants import (
+    FRAME_COUNT_V2,
+    SIGNATURE,
+    SIGNATURE_PREFIX,
+    SIGNATURE_V2,
+)
 from mangogram_proto.keys import KeyPair
 from mangogram_proto.messages import (
     Accepted,
@@ -289,8 +294,10 @@ class BrokerServer:
                 break
             first, frames, extra = received_message
             peer = first.bytes
+            # The framing this peer is answered in: the one its message names
+            # (`codec.version_of`, written out here for the hot path).
+            head = frames[0] if frames else b""
             if len(frames) == 1:
-                head = frames[0]
                 command = (
                     _LOGIN
                     if head.startswith(_LOGIN_V3)
@@ -298,11 +305,16 @@ class BrokerServer:
                     if head.startswith(_RECEIPT_V3)
                     else b""
                 )
-                if v2_peers and head.startswith(SIGNATURE_PREFIX):
+                if head.startswith(SIGNATURE_V2):
+                    v2_peers.add(peer)
+                elif v2_peers and head.startswith(SIGNATURE_PREFIX):
                     v2_peers.discard(peer)
             else:
                 command = frames[1] if len(frames) > 1 else b""
-                if frames and frames[0].startswith(SIGNATURE_PREFIX):
+                if head.startswith(SIGNATURE):
+                    if v2_peers:
+                        v2_peers.discard(peer)
+                elif head.startswith(SIGNATURE_PREFIX):
                     v2_peers.add(peer)
             if waiting and peer in waiting:
                 carried.append(received_message)

@@ -106,12 +106,17 @@ def frame(command: bytes, body: bytes, version: Version = PROTOCOL_VERSION) -> l
 
 
 def version_of(frames: list[bytes]) -> Version | None:
-    """The framing a message claims by its shape: 3 for one frame starting with `MGP`,
-    2 for more frames whose first starts with `MGP`, None for anything else. (The broker
-    answers a peer in the framing its messages claim.)"""
-    if not frames or not frames[0].startswith(SIGNATURE_PREFIX):
-        return None
-    return 3 if len(frames) == 1 else 2
+    """The framing a message names, for answering its sender in it: 3 if its first frame
+    starts with `MGP03`, 2 if with `MGP02`; for another `MGP` version, 3 for one frame
+    and 2 for more; None if it does not start with `MGP` at all."""
+    first = frames[0] if frames else b""
+    if first.startswith(_HEAD):
+        return 3
+    if first.startswith(SIGNATURE_V2):
+        return 2
+    if first.startswith(SIGNATURE_PREFIX):
+        return 3 if len(frames) == 1 else 2
+    return None
 
 
 def command_of(frames: list[bytes]) -> bytes:

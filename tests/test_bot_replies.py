@@ -25,13 +25,13 @@ pytestmark = pytest.mark.sockets
 # read everything the bot sent up to then, and prints "ready": the moment to kill it.
 HELD_REPLIES_BOT = """
 import asyncio, sys
-from mangogram_proto import Bot, aio, loops
+from mangogram_proto import Bot, aio, codec, loops
 from mangogram_proto.events import OnlineUsers
 from mangogram_proto.session import ClientSession
 
 class HeldSends(ClientSession):
     def data_to_send(self):
-        return [frames for frames in super().data_to_send() if frames[1] != b"SEND"]
+        return [frames for frames in super().data_to_send() if codec.command_of(frames) != b"SEND"]
 
 aio.ClientSession = HeldSends
 bot = Bot("echo", sys.argv[1])

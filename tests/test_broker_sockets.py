@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from mangogram_proto import Client, codec
-from mangogram_proto.constants import SIGNATURE
+from mangogram_proto.constants import SIGNATURE_V2
 from mangogram_proto.errors import BrokerRefused, ErrorCode
 from mangogram_proto.events import MessageDelivered
 from mangogram_proto.messages import (
@@ -212,21 +212,30 @@ def malformed_inputs() -> list[tuple[str, list[bytes]]]:
     return [
         ("empty frame", [b""]),
         ("one frame", [b"hello"]),
-        ("two frames", [SIGNATURE, b"PING"]),
-        ("many frames", [SIGNATURE, b"PING", b"{}"] + [b"x"] * 1000),
+        ("two frames", [SIGNATURE_V2, b"PING"]),
+        ("many frames", [SIGNATURE_V2, b"PING", b"{}"] + [b"x"] * 1000),
         ("bad signature", [b"GET / HTTP/1.1", b"PING", b"{}"]),
         ("future version", [b"MGP99", b"PING", b"{}"]),
-        ("unknown command", [SIGNATURE, b"DROP TABLE", b"{}"]),
-        ("invalid utf-8", [SIGNATURE, b"LOGIN", b'{"name":"\xc3\x28"}']),
-        ("invalid json", [SIGNATURE, b"LOGIN", b'{"name":']),
-        ("json not object", [SIGNATURE, b"LOGIN", b"[1,2,3]"]),
-        ("missing field", [SIGNATURE, b"LOGIN", b"{}"]),
-        ("mistyped field", [SIGNATURE, b"LOGIN", b'{"name":42}']),
-        ("command before login", [SIGNATURE, b"SEND", send]),
-        ("nested bomb", [SIGNATURE, b"LOGIN", b"[" * 30000]),
-        ("surrogate name", [SIGNATURE, b"LOGIN", b'{"name":"\\udc00"}']),
-        ("oversized body", [SIGNATURE, b"LOGIN", b'{"name":"' + b"a" * 40000 + b'"}']),
-        ("control name", [SIGNATURE, b"LOGIN", b'{"name":"a\\u0000b"}']),
+        ("unknown command", [SIGNATURE_V2, b"DROP TABLE", b"{}"]),
+        ("invalid utf-8", [SIGNATURE_V2, b"LOGIN", b'{"name":"\xc3\x28"}']),
+        ("invalid json", [SIGNATURE_V2, b"LOGIN", b'{"name":']),
+        ("json not object", [SIGNATURE_V2, b"LOGIN", b"[1,2,3]"]),
+        ("missing field", [SIGNATURE_V2, b"LOGIN", b"{}"]),
+        ("mistyped field", [SIGNATURE_V2, b"LOGIN", b'{"name":42}']),
+        ("command before login", [SIGNATURE_V2, b"SEND", send]),
+        ("nested bomb", [SIGNATURE_V2, b"LOGIN", b"[" * 30000]),
+        ("surrogate name", [SIGNATURE_V2, b"LOGIN", b'{"name":"\\udc00"}']),
+        ("oversized body", [SIGNATURE_V2, b"LOGIN", b'{"name":"' + b"a" * 40000 + b'"}']),
+        ("control name", [SIGNATURE_V2, b"LOGIN", b'{"name":"a\\u0000b"}']),
+        # Version 3, one frame.
+        ("v3 no separator", [b"MGP03PING"]),
+        ("v3 empty command", [b"MGP03 {}"]),
+        ("v3 extra frames", [b"MGP03PING {}", b"{}"]),
+        ("v3 in three frames", [b"MGP03", b"PING", b"{}"]),
+        ("v3 future version", [b"MGP04PING {}"]),
+        ("v3 unknown command", [b"MGP03DROP TABLE {}"]),
+        ("v3 trailing bytes", [b'MGP03LOGIN {"name":"x"} {}']),
+        ("v3 oversized body", [b'MGP03LOGIN {"name":"' + b"a" * 40000 + b'"}']),
     ]
 
 
@@ -250,7 +259,7 @@ def test_malformed_input_is_answered_and_honest_clients_still_served(broker, zct
 
 def test_frame_just_under_the_transport_limit_gets_an_answer(broker, zctx):
     near = dealer(zctx, broker.endpoint)
-    near.send_multipart([SIGNATURE, b"LOGIN", b"x" * (65536 - 1)])
+    near.send_multipart([SIGNATURE_V2, b"LOGIN", b"x" * (65536 - 1)])
     reply = recv(near)
     assert isinstance(reply, Error) and reply.code == "too_large"  # the body limit speaks
     near.close()
@@ -259,7 +268,7 @@ def test_frame_just_under_the_transport_limit_gets_an_answer(broker, zctx):
 def test_an_oversized_send_is_refused_with_its_id_so_it_is_not_resent(broker, zctx):
     alice = raw_login(zctx, broker, "alice")
     body = json.dumps({"id": "too-big-1", "to": "alice", "text": "x" * 40000, "sent_at": 1})
-    alice.send_multipart([SIGNATURE, b"SEND", body.encode()])
+    alice.send_multipart([SIGNATURE_V2, b"SEND", body.encode()])
     reply = recv(alice)
     assert isinstance(reply, Error)
     assert (reply.code, reply.ref) == ("too_large", "too-big-1")
@@ -269,7 +278,7 @@ def test_an_oversized_send_is_refused_with_its_id_so_it_is_not_resent(broker, zc
 def test_oversized_frame_drops_only_that_connection(broker, zctx):
     honest = raw_login(zctx, broker, "honest")
     attacker = dealer(zctx, broker.endpoint)
-    attacker.send_multipart([SIGNATURE, b"LOGIN", b"x" * 100_000])
+    attacker.send_multipart([SIGNATURE_V2, b"LOGIN", b"x" * 100_000])
     assert not attacker.poll(500)  # libzmq cut the connection: no reply is possible
     honest.send_multipart(codec.encode(Ping()))
     assert isinstance(recv(honest), Pong)

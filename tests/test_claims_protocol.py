@@ -14,7 +14,7 @@ import zmq
 from mangogram_broker.core import BrokerCore, Clock, Outgoing, coalesce
 from mangogram_broker.store import MemoryStore
 from mangogram_proto import codec
-from mangogram_proto.constants import SIGNATURE
+from mangogram_proto.constants import SIGNATURE, SIGNATURE_V2
 from mangogram_proto.errors import ErrorCode
 from mangogram_proto.messages import (
     Accepted,
@@ -518,10 +518,10 @@ def test_encrypted_frames_may_be_33_bytes_short_of_max_frame_bytes(secure_broker
     fits = curve_socket(zctx, secure_broker)
     over = curve_socket(zctx, secure_broker)
     try:
-        fits.send_multipart([SIGNATURE, b"LOGIN", b"x" * 65503])
+        fits.send_multipart([SIGNATURE_V2, b"LOGIN", b"x" * 65503])
         assert fits.poll(5000)
         assert codec.decode(fits.recv_multipart()).code == "too_large"  # the body limit
-        over.send_multipart([SIGNATURE, b"LOGIN", b"x" * 65504])
+        over.send_multipart([SIGNATURE_V2, b"LOGIN", b"x" * 65504])
         first = None
         for _ in range(20):  # the PING sent on the dropped connection may be lost
             over.send_multipart(codec.encode(Ping()))
@@ -593,10 +593,17 @@ def test_ligature_and_case_spellings_reach_the_same_user(wire):
 
 
 def documented_examples() -> list[tuple[int, list[bytes]]]:
-    """Every three-frame example in protocol.md: (line number, frames)."""
+    """Every message example in protocol.md: one-frame (version 3) lines starting with
+    `MGP03` in text blocks, and three-frame (version 2) ones: (line number, frames)."""
     lines = PROTOCOL_MD.read_text(encoding="utf-8").splitlines()
     found = []
+    in_text = False
     for number, line in enumerate(lines):
+        if line.startswith("```"):
+            in_text = line == "```text"
+            continue
+        if in_text and line.startswith("MGP03"):
+            found.append((number + 1, [line.encode("utf-8")]))
         if line.startswith("[0] ") and number + 2 < len(lines):
             one, two = lines[number + 1], lines[number + 2]
             if one.startswith("[1] ") and two.startswith("[2] "):
@@ -608,9 +615,11 @@ def documented_examples() -> list[tuple[int, list[bytes]]]:
 def test_the_documents_examples_are_what_the_encoder_produces():
     examples = documented_examples()
     assert len(examples) >= 30
+    assert any(len(frames) == 3 for _, frames in examples)  # the version 2 one
     for line, frames in examples:
         message = codec.decode(frames)
-        assert codec.encode(message) == frames, f"protocol.md line {line}"
+        version = 3 if len(frames) == 1 else 2
+        assert codec.encode(message, version) == frames, f"protocol.md line {line}"
 
 
 def test_the_login_example_bytes():
@@ -619,7 +628,12 @@ def test_the_login_example_bytes():
     assert hexed is not None
     body = bytes.fromhex(hexed.group(2))
     assert len(body) == int(hexed.group(1))
-    assert codec.encode(Login("Олена"))[2] == body
+    assert codec.encode(Login("Олена"), 2)[2] == body
+    # The version 3 frame of the same message: the signature, LOGIN, a space, the body.
+    (whole,) = codec.encode(Login("Олена"))
+    hexed = re.search(r"The version 3 frame is these (\d+) bytes: `([0-9a-f ]+)`", text)
+    assert hexed is not None
+    assert whole == bytes.fromhex(hexed.group(2)) and len(whole) == int(hexed.group(1))
 
 
 def test_the_broker_never_sends_null(wire):
@@ -638,7 +652,7 @@ def test_the_broker_never_sends_null(wire):
     out += wire.say(peer, Login("bob"))
     assert len(out) >= 8
     for item in out:
-        body = codec.encode(item.message)[2]
+        body = codec.encode(item.message, 2)[2]
         assert b"null" not in body.replace(b'"null"', b""), body
         assert None not in json.loads(body).values(), body
 
@@ -759,18 +773,18 @@ DELIVER_BODY = (
 @pytest.mark.parametrize(
     "frames",
     [
-        [SIGNATURE, b"SEND", (SEND_BODY % "1767268800000.0").encode()],
-        [SIGNATURE, b"SEND", (SEND_BODY % "1.7e12").encode()],
-        [SIGNATURE, b"SEND", (SEND_BODY % "17E11").encode()],
-        [SIGNATURE, b"SEND", (SEND_BODY % "Infinity").encode()],
-        [SIGNATURE, b"SEND", (SEND_BODY % "-Infinity").encode()],
-        [SIGNATURE, b"SEND", (SEND_BODY % str(2**63)).encode()],
-        [SIGNATURE, b"SEND", (SEND_BODY % str(-(2**63) - 1)).encode()],
-        [SIGNATURE, b"SEND", (SEND_BODY % "false").encode()],
-        [SIGNATURE, b"SEND", b"\xef\xbb\xbf" + (SEND_BODY % "1").encode()],
-        [SIGNATURE, b"DELIVER", (DELIVER_BODY % "0").encode()],
-        [SIGNATURE, b"DELIVER", (DELIVER_BODY % "1").encode()],
-        [SIGNATURE, b"DELIVER", (DELIVER_BODY % '"true"').encode()],
+        [SIGNATURE_V2, b"SEND", (SEND_BODY % "1767268800000.0").encode()],
+        [SIGNATURE_V2, b"SEND", (SEND_BODY % "1.7e12").encode()],
+        [SIGNATURE_V2, b"SEND", (SEND_BODY % "17E11").encode()],
+        [SIGNATURE_V2, b"SEND", (SEND_BODY % "Infinity").encode()],
+        [SIGNATURE_V2, b"SEND", (SEND_BODY % "-Infinity").encode()],
+        [SIGNATURE_V2, b"SEND", (SEND_BODY % str(2**63)).encode()],
+        [SIGNATURE_V2, b"SEND", (SEND_BODY % str(-(2**63) - 1)).encode()],
+        [SIGNATURE_V2, b"SEND", (SEND_BODY % "false").encode()],
+        [SIGNATURE_V2, b"SEND", b"\xef\xbb\xbf" + (SEND_BODY % "1").encode()],
+        [SIGNATURE_V2, b"DELIVER", (DELIVER_BODY % "0").encode()],
+        [SIGNATURE_V2, b"DELIVER", (DELIVER_BODY % "1").encode()],
+        [SIGNATURE_V2, b"DELIVER", (DELIVER_BODY % '"true"').encode()],
     ],
 )
 def test_numbers_booleans_and_a_bom_outside_the_rules_are_malformed(frames):
@@ -783,7 +797,7 @@ def test_numbers_booleans_and_a_bom_outside_the_rules_are_malformed(frames):
 
 @pytest.mark.parametrize("value", [2**63 - 1, -(2**63), 0])
 def test_the_whole_signed_64_bit_range_is_accepted(value):
-    message = codec.decode([SIGNATURE, b"SEND", (SEND_BODY % value).encode()])
+    message = codec.decode([SIGNATURE_V2, b"SEND", (SEND_BODY % value).encode()])
     assert isinstance(message, Send) and message.sent_at == value
 
 
@@ -792,6 +806,8 @@ def test_json_formatting_and_escapes_are_accepted():
         b'{ "id" : "m1",\n\t"to": "\\u0062ob",'
         b' "text": "\\u041e\\u043b\\u0435\\u043d\\u0430",\n"sent_at": 1 }'
     )
-    message = codec.decode([SIGNATURE, b"SEND", body])
+    message = codec.decode([SIGNATURE_V2, b"SEND", body])
     assert message == Send("m1", "bob", "Олена", 1)
-    assert codec.decode([SIGNATURE, b"DELIVER", (DELIVER_BODY % "true").encode()]).delayed is True
+    assert (
+        codec.decode([SIGNATURE_V2, b"DELIVER", (DELIVER_BODY % "true").encode()]).delayed is True
+    )

@@ -468,6 +468,9 @@ def test_command_of_and_version_of_read_both_framings():
     assert codec.version_of([whole]) == 3
     assert codec.version_of(codec.encode(Ping(), 2)) == 2
     assert codec.version_of([b"MGP01", b"PING", b"{}"]) == 2
+    assert codec.version_of([b"MGP01PING {}"]) == 3
+    assert codec.version_of([b"MGP03", b"PING", b"{}"]) == 3
+    assert codec.version_of([b"MGP02PING {}"]) == 2
     assert codec.version_of([b"GET /"]) is None
     assert codec.version_of([]) is None
 

@@ -27,7 +27,7 @@ def net() -> Network:
 
 
 def receipts(frames: list[list[bytes]]) -> list[object]:
-    return [codec.decode(f) for f in frames if f[1] == b"RECEIPT"]
+    return [codec.decode(f) for f in frames if codec.command_of(f) == b"RECEIPT"]
 
 
 def delivered(session, *seqs: int) -> None:
@@ -87,7 +87,7 @@ def test_killed_before_the_reply_was_accepted_the_message_comes_again(net):
     bot.session.confirm(message.seq, net.now, after=[reply])
     # Everything but the SEND reaches the broker (pacing held it back), then the kill.
     for frames in bot.session.data_to_send():
-        if frames[1] != b"SEND":
+        if codec.command_of(frames) != b"SEND":
             net.route(net.core.handle_frames(bot.peer, frames, net.clock))
     net.disconnect(bot)
     again = net.join("bob", auto_confirm=False)

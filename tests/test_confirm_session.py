@@ -54,12 +54,16 @@ def test_confirming_out_of_order_confirms_only_the_finished_prefix():
         session.receive(codec.encode(Deliver(f"m{seq}", str(seq), "a", "t", 1, 2, seq)), 10)
     for seq in (1, 3, 4):
         session.confirm(seq, 10)
-    receipts = [codec.decode(f) for f in session.data_to_send() if f[1] == b"RECEIPT"]
+    receipts = [
+        codec.decode(f) for f in session.data_to_send() if codec.command_of(f) == b"RECEIPT"
+    ]
     assert receipts == [Receipt(1)]  # 2 is not finished, so 3 and 4 cannot be confirmed
     session.confirm(2, 11)
     session.confirm(2, 11)  # twice is harmless
     session.confirm(99, 11)  # never received: ignored
-    receipts = [codec.decode(f) for f in session.data_to_send() if f[1] == b"RECEIPT"]
+    receipts = [
+        codec.decode(f) for f in session.data_to_send() if codec.command_of(f) == b"RECEIPT"
+    ]
     assert receipts == [Receipt(4)]
     assert session.data_to_send() == []
 
@@ -69,11 +73,13 @@ def test_nothing_is_confirmed_on_arrival_and_a_repeat_gets_the_confirmed_mark():
     session = net.join("bob").session
     deliver = Deliver("m1", "1", "a", "t", 1, 2, 1)
     session.receive(codec.encode(deliver), 10)
-    assert [f for f in session.data_to_send() if f[1] == b"RECEIPT"] == []
+    assert [f for f in session.data_to_send() if codec.command_of(f) == b"RECEIPT"] == []
     session.confirm(1, 10)
     session.data_to_send()
     session.receive(codec.encode(deliver), 11)  # the broker did not hear our RECEIPT
-    receipts = [codec.decode(f) for f in session.data_to_send() if f[1] == b"RECEIPT"]
+    receipts = [
+        codec.decode(f) for f in session.data_to_send() if codec.command_of(f) == b"RECEIPT"
+    ]
     assert receipts == [Receipt(1)]
 
 
@@ -86,7 +92,7 @@ def test_receipt_goes_before_read_and_before_leave():
     session.receive(codec.encode(Deliver("m2", "2", "a", "t", 1, 2, 2)), 11)
     session.confirm(2, 11)
     session.leave(11)
-    commands = [f[1] for f in session.data_to_send()]
+    commands = [codec.command_of(f) for f in session.data_to_send()]
     assert commands == [b"RECEIPT", b"READ", b"RECEIPT", b"LEAVE"]
 
 
@@ -97,7 +103,7 @@ def test_resume_from_carries_the_confirmed_mark_not_the_received_one():
         session.receive(codec.encode(Deliver(f"m{seq}", str(seq), "a", "t", 1, 2, seq)), 10)
     session.confirm(1, 10)
     session.connect(20)
-    (login,) = [codec.decode(f) for f in session.data_to_send() if f[1] == b"LOGIN"]
+    (login,) = [codec.decode(f) for f in session.data_to_send() if codec.command_of(f) == b"LOGIN"]
     assert login.resume_from == 1
     # The broker's mark is the floor: what it holds confirmed is not ours to hold back.
     session.receive(codec.encode(Welcome("bob", 21, "t2", TEST_LIMITS, (), stream_mark=2)), 21)

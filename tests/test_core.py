@@ -11,7 +11,7 @@ from mangogram_broker.clock import Clock
 from mangogram_broker.core import MAX_IDS_PER_ACK, BrokerCore, Outgoing, coalesce
 from mangogram_broker.store import MemoryStore, SqliteStore
 from mangogram_proto import codec
-from mangogram_proto.constants import SIGNATURE
+from mangogram_proto.constants import SIGNATURE_V2 as SIGNATURE
 from mangogram_proto.errors import ErrorCode, RemoteProtocolError
 from mangogram_proto.events import (
     BrokerError,
@@ -317,11 +317,11 @@ def test_duplicate_delivery_is_shown_once_and_still_receipted(net):
     assert len(first) == 1 and second == []
     alice.session.confirm(first[0].seq, net.now)  # the application is done with it
     # Both answered by one cumulative receipt...
-    receipts = [f for f in alice.session.data_to_send() if f[1] == b"RECEIPT"]
+    receipts = [f for f in alice.session.data_to_send() if codec.command_of(f) == b"RECEIPT"]
     assert [codec.decode(r) for r in receipts] == [Receipt(1)]
     # ...and a later duplicate is confirmed again: the first receipt may have been lost.
     alice.session.receive(codec.encode(deliver), net.now)
-    receipts = [f for f in alice.session.data_to_send() if f[1] == b"RECEIPT"]
+    receipts = [f for f in alice.session.data_to_send() if codec.command_of(f) == b"RECEIPT"]
     assert [codec.decode(r) for r in receipts] == [Receipt(1)]
 
 

@@ -245,7 +245,7 @@ def test_history_pages_are_capped_in_bytes_and_page_through_everything(net):
         (reply,) = net.raw(alice.peer, codec.encode(History("bob", 200, before)))
         page = reply.message
         assert isinstance(page, HistoryPage)
-        assert len(codec.encode(page)[2]) <= 2000
+        assert len(codec.encode(page, 2)[2]) <= 2000
         seen += [item.id for item in page.items]
         if not page.more:
             break

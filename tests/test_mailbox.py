@@ -188,7 +188,9 @@ def test_duplicate_deliveries_are_dropped_by_stream_position():
     assert [e.seq for e in shown] == [1, 2, 3]
     for event in shown:
         session.confirm(event.seq, 10)
-    receipts = [codec.decode(f) for f in session.data_to_send() if f[1] == b"RECEIPT"]
+    receipts = [
+        codec.decode(f) for f in session.data_to_send() if codec.command_of(f) == b"RECEIPT"
+    ]
     assert receipts == [Receipt(3)]  # one, cumulative
 
 
@@ -197,11 +199,15 @@ def test_a_receipt_never_confirms_past_a_gap():
     for seq in (1, 2, 4, 5):
         session.receive(codec.encode(Deliver(f"m{seq}", str(seq), "a", "t", 1, 2, seq)), 10)
         session.confirm(seq, 10)
-    receipts = [codec.decode(f) for f in session.data_to_send() if f[1] == b"RECEIPT"]
+    receipts = [
+        codec.decode(f) for f in session.data_to_send() if codec.command_of(f) == b"RECEIPT"
+    ]
     assert receipts == [Receipt(2)]
     session.receive(codec.encode(Deliver("m3", "3", "a", "t", 1, 2, 3)), 11)
     session.confirm(3, 11)
-    receipts = [codec.decode(f) for f in session.data_to_send() if f[1] == b"RECEIPT"]
+    receipts = [
+        codec.decode(f) for f in session.data_to_send() if codec.command_of(f) == b"RECEIPT"
+    ]
     assert receipts == [Receipt(5)]
 
 
@@ -211,7 +217,7 @@ def test_a_gap_in_the_stream_is_not_skipped_on_resume():
         session.receive(codec.encode(Deliver(f"m{seq}", str(seq), "a", "t", 1, 2, seq)), 10)
         session.confirm(seq, 10)
     session.connect(20)
-    (login,) = [codec.decode(f) for f in session.data_to_send() if f[1] == b"LOGIN"]
+    (login,) = [codec.decode(f) for f in session.data_to_send() if codec.command_of(f) == b"LOGIN"]
     assert login.resume_from == 1  # 2 never arrived, so the broker must send it again
 
 
@@ -381,7 +387,7 @@ def test_a_fresh_client_starts_from_the_brokers_mark_not_from_what_it_saw_first(
     session.receive(codec.encode(Deliver("m5", "5", "a", "t", 1, 2, seq=5)), 3)
     session.confirm(5, 3)
     session.connect(4)
-    (login,) = [codec.decode(f) for f in session.data_to_send() if f[1] == b"LOGIN"]
+    (login,) = [codec.decode(f) for f in session.data_to_send() if codec.command_of(f) == b"LOGIN"]
     assert login.resume_from == 3  # seq 4 never arrived: it must not be confirmed
     shown = session.receive(codec.encode(Deliver("m4", "4", "a", "t", 1, 2, seq=4)), 5)
     assert [e.seq for e in shown] == [4]  # arriving late, it is still shown

@@ -27,21 +27,22 @@ CLOCK_FROM = {
 def transcript() -> list[tuple[str, str, str, str]]:
     """(who, direction, command, body) for each line of the walk-through."""
     text = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
-    start = text.index("```text\nbot   → broker  MGP02 | LOGIN")
+    start = text.index("```text\nbot   → broker  MGP03LOGIN ")
     block = text[start + len("```text\n") : text.index("```", start + 8)]
     parsed = []
     for line in filter(str.strip, block.splitlines()):
         who = line.split(" ", 1)[0]
         direction = "in" if "→ broker" in line else "out"
-        _, command, body = (part.strip() for part in line.split("MGP02", 1)[1].split("|"))
-        parsed.append((who, direction, command, body))
+        frame = line.split("broker  ", 1)[1].encode()
+        command, body = codec.split([frame])
+        parsed.append((who, direction, command.decode(), body.decode()))
     return parsed
 
 
 def test_the_echo_bot_walk_through_is_what_the_broker_core_answers():
     lines = transcript()
     welcomes = [
-        codec.decode([b"MGP02", b"WELCOME", body.encode()])
+        codec.decode_body(b"WELCOME", body.encode())
         for *_, command, body in lines
         if command == "WELCOME"
     ]
@@ -67,14 +68,14 @@ def test_the_echo_bot_walk_through_is_what_the_broker_core_answers():
         # A turn whose answers show no clock (a RECEIPT whose DELIVERED is owed) is 1 ms
         # after the one before; the transcript is written that way.
         now = stamps[0] if stamps else now + 1
-        frames = [b"MGP02", command.encode(), body.encode()]
+        frames = codec.frame(command.encode(), body.encode(), 3)
         out = core.handle_frames(peers[who], frames, Clock(now, now))
         core.store.commit()
         names = {peer: name for name, peer in peers.items()}
         produced = []
         for message in coalesce(out):
-            frames = codec.encode(message.message)
-            produced.append((names[message.peer], frames[1].decode(), frames[2].decode()))
+            command_bytes, body_bytes = codec.encode_parts(message.message)
+            produced.append((names[message.peer], command_bytes.decode(), body_bytes.decode()))
         expected = [(w, c, b) for w, _, c, b in answers]
         assert sorted(produced) == sorted(expected), f"after {who} {command} {body}"
     assert connections == 4

@@ -35,7 +35,7 @@ def online() -> ClientSession:
 
 
 def sends(session: ClientSession) -> list[Send]:
-    return [codec.decode(f) for f in session.data_to_send() if f[1] == b"SEND"]
+    return [codec.decode(f) for f in session.data_to_send() if codec.command_of(f) == b"SEND"]
 
 
 def run_clock(session: ClientSession, start: int, until: int) -> tuple[list[int], list]:

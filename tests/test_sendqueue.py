@@ -37,14 +37,14 @@ def test_flush_sends_in_order_until_refused_and_forgets_an_empty_backlog():
     def accept_two(queued: Queued) -> bool:
         if len(sent) == 2:
             return False
-        sent.append(queued.frames[2])
+        sent.append(queued.frames[-1])
         return True
 
     queues.flush(accept_two, now_ms=10)
-    assert sent == [codec.encode(Pong(i))[2] for i in range(2)]
+    assert sent == [codec.encode(Pong(i))[-1] for i in range(2)]
     sent.clear()
-    queues.flush(lambda q: bool(sent.append(q.frames[2])) or True, now_ms=20)
-    assert sent == [codec.encode(Pong(i))[2] for i in range(2, 5)]
+    queues.flush(lambda q: bool(sent.append(q.frames[-1])) or True, now_ms=20)
+    assert sent == [codec.encode(Pong(i))[-1] for i in range(2, 5)]
     assert PEER not in queues and queues.next_retry_ms() is None
 
 

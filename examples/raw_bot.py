@@ -28,7 +28,8 @@ from pathlib import Path
 import zmq
 import zmq.utils.z85
 
-SIGNATURE = b"MGP02"
+# Protocol version 3: every message is one frame, b"MGP03" + command + b" " + JSON body.
+SIGNATURE = b"MGP03"
 log = logging.getLogger("raw_bot")
 
 
@@ -38,8 +39,19 @@ def now_ms() -> int:
 
 def send(sock: zmq.Socket, command: str, body: dict) -> int:
     """Send one protocol message; returns the time it was sent."""
-    sock.send_multipart([SIGNATURE, command.encode(), json.dumps(body).encode("utf-8")])
+    payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+    sock.send(SIGNATURE + command.encode("ascii") + b" " + payload)
     return now_ms()
+
+
+def parse(frames: list[bytes]) -> tuple[str, dict] | None:
+    """(command, body) of a received message, or None if it is not one MGP03 frame."""
+    if len(frames) != 1 or not frames[0].startswith(SIGNATURE):
+        return None
+    command, space, payload = frames[0][len(SIGNATURE) :].partition(b" ")
+    if not space:
+        return None
+    return command.decode("ascii"), json.loads(payload)
 
 
 def load_identity(path: Path) -> tuple[bytes, bytes]:
@@ -110,7 +122,8 @@ def leave(sock: zmq.Socket) -> None:
     send(sock, "LEAVE", {})
     deadline = now_ms() + 1000
     while now_ms() < deadline and sock.poll(max(1, deadline - now_ms())):
-        if sock.recv_multipart()[1] == b"GOODBYE":
+        message = parse(sock.recv_multipart())
+        if message is not None and message[0] == "GOODBYE":
             return
 
 
@@ -145,11 +158,11 @@ def serve(sock: zmq.Socket, name: str, last_sent: int, heartbeat_ms: int) -> Non
     stream = Stream()
     while True:
         if sock.poll(heartbeat_ms // 2):
-            frames = sock.recv_multipart()
-            if len(frames) != 3 or frames[0] != SIGNATURE:
-                log.warning("ignoring a message that is not MGP02")
+            message = parse(sock.recv_multipart())
+            if message is None:
+                log.warning("ignoring a message that is not one MGP03 frame")
                 continue
-            command, body = frames[1].decode(), json.loads(frames[2])
+            command, body = message
             if command == "WELCOME":
                 heartbeat_ms = body["limits"]["heartbeat_interval_ms"]
                 stream.start(body.get("stream_mark", 0))

@@ -104,13 +104,28 @@ def test_the_error_code_table_lists_exactly_the_codes_of_the_enum():
 # Section 3: versioning.
 
 
-def test_unsupported_version_is_answered_in_the_brokers_own_version(wire):
+def test_unsupported_version_is_refused_and_not_mgp_is_malformed(wire):
+    """The framing of the answer is the shell's: tests/test_framing_sockets.py."""
     peer = wire.peer()
     (reply,) = wire.frames(peer, [b"MGP01", b"PING", b"{}"])
     assert reply.message.code == ErrorCode.UNSUPPORTED_VERSION
-    assert codec.encode(reply.message)[0] == SIGNATURE == b"MGP02"
+    assert reply.message.message.endswith("this peer speaks MGP03 and MGP02")
+    (reply,) = wire.frames(peer, [b"MGP04PING {}"])
+    assert reply.message.code == ErrorCode.UNSUPPORTED_VERSION
     (reply,) = wire.frames(peer, [b"XYZ02", b"PING", b"{}"])
     assert reply.message.code == ErrorCode.MALFORMED  # not MGP at all
+    (reply,) = wire.frames(peer, [b"XYZ03PING {}"])
+    assert reply.message.code == ErrorCode.MALFORMED
+
+
+def test_both_framings_reach_the_same_core(wire):
+    """Section 3: version 2 and version 3 messages mean the same to the broker."""
+    alice, _ = wire.login("alice")
+    bob, _ = wire.login("bob")
+    (v3,) = codec.encode(Send("m1", "bob", "x", 1))
+    out = wire.frames(alice, [v3])
+    out += wire.frames(alice, codec.encode(Send("m2", "bob", "y", 1), 2))
+    assert [m.id for m in to(bob, out)] == ["m1", "m2"]
 
 
 # Section 4: the state table.
@@ -725,7 +740,7 @@ def test_history_items_keep_the_spelling_of_the_time_and_fill_in_delivered_and_r
     wire.now += 5
     wire.say(bob, Read(deliver.broker_id))
     assert item().read_at == wire.now
-    body = codec.encode(HistoryPage("bob", (first,), False))[2]
+    body = codec.encode(HistoryPage("bob", (first,), False), 2)[2]
     assert b"delivered_at" not in body and b"read_at" not in body  # absent, not null
 
 

@@ -41,8 +41,8 @@ Version = Literal[2, 3]
 
 _SIGNATURE_BYTES = len(SIGNATURE)
 _HEAD = SIGNATURE  # what a version 3 frame starts with
-_SEP = SEPARATOR[0]
 _SEND = b"SEND"
+_COMMAND_END = _SIGNATURE_BYTES + MAX_COMMAND_BYTES + 1  # where a separator may be last
 _SPOKEN = f"{SIGNATURE.decode()} and {SIGNATURE_V2.decode()}"
 
 _ENCODER = msgspec.json.Encoder()
@@ -124,7 +124,7 @@ def command_of(frames: list[bytes]) -> bytes:
     else (b"" if none can be read): for choosing how to handle it before decoding."""
     if len(frames) == 1:
         whole = frames[0]
-        end = whole.find(SEPARATOR, _SIGNATURE_BYTES, _SIGNATURE_BYTES + MAX_COMMAND_BYTES + 1)
+        end = whole.find(SEPARATOR, _SIGNATURE_BYTES, _COMMAND_END)
         return whole[_SIGNATURE_BYTES:end] if end > 0 and whole.startswith(_HEAD) else b""
     return frames[1] if len(frames) > 1 else b""
 
@@ -140,7 +140,7 @@ def split(frames: list[bytes]) -> tuple[bytes, bytes]:
         whole = frames[0]
         if whole.startswith(_HEAD):
             # The command ends at the first space; it is at most MAX_COMMAND_BYTES long.
-            end = whole.find(SEPARATOR, _SIGNATURE_BYTES, _SIGNATURE_BYTES + MAX_COMMAND_BYTES + 1)
+            end = whole.find(SEPARATOR, _SIGNATURE_BYTES, _COMMAND_END)
             if end > _SIGNATURE_BYTES:
                 return whole[_SIGNATURE_BYTES:end], whole[end + 1 :]
             if end == _SIGNATURE_BYTES:
@@ -200,6 +200,11 @@ def decode(frames: list[bytes], max_body_bytes: int | None = None) -> Message:
         RemoteProtocolError: the frames are not a valid message; its `code` says why
             and `ref` carries the message id when one could be read.
     """
+    if len(frames) == 1:  # version 3's usual case, without the detour through `split`
+        whole = frames[0]
+        end = whole.find(SEPARATOR, _SIGNATURE_BYTES, _COMMAND_END)
+        if end > _SIGNATURE_BYTES and whole.startswith(_HEAD):
+            return decode_body(whole[_SIGNATURE_BYTES:end], whole[end + 1 :], max_body_bytes)
     command, payload = split(frames)
     return decode_body(command, payload, max_body_bytes)
 
@@ -226,14 +231,15 @@ def decode_body(command: bytes, payload: bytes, max_body_bytes: int | None = Non
     except (msgspec.MsgspecError, RecursionError) as exc:
         # Rare: find the first problem in the documented order, in our words.
         raise _explain(plan, payload, exc) from None
-    # msgspec checks UTF-8 in the fields it reads, not in unknown fields it skips.
-    if not payload.isascii():
+    # The common case, proven at once: no more colons than required fields (a body of
+    # known fields only, no ":" in its strings; see `_Plan.proven_unique`).
+    if payload.count(b":") > plan.required and not plan.proven_unique(message, payload):
+        # A key may repeat, or an unknown field may hold what msgspec skipped without
+        # reading (it checks UTF-8 only in the fields it decodes): orjson reads it all.
         try:
-            payload.decode("utf-8")
-        except UnicodeDecodeError:
+            body = orjson.loads(payload)
+        except orjson.JSONDecodeError:
             raise _explain(plan, payload, None) from None
-    if not plan.proven_unique(message, payload):
-        body = orjson.loads(payload)  # valid: msgspec read it
         repeated = _repeated_key(payload, body)
         if repeated is not None:
             raise RemoteProtocolError(ErrorCode.MALFORMED, repeated, _body_ref(body))
@@ -278,7 +284,8 @@ class _Plan:
         distinct keys, and, unless a colon is escaped (\\u003a), its known strings put
         `inner` colons into it. If the colons of `payload` number no more than
         `present + inner`, there is no room for a member beyond the distinct keys: no
-        repeat, at any depth."""
+        repeat, at any depth, and no member but the known fields, so every string in the
+        body is one msgspec decoded (and checked for UTF-8)."""
         colons = payload.count(b":")
         present = self.required
         for name in self.optional:

@@ -14,8 +14,8 @@ import zmq
 from mangogram_broker.core import BrokerCore, Clock, Outgoing, coalesce
 from mangogram_broker.store import MemoryStore
 from mangogram_proto import codec
-from mangogram_proto.constants import SIGNATURE, SIGNATURE_V2
-from mangogram_proto.errors import ErrorCode
+from mangogram_proto.constants import SIGNATURE_V2
+from mangogram_proto.errors import ErrorCode, RemoteProtocolError
 from mangogram_proto.messages import (
     Accepted,
     Deliver,
@@ -826,3 +826,38 @@ def test_json_formatting_and_escapes_are_accepted():
     assert (
         codec.decode([SIGNATURE_V2, b"DELIVER", (DELIVER_BODY % "true").encode()]).delayed is True
     )
+
+
+# Section 2: version 3 framing.
+
+
+def test_v3_separator_whitespace_trailing_bytes_and_body_size():
+    def code_of(frames: list[bytes], max_body: int | None = None) -> str | None:
+        try:
+            codec.decode(frames, max_body)
+        except RemoteProtocolError as exc:
+            return f"{exc.code.value}: {exc.message}"
+        return None
+
+    # The separator is one space; a tab or newline belongs to the command name.
+    assert code_of([b"MGP03PI\tNG {}"]) == 'unknown_command: unknown command "PI\\u{9}NG"'
+    assert code_of([b"MGP03PING\n{}"]).startswith("malformed: no space after the command")
+    assert code_of([b"MGP03" + b"A" * 32 + b" {}"]).startswith("unknown_command")
+    assert code_of([b"MGP03" + b"A" * 33 + b" {}"]).startswith("malformed: no space")
+    assert code_of([b"MGP03 {}"]) == "malformed: no command before the space"
+    # JSON whitespace before the object is allowed; bytes after it are not.
+    assert code_of([b"MGP03PING  \n {} \n"]) is None
+    assert code_of([b"MGP03PING {} x"]).startswith("malformed: body is not valid JSON")
+    assert code_of([b"MGP03PING "]).startswith("malformed: body is not valid JSON")
+    # max_body_bytes counts the bytes after the space only.
+    body = '{"name":"Олена"}'.encode()
+    assert code_of([b"MGP03LOGIN " + body], len(body)) is None
+    assert code_of([b"MGP03LOGIN " + body], len(body) - 1).startswith("too_large")
+
+
+def test_the_version_2_login_example_and_the_version_3_one_carry_the_same_body():
+    examples = dict(documented_examples())
+    v2 = [frames for frames in examples.values() if len(frames) == 3]
+    assert len(v2) == 1
+    ((whole,),) = [f for f in examples.values() if f[0].startswith(b"MGP03LOGIN")][:1]
+    assert whole == b"MGP03LOGIN " + v2[0][2]

@@ -176,3 +176,45 @@ def test_a_v3_message_with_extra_frames_is_refused_whole(broker, zctx, count):
         assert framing(reply) == 3  # it names version 3
     finally:
         sock.close()
+
+
+def test_the_shell_encodes_a_message_once_per_framing_its_recipients_speak(zctx, monkeypatch):
+    """One PRESENCE for three peers, one of them version 2: one body encoded, framed
+    twice (once per framing), the same bytes to both version 3 peers."""
+    from mangogram_broker.clock import Clock
+    from mangogram_broker.core import BrokerCore, Outgoing
+    from mangogram_broker.shell import BrokerServer
+    from mangogram_broker.store import MemoryStore
+
+    from .harness import TEST_LIMITS
+
+    server = BrokerServer(
+        BrokerCore(TEST_LIMITS, store=MemoryStore()), "tcp://127.0.0.1:*", context=zctx
+    )
+    try:
+        bodies = 0
+        real = codec.encode_parts
+
+        def counting(message):
+            nonlocal bodies
+            bodies += 1
+            return real(message)
+
+        monkeypatch.setattr(codec, "encode_parts", counting)
+        sent: list[tuple[bytes, list[bytes]]] = []
+        monkeypatch.setattr(
+            server, "_send_frames", lambda peer, frames: sent.append((peer, frames)) or 0
+        )
+        server._v2_peers.add(b"\x00old")
+        presence = Presence("Олена", "joined", 5)
+        peers = [b"\x00new1", b"\x00old", b"\x00new2"]
+        server._send_all([Outgoing(peer, presence) for peer in peers], Clock(5, 5))
+        assert bodies == 1
+        by_peer = dict(sent)
+        assert by_peer[b"\x00new1"] is by_peer[b"\x00new2"]  # one framed copy, reused
+        (whole,) = by_peer[b"\x00new1"]
+        signature, command, body = by_peer[b"\x00old"]
+        assert (signature, command) == (SIGNATURE_V2, b"PRESENCE")
+        assert whole == SIGNATURE + b"PRESENCE " + body
+    finally:
+        server.close()

@@ -34,7 +34,8 @@ import zmq
 PAYLOAD = "x" * 100  # 100-byte texts
 WINDOW_START = "window-start"
 WINDOW_END = "window-end"
-SIGNATURE = b"MGP02"
+# Protocol version 3: one frame per message, signature + command + space + JSON body.
+SIGNATURE = b"MGP03"
 # Systems reached over plain TCP (or TLS) sockets rather than ZeroMQ.
 PLAIN_SOCKET_SYSTEMS = ("thread-server", "prosody")
 XMPP_DOMAIN = "localhost"
@@ -110,7 +111,7 @@ class MangoClient(Client):
         self.online = False
         self.ids = itertools.count(1)  # unique per sender, as the protocol asks
         self.mark = 0  # highest stream seq held; the broker delivers in order here
-        self.sock.send_multipart([SIGNATURE, b"LOGIN", orjson.dumps({"name": name})])
+        self.sock.send(SIGNATURE + b"LOGIN " + orjson.dumps({"name": name}))
 
     def fileno_or_socket(self) -> object:
         return self.sock
@@ -119,21 +120,22 @@ class MangoClient(Client):
         # Fixed width, so the ids grow as strings too, as the SDK's do (the broker's store
         # then knows a new id from a resend without a lookup).
         body = {"id": f"{next(self.ids):012d}", "to": to.name, "text": text, "sent_at": 0}
-        self.sock.send_multipart([SIGNATURE, b"SEND", orjson.dumps(body)])
+        self.sock.send(SIGNATURE + b"SEND " + orjson.dumps(body))
 
     def ping(self) -> None:
-        self.sock.send_multipart([SIGNATURE, b"PING", b"{}"])
+        self.sock.send(SIGNATURE + b"PING {}")
 
     def receive(self) -> list[str]:
         texts = []
         while True:
             try:
-                _signature, command, body = self.sock.recv_multipart(zmq.NOBLOCK)
+                frame = self.sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 if texts:  # one cumulative receipt for everything this call took in
                     receipt = orjson.dumps({"seq": self.mark})
-                    self.sock.send_multipart([SIGNATURE, b"RECEIPT", receipt])
+                    self.sock.send(SIGNATURE + b"RECEIPT " + receipt)
                 return texts
+            command, _, body = frame[len(SIGNATURE) :].partition(b" ")
             if command == b"DELIVER":
                 message = orjson.loads(body)
                 self.mark = max(self.mark, message["seq"])

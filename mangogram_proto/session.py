@@ -315,7 +315,8 @@ class ClientSession:
             self.state = State.CLOSED
 
     def data_to_send(self) -> list[list[bytes]]:
-        """Frames to send, in order. Each call hands them over once.
+        """Messages to send, in order, each a list of frames: protocol version 3, so one
+        frame each (`codec.encode`). Each call hands them over once.
 
         Call it after feeding in everything that has arrived and confirming what the
         application finished with: one RECEIPT covers them all."""
@@ -356,7 +357,8 @@ class ClientSession:
         return events
 
     def receive(self, frames: list[bytes], now: int) -> list[Event]:
-        """Handle one message from the broker.
+        """Handle one message from the broker (in either framing; a broker answers
+        version 3 to our version 3).
 
         Raises:
             RemoteProtocolError: the broker sent something invalid (log it and go on).

@@ -233,7 +233,8 @@ def decode_body(command: bytes, payload: bytes, max_body_bytes: int | None = Non
         raise _explain(plan, payload, exc) from None
     # The common case, proven at once: no more colons than required fields (a body of
     # known fields only, no ":" in its strings; see `_Plan.proven_unique`).
-    if payload.count(b":") > plan.required and not plan.proven_unique(message, payload):
+    colons = payload.count(b":")
+    if colons > plan.required and not plan.proven_unique(message, payload, colons):
         # A key may repeat, or an unknown field may hold what msgspec skipped without
         # reading (it checks UTF-8 only in the fields it decodes): orjson reads it all.
         try:
@@ -259,12 +260,14 @@ class _Plan:
         # For proving a body has no repeated key (see `proven_unique`).
         self.required = sum(f.required for f in fields)
         self.optional = tuple(f.name for f in fields if not f.required and f.default is None)
+        # Fields with a default other than None: (name, default, the key as the broker
+        # writes it, `"delayed":`).
         self.defaulted = tuple(
-            (f.name, f.default)
+            (f.name, f.default, b'"%s":' % f.name.encode())
             for f in fields
             if not f.required and f.default is not None and f.default is not msgspec.NODEFAULT
         ) + tuple(
-            (f.name, f.default_factory())
+            (f.name, f.default_factory(), b'"%s":' % f.name.encode())
             for f in fields
             if not f.required and f.default_factory is not msgspec.NODEFAULT
         )
@@ -275,25 +278,35 @@ class _Plan:
             for h in self.hints.values()
         )
 
-    def proven_unique(self, message: Message, payload: bytes) -> bool:
-        """True if `payload`, which decoded to `message`, cannot repeat a key; False if it
-        may (then the exact check decides).
+    def proven_unique(self, message: Message, payload: bytes, colons: int) -> bool:
+        """True if `payload`, which decoded to `message` and holds `colons` colons,
+        cannot repeat a key; False if it may (then the exact check decides).
 
         Every member of an object has one ":" outside strings. A known field that holds
         a value other than its default was present, so the body has at least `present`
-        distinct keys, and, unless a colon is escaped (\\u003a), its known strings put
+        distinct keys, and, unless a colon is escaped (\u003a), its known strings put
         `inner` colons into it. If the colons of `payload` number no more than
         `present + inner`, there is no room for a member beyond the distinct keys: no
         repeat, at any depth, and no member but the known fields, so every string in the
-        body is one msgspec decoded (and checked for UTF-8)."""
-        colons = payload.count(b":")
+        body is one msgspec decoded (and checked for UTF-8).
+
+        A field holding its default (`delayed` false) may be absent or written out. Each
+        `"delayed":` in the raw body is a member of its own (an unescaped quote after
+        `delayed` closes a string, and a string followed by ":" is a key), with the key
+        `delayed` or one ending in `\"delayed`, so it is counted as one; found twice, it
+        may be a repeat, and the exact check decides."""
         present = self.required
         for name in self.optional:
             if getattr(message, name) is not None:
                 present += 1
-        for name, default in self.defaulted:
+        for name, default, key in self.defaulted:
             if getattr(message, name) != default:
                 present += 1
+            else:
+                written = payload.count(key)
+                if written > 1:
+                    return False
+                present += written
         if colons <= present:
             return True
         if not self.flat or b"\\u003" in payload:

@@ -323,7 +323,7 @@ def render(tree, escape_colons: bool) -> str:
     if isinstance(tree, str):
         text = json.dumps(tree)
         return text.replace(":", "\\u003a") if escape_colons else text
-    return str(tree)
+    return json.dumps(tree)  # numbers, true, false
 
 
 def repeats(tree) -> bool:
@@ -532,3 +532,36 @@ def test_repeated_keys_are_found_exactly_in_v3_sends_too(members, escape):
 )
 def test_validation_errors_in_our_words(frames, message):
     assert refusal(frames).message == message
+
+
+@given(
+    members=st.lists(
+        st.tuples(st.sampled_from(["delayed", "seq", "a", "a:", 'x"delayed']), trees),
+        max_size=4,
+    ),
+    delayed=st.sampled_from([None, False, True]),
+)
+def test_repeated_keys_are_found_exactly_in_delivers_with_delayed_written_or_not(members, delayed):
+    """DELIVER's `delayed` may be absent or written with its default: the fast proof
+    counts it from the raw body and must never let a repeat through."""
+    known = [
+        ("id", "a"),
+        ("broker_id", "1"),
+        ("sender", "s:1"),
+        ("text", "t"),
+        ("sent_at", 1),
+        ("accepted_at", 2),
+        ("seq", 3),
+    ]
+    if delayed is not None:
+        known.append(("delayed", delayed))
+    tree = ("obj", known + members)
+    payload = render(tree, False).encode()
+    try:
+        codec.decode([SIGNATURE + b"DELIVER " + payload])
+        refused = False
+    except RemoteProtocolError as exc:
+        if exc.message != "body repeats a key in one object":
+            return  # a member re-typed a known field: some other refusal
+        refused = True
+    assert refused == repeats(tree)

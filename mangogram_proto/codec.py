@@ -153,7 +153,7 @@ def split(frames: list[bytes]) -> tuple[bytes, bytes]:
         if whole[:_SIGNATURE_BYTES] == SIGNATURE_V2:
             raise RemoteProtocolError(
                 ErrorCode.MALFORMED,
-                f"expected {FRAME_COUNT_V2} frames for {SIGNATURE_V2.decode()}, got 1",
+                f"expected {FRAME_COUNT_V2} frames, got 1",
             )
         _refuse_signature(whole)
     if len(frames) == FRAME_COUNT_V2 and frames[0] == SIGNATURE_V2:

@@ -16,7 +16,7 @@ from mangogram_broker import core, shell
 from mangogram_broker.config import build_parser, parse_config
 from mangogram_broker.core import Clock
 from mangogram_client.cli import export_identity
-from mangogram_proto import constants
+from mangogram_proto import codec, constants
 from mangogram_proto.keys import (
     KeyPair,
     KnownServers,
@@ -27,6 +27,7 @@ from mangogram_proto.keys import (
     resolve_security,
     save_keypair,
 )
+from mangogram_proto.messages import Ping
 
 from .conftest import BrokerProcess
 
@@ -72,7 +73,7 @@ def test_limits_table_defaults_are_the_brokers_defaults(defaults):
         "Text": [limits.max_text_chars, limits.max_text_bytes],
         "Name": [limits.max_name_chars],
         "Message id": [constants.MAX_ID_CHARS],
-        "Frames per message": [constants.FRAME_COUNT],
+        "Frames per message": [len(codec.encode(Ping())), constants.FRAME_COUNT_V2],
         "Unconfirmed messages per recipient": [limits.max_mailbox],
         "`HISTORY` page": [limits.max_history_page, defaults.max_history_bytes],
         "Other commands per connection": [

@@ -178,7 +178,16 @@ def test_a_v3_message_with_extra_frames_is_refused_whole(broker, zctx, count):
         sock.close()
 
 
-def test_the_shell_encodes_a_message_once_per_framing_its_recipients_speak(zctx, monkeypatch):
+@pytest.mark.parametrize(
+    "peers",
+    [
+        [b"\x00new1", b"\x00old", b"\x00new2"],  # the v2 copy made from the v3 one
+        [b"\x00old", b"\x00new1", b"\x00new2"],  # and the other way round
+    ],
+)
+def test_the_shell_encodes_a_message_once_per_framing_its_recipients_speak(
+    zctx, monkeypatch, peers
+):
     """One PRESENCE for three peers, one of them version 2: one body encoded, framed
     twice (once per framing), the same bytes to both version 3 peers."""
     from mangogram_broker.clock import Clock
@@ -207,7 +216,6 @@ def test_the_shell_encodes_a_message_once_per_framing_its_recipients_speak(zctx,
         )
         server._v2_peers.add(b"\x00old")
         presence = Presence("Олена", "joined", 5)
-        peers = [b"\x00new1", b"\x00old", b"\x00new2"]
         server._send_all([Outgoing(peer, presence) for peer in peers], Clock(5, 5))
         assert bodies == 1
         by_peer = dict(sent)

@@ -9,7 +9,8 @@ the best round of each (absolute times depend on the machine: compare within a r
   HISTORY_PAGE: the old codec (orjson + hand-written checks into frozen dataclasses,
   three frames; bench/legacy) against the msgspec codec, in one frame (version 3) and in
   three (version 2);
-* `repeated_key_check`: the msgspec codec with and without its repeated-key check;
+* `repeated_key_check`: the msgspec codec's body decoding against msgspec's decoder
+  alone: what the size limit and the repeated-key and UTF-8 checks add;
 * `encode`: a message to frames, old (orjson over the dataclass) against new (msgspec
   over the Struct);
 * `build`: constructing one DELIVER, frozen dataclass against Struct;
@@ -104,29 +105,21 @@ def decode_costs(rounds: int) -> dict[str, dict[str, float]]:
 
 
 def repeated_key_check_costs(rounds: int) -> dict[str, dict[str, float]]:
-    """The msgspec codec with its repeated-key check, and with it switched off."""
+    """`codec.decode_body` (size limit, msgspec, the repeated-key and UTF-8 proof or the
+    exact check) against msgspec's decoder alone on the same body."""
     results = {}
-    check = codec._Plan.proven_unique
     for name, (message, number) in samples(new).items():
-        frames = codec.encode(message)
-
-        def without(f: list[bytes] = frames) -> Any:
-            codec._Plan.proven_unique = lambda self, m, p: True  # type: ignore[method-assign]
-            try:
-                return codec.decode(f)
-            finally:
-                codec._Plan.proven_unique = check  # type: ignore[method-assign]
-
-        def with_check(f: list[bytes] = frames) -> Any:
-            # The same patching work, so only the check differs.
-            codec._Plan.proven_unique = check  # type: ignore[method-assign]
-            try:
-                return codec.decode(f)
-            finally:
-                codec._Plan.proven_unique = check  # type: ignore[method-assign]
-
-        times = alternate({"with_check_us": with_check, "without_us": without}, number, rounds)
-        times["check_us"] = round(times["with_check_us"] - times["without_us"], 3)
+        command, body = codec.encode_parts(message)
+        msgspec_alone = codec._PLANS[command].decoder
+        times = alternate(
+            {
+                "decode_body_us": lambda c=command, b=body: codec.decode_body(c, b, 32768),
+                "msgspec_alone_us": lambda d=msgspec_alone, b=body: d(b),
+            },
+            number,
+            rounds,
+        )
+        times["checks_us"] = round(times["decode_body_us"] - times["msgspec_alone_us"], 3)
         results[name] = times
     return results
 

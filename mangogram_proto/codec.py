@@ -58,8 +58,11 @@ def encode(message: Message, version: Version = PROTOCOL_VERSION) -> list[bytes]
     Raises:
         LocalProtocolError: a field holds a value the protocol cannot carry (our bug).
     """
-    command, body = encode_parts(message)
-    return frame(command, body, version)
+    cls = type(message)
+    body = encode_body(message)
+    if version == 3:
+        return [_V3_HEADS[cls] + body]
+    return [SIGNATURE_V2, _COMMAND_BYTES[cls], body]
 
 
 def encode_parts(message: Message) -> tuple[bytes, bytes]:
@@ -80,17 +83,17 @@ def encode_body(value: WireStruct) -> bytes:
         LocalProtocolError: a field holds a value the protocol cannot carry (our bug).
     """
     try:
-        if type(value) is Welcome:
-            # Its `online` is written even when empty (as ever); only None is left out.
-            return _encode_json(
-                {
-                    name: field
-                    for name in value.__struct_fields__
-                    if (field := getattr(value, name)) is not None
-                }
-            )
-        # `omit_defaults` leaves None out; refuses lone surrogates.
-        return _encode_json(value)
+        if type(value) is not Welcome:
+            # `omit_defaults` leaves None out; refuses lone surrogates.
+            return _encode_json(value)
+        # Its `online` is written even when empty (as ever); only None is left out.
+        return _encode_json(
+            {
+                name: field
+                for name in value.__struct_fields__
+                if (field := getattr(value, name)) is not None
+            }
+        )
     except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
         raise LocalProtocolError(ErrorCode.MALFORMED, f"cannot encode {value!r}: {exc}") from exc
 
@@ -98,7 +101,8 @@ def encode_body(value: WireStruct) -> bytes:
 def frame(command: bytes, body: bytes, version: Version = PROTOCOL_VERSION) -> list[bytes]:
     """The frames of a message in framing `version`."""
     if version == 3:
-        return [b"".join((_HEAD, command, SEPARATOR, body))]
+        head = _V3_HEADS_BY_COMMAND.get(command) or _HEAD + command + SEPARATOR
+        return [head + body]
     return [SIGNATURE_V2, command, body]
 
 
@@ -259,67 +263,47 @@ class _Plan:
         self.hints = {f.name: hints[f.name] for f in fields}
         # For proving a body has no repeated key (see `proven_unique`).
         self.required = sum(f.required for f in fields)
-        self.optional = tuple(f.name for f in fields if not f.required and f.default is None)
-        # Fields with a default other than None: (name, default, the key as the broker
-        # writes it, `"delayed":`).
+        # Whether the encoder writes fields at their default, and the fields that may be
+        # at their default yet written in a body: (name, default, the key as the broker
+        # writes it, `"delayed":`). None is never written when defaults are left out.
+        self.writes_defaults = 0 if cls.__struct_config__.omit_defaults else 1
         self.defaulted = tuple(
-            (f.name, f.default, b'"%s":' % f.name.encode())
+            (
+                f.name,
+                f.default if f.default_factory is msgspec.NODEFAULT else f.default_factory(),
+                b'"%s":' % f.name.encode(),
+            )
             for f in fields
-            if not f.required and f.default is not None and f.default is not msgspec.NODEFAULT
-        ) + tuple(
-            (f.name, f.default_factory(), b'"%s":' % f.name.encode())
-            for f in fields
-            if not f.required and f.default_factory is not msgspec.NODEFAULT
-        )
-        self.strings = tuple(n for n, h in self.hints.items() if _strip(h) is str)
-        self.string_arrays = tuple(n for n, h in self.hints.items() if _strip(h) == tuple[str, ...])
-        self.flat = all(
-            _strip(h) in (str, int, bool, tuple[str, ...]) or typing.get_origin(h) is Literal
-            for h in self.hints.values()
+            if not f.required and (f.default is not None or self.writes_defaults)
         )
 
     def proven_unique(self, message: Message, payload: bytes, colons: int) -> bool:
         """True if `payload`, which decoded to `message` and holds `colons` colons,
         cannot repeat a key; False if it may (then the exact check decides).
 
-        Every member of an object has one ":" outside strings. A known field that holds
-        a value other than its default was present, so the body has at least `present`
-        distinct keys, and, unless a colon is escaped (\u003a), its known strings put
-        `inner` colons into it. If the colons of `payload` number no more than
-        `present + inner`, there is no room for a member beyond the distinct keys: no
-        repeat, at any depth, and no member but the known fields, so every string in the
-        body is one msgspec decoded (and checked for UTF-8).
+        Every member of an object has one ":" outside strings, and, unless a colon is
+        escaped (\\u003a), every ":" in a decoded string is one in `payload`. `message`
+        written back (None and default values left out) has one ":" per field that held
+        a value, at every depth (each one a distinct member of `payload`), plus the
+        colons of its strings. So if `payload` has no more colons than that, it has no
+        member beyond its distinct known keys: no repeat, at any depth, and no unknown
+        member, so every string in it is one msgspec decoded (and checked for UTF-8).
 
-        A field holding its default (`delayed` false) may be absent or written out. Each
+        A field at its default (`delayed` false) may be absent or written out. Each
         `"delayed":` in the raw body is a member of its own (an unescaped quote after
         `delayed` closes a string, and a string followed by ":" is a key), with the key
-        `delayed` or one ending in `\"delayed`, so it is counted as one; found twice, it
+        `delayed` or one ending in `\\"delayed`, so it is counted as one; found twice, it
         may be a repeat, and the exact check decides."""
-        present = self.required
-        for name in self.optional:
-            if getattr(message, name) is not None:
-                present += 1
+        if b"\\u003" in payload:
+            return False
+        again = _encode_json(message).count(b":")
         for name, default, key in self.defaulted:
-            if getattr(message, name) != default:
-                present += 1
-            else:
+            if getattr(message, name) == default:
                 written = payload.count(key)
                 if written > 1:
                     return False
-                present += written
-        if colons <= present:
-            return True
-        if not self.flat or b"\\u003" in payload:
-            return False
-        inner = 0
-        for name in self.strings:
-            text = getattr(message, name)  # None for an optional string not given
-            if text:
-                inner += text.count(":")
-        for name in self.string_arrays:
-            for item in getattr(message, name):
-                inner += item.count(":")
-        return colons <= present + inner
+                again += written - self.writes_defaults
+        return colons <= again
 
 
 def _strip(hint: Any) -> Any:
@@ -335,6 +319,13 @@ def _strip(hint: Any) -> Any:
 
 _COMMANDS: tuple[type[Message], ...] = (*CLIENT_COMMANDS, *BROKER_COMMANDS)
 _COMMAND_BYTES: dict[type, bytes] = {cls: cls.COMMAND.encode("ascii") for cls in _COMMANDS}
+# What a version 3 frame of each command starts with: b"MGP03SEND ".
+_V3_HEADS: dict[type, bytes] = {
+    cls: _HEAD + command + SEPARATOR for cls, command in _COMMAND_BYTES.items()
+}
+_V3_HEADS_BY_COMMAND: dict[bytes, bytes] = {
+    command: _V3_HEADS[cls] for cls, command in _COMMAND_BYTES.items()
+}
 _PLANS: dict[bytes, _Plan] = {cls.COMMAND.encode("ascii"): _Plan(cls) for cls in _COMMANDS}
 
 

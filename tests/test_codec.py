@@ -536,7 +536,10 @@ def test_validation_errors_in_our_words(frames, message):
 
 @given(
     members=st.lists(
-        st.tuples(st.sampled_from(["delayed", "seq", "a", "a:", 'x"delayed']), trees),
+        st.tuples(
+            st.sampled_from(["delayed", "seq", "a", "a:", 'x"delayed']),
+            st.integers(0, 9) | st.booleans() | trees,
+        ),
         max_size=4,
     ),
     delayed=st.sampled_from([None, False, True]),
@@ -565,3 +568,26 @@ def test_repeated_keys_are_found_exactly_in_delivers_with_delayed_written_or_not
             return  # a member re-typed a known field: some other refusal
         refused = True
     assert refused == repeats(tree)
+
+
+DELIVER_FIELDS = b'"id":"a","broker_id":"1","sender":"s","text":"t","sent_at":1,"accepted_at":2'
+
+
+@pytest.mark.parametrize(
+    "body,repeated",
+    [
+        (b"{" + DELIVER_FIELDS + b',"seq":3}', False),
+        (b"{" + DELIVER_FIELDS + b',"seq":3,"delayed":false}', False),
+        (b"{" + DELIVER_FIELDS + b',"seq":3,"seq":4}', True),  # delayed absent
+        (b"{" + DELIVER_FIELDS + b',"seq":3,"delayed":false,"delayed":false}', True),
+        (b"{" + DELIVER_FIELDS + b',"seq":3,"delayed":true,"delayed":false}', True),
+        (b"{" + DELIVER_FIELDS + b',"seq":3,"x":{"delayed":1},"seq":3}', True),
+        (b"{" + DELIVER_FIELDS + b',"seq":3,"x":{"delayed":1}}', False),
+    ],
+)
+def test_delayed_written_or_absent_never_hides_a_repeat(body, repeated):
+    frames = [SIGNATURE + b"DELIVER " + body]
+    if repeated:
+        assert refusal(frames).message == "body repeats a key in one object"
+    else:
+        assert isinstance(codec.decode(frames), Deliver)

@@ -22,7 +22,7 @@ from .crashpoints import CrashPoints
 from .datadir import DataDirInUse, DataDirLock
 from .nats_settings import NatsSettings
 from .openfiles import raise_open_file_limit
-from .security import KEY_FILE, load_broker_keys
+from .security import load_broker_keys
 from .shell import BrokerServer
 from .store import Durability, SqliteStore, SqliteTooOld, Store, StoreUnavailable
 
@@ -136,13 +136,13 @@ def main(
         log.warning("PLAINTEXT MODE: no encryption and no identity checks; development only")
     else:
         try:
-            keys, created = load_broker_keys(config.data_dir)
+            keys, created = load_broker_keys(config.key_file)
             key_bind = config.key_bind or key_endpoint_for(config.bind)
         except (KeyFileError, ValueError) as exc:
             log.error("%s", exc)
             return 2
         if created:
-            log.info("created the broker's key pair in %s", config.data_dir / KEY_FILE)
+            log.info("created the broker's key pair in %s", config.key_file)
         log.info("public key %s (fingerprint %s)", keys.public, fingerprint(keys.public))
     raise_open_file_limit()
     crash_points = CrashPoints(os.environ.get("MANGOGRAM_CRASH_AT"))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -354,6 +355,26 @@ def test_brokers_racing_to_register_one_name_for_two_keys_exactly_one_wins(
             print("".join(line for line in broker.lines if " DEBUG " not in line)[-6000:])
     for broker in brokers:
         assert "Traceback" not in broker.log_text(), broker.log_text()
+
+
+def test_brokers_given_one_key_file_share_the_key_pair_the_first_one_created(tmp_path, nats_node):
+    shared = tmp_path / "cluster-key" / "broker_key.json"  # not there yet
+    brokers = []
+    try:
+        for name in ("a", "b"):
+            brokers.append(
+                cluster_broker(tmp_path, name, nats_node, "--key-file", str(shared), env=ENCRYPTED)
+            )
+        a, b = brokers
+        assert f"created the broker's key pair in {shared}" in a.log_text()
+        assert "created the broker's key pair" not in b.log_text()
+        assert a.public_key == b.public_key != ""
+        assert not (tmp_path / "a" / "broker_key.json").exists()  # not in --data
+        if sys.platform != "win32":
+            assert shared.stat().st_mode & 0o777 == 0o600
+    finally:
+        for broker in brokers:
+            broker.kill()
 
 
 def test_nats_down_sends_are_refused_not_acknowledged_and_the_broker_recovers(

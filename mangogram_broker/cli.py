@@ -82,7 +82,12 @@ def cluster_port(store: Store, settings: NatsSettings | None) -> Cluster | None:
 
 def open_cluster_store(settings: NatsSettings) -> Store:
     """The JetStream store (imported here: the single broker needs no NATS client)."""
-    from .jetstream_store import JetStreamStore
+    try:
+        from .jetstream_store import JetStreamStore
+    except ImportError as exc:
+        raise StoreUnavailable(
+            f"cluster mode needs the NATS client ({exc}): pip install -e '.[cluster]'"
+        ) from exc
 
     log.info("cluster mode: state in NATS JetStream at %s", ", ".join(settings.servers))
     return JetStreamStore(settings)

@@ -11,6 +11,7 @@ user's next RECEIPT or login), never loses a message.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,6 +78,11 @@ class Cluster(Protocol):
         """What arrived from the other brokers since the last call."""
         ...
 
+    def wakeup(self) -> socket.socket | None:
+        """A socket that turns readable when something has arrived for `events()`, for
+        the broker's loop to poll beside its own (`events()` empties it), or None."""
+        ...
+
 
 class Alone:
     """The `Cluster` of a single broker: nobody else to tell or hear from."""
@@ -95,3 +101,6 @@ class Alone:
 
     def events(self) -> list[ClusterEvent]:
         return []
+
+    def wakeup(self) -> socket.socket | None:
+        return None

@@ -20,6 +20,7 @@ import asyncio
 import collections
 import logging
 import secrets
+import socket
 import time
 from typing import Any
 
@@ -64,6 +65,11 @@ class NatsCluster:
         self._remote: dict[str, tuple[str, str]] = {}  # key -> (name, broker id)
         self._alive: dict[str, float] = {}  # broker id -> when last heard (monotonic)
         self._tasks: set[asyncio.Task[None]] = set()
+        # The NATS thread writes a byte when it adds to _events or _heard, so the broker's
+        # loop, which polls the other end, runs at once instead of at its next tick.
+        self._wake_in, self._wake_out = socket.socketpair()
+        for end in (self._wake_in, self._wake_out):
+            end.setblocking(False)
         self._store.start(self._start())
 
     def joined(self, key: str, name: str) -> None:
@@ -96,7 +102,26 @@ class NatsCluster:
         }
         self._store.start(self._publish(f"{NOTE}.{token(key)}", body, headers))
 
+    def wakeup(self) -> socket.socket:
+        return self._wake_in
+
+    def _woken(self) -> None:
+        """Empty the wake-up socket (before reading what woke it: nothing is missed)."""
+        try:
+            while self._wake_in.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _wake(self) -> None:
+        """On the NATS thread: something arrived for `events()`."""
+        try:
+            self._wake_out.send(b"\0")
+        except OSError:  # full (a wake-up is already pending) or closing
+            pass
+
     def events(self) -> list[ClusterEvent]:
+        self._woken()
         found: list[ClusterEvent] = self._presence_events()
         while self._events:
             event = self._events.popleft()
@@ -176,6 +201,7 @@ class NatsCluster:
             return
         if isinstance(record, dict):
             self._heard.append(record)
+            self._wake()
 
     async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
         nc = self._store.connection
@@ -198,6 +224,7 @@ class NatsCluster:
         # A message stored between the login's read and the subscription: look again.
         last = await self._store.read_last_seq(key)
         self._events.append(StreamGrew(key, last))
+        self._wake()
 
     async def _leave(self, key: str) -> None:
         if key in self._wanted:
@@ -212,6 +239,7 @@ class NatsCluster:
         except (ValueError, KeyError, IndexError, TypeError):
             return
         self._events.append(StreamGrew(recipient, seq))
+        self._wake()
 
     async def _on_note(self, msg: Msg) -> None:
         headers: dict[str, Any] = msg.headers or {}
@@ -223,6 +251,7 @@ class NatsCluster:
             return
         if headers.get(_KIND) == "moved":
             self._events.append(Moved(key))
+            self._wake()
             return
         try:
             frames = [headers[_SIGNATURE].encode(), headers[_COMMAND].encode(), msg.data]
@@ -231,3 +260,4 @@ class NatsCluster:
             log.warning("dropped a notice from another broker: %s", exc)
             return
         self._events.append(Notice(key, message))  # type: ignore[arg-type]
+        self._wake()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from mangogram_broker.cluster import Notice
 from mangogram_proto import codec
 from mangogram_proto.errors import ErrorCode
 from mangogram_proto.keys import KeyPair, save_keypair
@@ -355,6 +356,33 @@ def test_brokers_racing_to_register_one_name_for_two_keys_exactly_one_wins(
             print("".join(line for line in broker.lines if " DEBUG " not in line)[-6000:])
     for broker in brokers:
         assert "Traceback" not in broker.log_text(), broker.log_text()
+
+
+def test_a_hint_from_another_broker_wakes_the_loop_at_once(nats_node):
+    """The loop polls `wakeup()` beside its sockets: a hint makes it readable, so it is
+    handled now, not at the next 100 ms tick."""
+    import select
+
+    from mangogram_broker.jetstream_cluster import NatsCluster
+    from mangogram_broker.jetstream_store import JetStreamStore
+    from mangogram_broker.nats_settings import NatsSettings
+
+    stores = [JetStreamStore(NatsSettings((nats_node.url,))) for _ in range(2)]
+    try:
+        here, there = (NatsCluster(store) for store in stores)
+        wakeup = here.wakeup()
+        here.joined("bob", "Bob")
+        told: list[object] = []
+        deadline = time.monotonic() + 20
+        while not told:  # (until bob's subscription is in place: then the hint comes)
+            assert time.monotonic() < deadline, "no hint woke the loop"
+            there.tell("bob", Seen("m1", "7", "alice", 5))
+            if select.select([wakeup], [], [], 1)[0] == [wakeup]:
+                told = [e for e in here.events() if isinstance(e, Notice)]
+        assert told[0] == Notice("bob", Seen("m1", "7", "alice", 5))
+    finally:
+        for store in stores:
+            store.close()
 
 
 def test_brokers_given_one_key_file_share_the_key_pair_the_first_one_created(tmp_path, nats_node):

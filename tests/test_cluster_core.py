@@ -54,6 +54,9 @@ class FakeCluster:
         found, self.pending = self.pending, []
         return found
 
+    def wakeup(self) -> None:
+        return None
+
 
 def peer(number: int) -> bytes:
     return b"\x00" + number.to_bytes(4, "big")

@@ -57,8 +57,15 @@ ClusterEvent = StreamGrew | Notice | Moved | RemotePresence
 class Cluster(Protocol):
     """The core's view of the other brokers."""
 
-    def joined(self, key: str, name: str) -> None:
-        """`key` logged in here: tell the others, and listen for its mail and notices."""
+    def joined(self, key: str, name: str, resume_token: str = "") -> None:
+        """`key` logged in here (its session's `resume_token`): tell the others, and
+        listen for its mail and notices."""
+        ...
+
+    def proves(self, key: str, resume_token: str | None) -> bool | None:
+        """None if `key` has no live session at another broker; else whether
+        `resume_token` is that session's (a login without it gets `name_taken`, as for a
+        session online here)."""
         ...
 
     def left(self, key: str, announce: bool = True) -> None:
@@ -87,8 +94,11 @@ class Cluster(Protocol):
 class Alone:
     """The `Cluster` of a single broker: nobody else to tell or hear from."""
 
-    def joined(self, key: str, name: str) -> None:
+    def joined(self, key: str, name: str, resume_token: str = "") -> None:
         pass
+
+    def proves(self, key: str, resume_token: str | None) -> bool | None:
+        return None
 
     def left(self, key: str, announce: bool = True) -> None:
         pass

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import hashlib
+import hmac
 import logging
 import secrets
 import socket
 import time
 from typing import Any
 
+import nats.js.errors
 import orjson
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -33,7 +37,7 @@ from mangogram_proto.errors import RemoteProtocolError
 from mangogram_proto.messages import BrokerMessage
 
 from .cluster import ClusterEvent, Moved, Notice, RemotePresence, StreamGrew
-from .jetstream_store import MAIL, JetStreamStore, token, untoken
+from .jetstream_store import BUCKET_SESSIONS, MAIL, JetStreamStore, token, untoken
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,11 @@ _FROM = "Mg-From"
 _KIND = "Mg-Kind"
 _SIGNATURE = "Mg-Signature"
 _COMMAND = "Mg-Command"
+
+
+def _digest(resume_token: str) -> str:
+    """What the sessions bucket keeps of a resume token: its SHA-256, not the token."""
+    return hashlib.sha256(resume_token.encode("utf-8")).hexdigest()
 
 
 class NatsCluster:
@@ -65,6 +74,7 @@ class NatsCluster:
         self._remote: dict[str, tuple[str, str]] = {}  # key -> (name, broker id)
         self._alive: dict[str, float] = {}  # broker id -> when last heard (monotonic)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._started = time.monotonic()
         # The NATS thread writes a byte when it adds to _events or _heard, so the broker's
         # loop, which polls the other end, runs at once instead of at its next tick.
         self._wake_in, self._wake_out = socket.socketpair()
@@ -72,11 +82,14 @@ class NatsCluster:
             end.setblocking(False)
         self._store.start(self._start())
 
-    def joined(self, key: str, name: str) -> None:
+    def joined(self, key: str, name: str, resume_token: str = "") -> None:
         self._wanted.add(key)
         self._local[key] = name
         self._store.start(self._join(key))
         self._announce({"e": "joined", "k": key, "n": name})
+        # Who holds the session now, for a login at another broker (`proves`).
+        held = orjson.dumps({"b": self.broker_id, "h": _digest(resume_token)})
+        self._store.submit(self._store.bucket(BUCKET_SESSIONS).put(token(key), held))
 
     def left(self, key: str, announce: bool = True) -> None:
         self._wanted.discard(key)
@@ -84,6 +97,25 @@ class NatsCluster:
         self._store.start(self._leave(key))
         if announce:
             self._announce({"e": "left", "k": key, "n": name})
+            self._store.submit(self._release(key))  # done by the end of this turn
+        # (Moved: the broker it moved to holds the entry now.)
+
+    def proves(self, key: str, resume_token: str | None) -> bool | None:
+        entry = self._store.call(self._held(key))
+        if entry is None:
+            return None
+        broker, digest = entry
+        if broker == self.broker_id or not self._is_alive(broker):
+            return None  # a session that ended here, or at a broker that died since
+        return resume_token is not None and hmac.compare_digest(_digest(resume_token), digest)
+
+    def _is_alive(self, broker: str) -> bool:
+        """Heard from within DEAD_AFTER_S; any broker counts while we have not been up
+        that long (we may not have heard the others yet)."""
+        now = time.monotonic()
+        if now - self._started < DEAD_AFTER_S:
+            return True
+        return now - self._alive.get(broker, -DEAD_AFTER_S * 2) <= DEAD_AFTER_S
 
     def online_elsewhere(self) -> dict[str, str]:
         return {key: name for key, (name, _broker) in self._remote.items()}
@@ -115,10 +147,8 @@ class NatsCluster:
 
     def _wake(self) -> None:
         """On the NATS thread: something arrived for `events()`."""
-        try:
+        with contextlib.suppress(OSError):  # full (a wake-up is pending already), closing
             self._wake_out.send(b"\0")
-        except OSError:  # full (a wake-up is already pending) or closing
-            pass
 
     def events(self) -> list[ClusterEvent]:
         self._woken()
@@ -225,6 +255,28 @@ class NatsCluster:
         last = await self._store.read_last_seq(key)
         self._events.append(StreamGrew(key, last))
         self._wake()
+
+    async def _held(self, key: str) -> tuple[str, str] | None:
+        try:
+            entry = await self._store.bucket(BUCKET_SESSIONS).get(token(key))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        record = orjson.loads(entry.value)
+        return str(record["b"]), str(record["h"])
+
+    async def _release(self, key: str) -> None:
+        """Delete the session entry if it is still ours (not taken over meanwhile)."""
+        kv = self._store.bucket(BUCKET_SESSIONS)
+        try:
+            entry = await kv.get(token(key))
+        except nats.js.errors.KeyNotFoundError:
+            return
+        if entry.value and orjson.loads(entry.value).get("b") == self.broker_id:
+            # (Written again meanwhile, by a new login here or elsewhere: it stays.)
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                await kv.delete(token(key), last=entry.revision)
 
     async def _leave(self, key: str) -> None:
         if key in self._wanted:

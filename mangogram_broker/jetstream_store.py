@@ -78,6 +78,7 @@ BUCKET_MARKS = "mg_marks"
 BUCKET_STATUS = "mg_status"
 BUCKET_OWED = "mg_owed"
 BUCKET_CONTACTS = "mg_contacts"
+BUCKET_SESSIONS = "mg_sessions"  # written by the cluster port (jetstream_cluster.py)
 # How long JetStream remembers a message id for de-duplication. A resend later than this
 # (a client offline for longer with unacknowledged texts) is stored again.
 DUPLICATE_WINDOW_S = 3600
@@ -237,11 +238,24 @@ class JetStreamStore:
         """Start `coro` now; `commit()` waits for it."""
         self._pending.append(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Start `coro` now; `commit()` (the end of the loop's turn) waits for it."""
+        self._submit(coro)
+
     def start(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run `coro` on the NATS thread without waiting for it (cluster hints); a
         failure is logged."""
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         future.add_done_callback(_log_failure)
+
+    def bucket(self, name: str) -> KeyValue:
+        """A key-value bucket, for the cluster port (use it on the NATS thread only)."""
+        return self._kv[name]
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the NATS thread and wait for it, as store calls do (bounded;
+        `StoreUnavailable` when NATS cannot answer)."""
+        return self._call(coro)
 
     @property
     def connection(self) -> Client:
@@ -305,6 +319,7 @@ class JetStreamStore:
         buckets = {}
         for bucket in (
             BUCKET_NAMES, BUCKET_USERS, BUCKET_MARKS, BUCKET_STATUS, BUCKET_OWED, BUCKET_CONTACTS,
+            BUCKET_SESSIONS,
         ):  # fmt: skip
             config = KeyValueConfig(
                 bucket=bucket, history=1, replicas=s.replicas, storage=StorageType.FILE

@@ -80,19 +80,28 @@ def two_brokers(tmp_path: Path, nats_node: NatsNode) -> Iterator[list[BrokerProc
 
 
 def login(zctx, broker: BrokerProcess, name: str, **options) -> tuple[zmq.Socket, Welcome]:
-    sock = dealer(zctx, broker.endpoint)
-    sock.send_multipart(codec.encode(Login(name, **options)))
-    welcome = recv_until(sock, Welcome)
-    return sock, welcome
+    """LOGIN until WELCOME; again (bounded) after `name_taken`, as clients do: a session
+    just ended at another broker may hold the name for a moment longer there."""
+    deadline = time.monotonic() + 10
+    while True:
+        sock = dealer(zctx, broker.endpoint)
+        sock.send_multipart(codec.encode(Login(name, **options)))
+        reply = recv(sock)
+        while not isinstance(reply, Welcome | Error):
+            reply = recv(sock)
+        if isinstance(reply, Welcome):
+            return sock, reply
+        sock.close(linger=0)
+        assert reply.code == ErrorCode.NAME_TAKEN.value and time.monotonic() < deadline, reply
 
 
-def login_retrying(zctx, broker: BrokerProcess, name: str, timeout_s: float = 60.0):
+def login_retrying(zctx, broker: BrokerProcess, name: str, timeout_s: float = 60.0, **options):
     """LOGIN until WELCOME, again after each `unavailable` (NATS electing a leader), as a
     client reconnecting would."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         sock = dealer(zctx, broker.endpoint)
-        sock.send_multipart(codec.encode(Login(name)))
+        sock.send_multipart(codec.encode(Login(name, **options)))
         reply = recv(sock, 20_000)
         if isinstance(reply, Welcome):
             return sock
@@ -246,10 +255,11 @@ def test_presence_crosses_brokers_and_a_dead_brokers_users_go_offline(two_live_b
 def test_a_user_who_logs_in_at_another_broker_moves_there(two_live_brokers, zctx):
     a, b = two_live_brokers
     alice, _ = login(zctx, a, "alice")
-    old_bob, _ = login(zctx, a, "bob")
+    old_bob, welcome = login(zctx, a, "bob")
     new_bob = None
     try:
-        new_bob, _ = login(zctx, b, "bob")  # the old connection is dead, say
+        # The old connection is dead, say: the client reconnects with its resume token.
+        new_bob, _ = login(zctx, b, "bob", resume_token=welcome.resume_token)
         assert a.wait_for_log("bob moved to another broker", timeout=10)
         send(alice, "bob", "where are you?", "q1")
         assert recv_until(new_bob, Deliver).text == "where are you?"
@@ -263,6 +273,45 @@ def test_a_user_who_logs_in_at_another_broker_moves_there(two_live_brokers, zctx
         for sock in (alice, old_bob, new_bob):
             if sock is not None:
                 sock.close(linger=0)
+
+
+def login_once(zctx, broker: BrokerProcess, name: str, **options):
+    """One LOGIN: (socket, its WELCOME or ERROR)."""
+    sock = dealer(zctx, broker.endpoint)
+    sock.send_multipart(codec.encode(Login(name, **options)))
+    reply = recv(sock)
+    while not isinstance(reply, Welcome | Error):
+        reply = recv(sock)
+    return sock, reply
+
+
+def test_a_name_online_at_one_broker_is_taken_at_the_other_unless_its_token_comes(
+    two_live_brokers, zctx
+):
+    a, b = two_live_brokers
+    socks = []
+    try:
+        bob, welcome = login(zctx, a, "bob")
+        socks.append(bob)
+        for options in ({}, {"resume_token": "not-his-token"}):
+            sock, refused = login_once(zctx, b, "bob", **options)
+            socks.append(sock)
+            assert isinstance(refused, Error) and refused.code == ErrorCode.NAME_TAKEN.value
+        assert not a.wait_for_log("bob moved to another broker", timeout=0.5)  # still there
+        bob.send_multipart(codec.encode(Ping()))
+        assert isinstance(recv_until(bob, Pong), Pong)
+
+        moved, resumed = login_once(zctx, b, "bob", resume_token=welcome.resume_token)
+        socks.append(moved)
+        assert isinstance(resumed, Welcome)  # his own session, moved to broker B
+        assert a.wait_for_log("bob moved to another broker", timeout=10)
+        leave(moved)  # ends it: the name is free again, at either broker
+        socks.remove(moved)
+        again, _ = login(zctx, a, "bob")  # (retried while B has not finished the LEAVE)
+        socks.append(again)
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
 
 
 def test_the_sdk_fails_over_to_the_next_broker_when_its_broker_is_killed(two_brokers, zctx):
@@ -580,7 +629,7 @@ def test_the_same_storm_with_the_senders_broker_killed_too_loses_nothing(tmp_pat
         a, b = brokers
         bob, _ = login(zctx, b, "bob")
         leave(bob)
-        alice, _ = login(zctx, a, "alice")
+        alice, welcome = login(zctx, a, "alice")
         socks.append(alice)
         total = 300
         accepted: dict[str, str] = {}
@@ -594,7 +643,9 @@ def test_the_same_storm_with_the_senders_broker_killed_too_loses_nothing(tmp_pat
             pass  # whatever it sent before dying
         alice.close(linger=0)
         socks.remove(alice)
-        alice = login_retrying(zctx, b, "alice")
+        # Her session at the dead broker holds the name until it is known dead: her
+        # reconnection carries its resume token, as the SDK's does.
+        alice = login_retrying(zctx, b, "alice", resume_token=welcome.resume_token)
         socks.append(alice)
         send_until_accepted(alice, total, accepted)
         assert_bob_gets_each_acknowledged_message_once_in_order(zctx, b, accepted, socks)

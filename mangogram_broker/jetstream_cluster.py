@@ -46,10 +46,18 @@ PRESENCE = "mg.presence"
 ALIVE_EVERY_S = 2.0
 DEAD_AFTER_S = 10.0
 ROSTER_CHUNK = 500
+# Asking a broker for its roster again (after a checksum differs) waits this long.
+ASK_EVERY_S = 2 * ALIVE_EVERY_S
+MAX_ROUNDS = 64  # roster rounds being collected at once
 _FROM = "Mg-From"
 _KIND = "Mg-Kind"
 _SIGNATURE = "Mg-Signature"
 _COMMAND = "Mg-Command"
+
+
+def _checksum(key: str) -> int:
+    """A user's share of a broker's presence checksum (the XOR over its users)."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:7], "big")
 
 
 def _digest(resume_token: str) -> str:
@@ -73,6 +81,15 @@ class NatsCluster:
         self._local: dict[str, str] = {}  # key -> name, online here
         self._remote: dict[str, tuple[str, str]] = {}  # key -> (name, broker id)
         self._alive: dict[str, float] = {}  # broker id -> when last heard (monotonic)
+        # Checksums of who is online where (`_checksum`): ours, kept on the NATS thread in
+        # the order our announcements go out, is in each heartbeat; each other broker's,
+        # as our table has it, is kept here. A difference means an announcement was lost:
+        # we ask that broker for its whole roster and replace its part of the table.
+        self._announced: set[str] = set()  # NATS thread
+        self._own_sum = 0  # NATS thread
+        self._sums: dict[str, tuple[int, int]] = {}  # broker id -> (checksum, count)
+        self._asked: dict[str, float] = {}  # broker id -> when we last asked for a roster
+        self._rounds: dict[tuple[str, str], tuple[set[str], set[int]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
         # The NATS thread writes a byte when it adds to _events or _heard, so the broker's
@@ -86,7 +103,7 @@ class NatsCluster:
         self._wanted.add(key)
         self._local[key] = name
         self._store.start(self._join(key))
-        self._announce({"e": "joined", "k": key, "n": name})
+        self._announce({"e": "joined", "k": key, "n": name}, online=True)
         # Who holds the session now, for a login at another broker (`proves`).
         held = orjson.dumps({"b": self.broker_id, "h": _digest(resume_token)})
         self._store.submit(self._store.bucket(BUCKET_SESSIONS).put(token(key), held))
@@ -96,9 +113,10 @@ class NatsCluster:
         name = self._local.pop(key, "")
         self._store.start(self._leave(key))
         if announce:
-            self._announce({"e": "left", "k": key, "n": name})
+            self._announce({"e": "left", "k": key, "n": name}, online=False)
             self._store.submit(self._release(key))  # done by the end of this turn
-        # (Moved: the broker it moved to holds the entry now.)
+        else:  # moved: no news to anyone, and the broker it moved to holds the entry now
+            self._store.start(self._count(key, online=False))
 
     def proves(self, key: str, resume_token: str | None) -> bool | None:
         entry = self._store.call(self._held(key))
@@ -120,8 +138,12 @@ class NatsCluster:
     def online_elsewhere(self) -> dict[str, str]:
         return {key: name for key, (name, _broker) in self._remote.items()}
 
-    def _announce(self, record: dict[str, Any]) -> None:
+    def _announce(self, record: dict[str, Any], online: bool | None = None) -> None:
+        """Publish a presence record; a join or leave (`online`) also moves our checksum,
+        on the NATS thread, just before the record goes out."""
         record["b"] = self.broker_id
+        if online is not None:
+            self._store.start(self._count(str(record["k"]), online))
         self._store.start(self._publish(PRESENCE, orjson.dumps(record), {}))
 
     def tell(self, key: str, message: BrokerMessage) -> None:
@@ -172,35 +194,83 @@ class NatsCluster:
                 continue
             self._alive[broker] = now
             kind = record.get("e")
-            if kind == "hello":
-                users = sorted(self._local.items())
-                for start in range(0, len(users), ROSTER_CHUNK):
-                    self._announce({"e": "roster", "u": users[start : start + ROSTER_CHUNK]})
+            if kind == "hello" or (kind == "ask" and record.get("t") == self.broker_id):
+                self._send_roster()
             elif kind == "roster":
                 for key, name in record.get("u", []):
                     found += self._came(str(key), str(name), broker)
+                found += self._roster_part(broker, record)
             elif kind == "joined":
                 found += self._came(str(record.get("k")), str(record.get("n")), broker)
             elif kind == "left":
-                key = str(record.get("k"))
-                if self._remote.get(key, ("", ""))[1] == broker:
-                    name, _ = self._remote.pop(key)
-                    found.append(RemotePresence(key, name, False))
+                found += self._gone(str(record.get("k")), broker)
+            elif kind == "alive" and "x" in record:
+                differs = (record["x"], record.get("c")) != self._sums.get(broker, (0, 0))
+                if differs and now - self._asked.get(broker, -ASK_EVERY_S) >= ASK_EVERY_S:
+                    self._asked[broker] = now
+                    log.info("presence of broker %s differs here; asking for it", broker)
+                    self._announce({"e": "ask", "t": broker})
         for broker, heard in list(self._alive.items()):
             if now - heard > DEAD_AFTER_S:
                 # A broker that stopped talking died: its users are offline now.
                 del self._alive[broker]
-                for key, (name, at) in list(self._remote.items()):
+                self._asked.pop(broker, None)
+                for key, (_name, at) in list(self._remote.items()):
                     if at == broker:
-                        del self._remote[key]
-                        found.append(RemotePresence(key, name, False))
+                        found += self._gone(key, broker)
+                self._sums.pop(broker, None)
+        return found
+
+    def _send_roster(self) -> None:
+        """Everyone online here, in parts of ROSTER_CHUNK (at least one part, so that an
+        empty roster says so)."""
+        users = sorted(self._local.items())
+        parts = max(1, -(-len(users) // ROSTER_CHUNK))
+        round_id = secrets.token_hex(4)
+        for part in range(parts):
+            chunk = users[part * ROSTER_CHUNK : (part + 1) * ROSTER_CHUNK]
+            self._announce({"e": "roster", "u": chunk, "r": round_id, "p": part, "n": parts})
+
+    def _roster_part(self, broker: str, record: dict[str, Any]) -> list[ClusterEvent]:
+        """Once every part of a roster has come, whoever our table has at `broker` and
+        the roster does not is offline (their "left" was lost)."""
+        if "n" not in record:
+            return []
+        round_key = (broker, str(record.get("r")))
+        keys, parts = self._rounds.setdefault(round_key, (set(), set()))
+        keys.update(str(key) for key, _name in record.get("u", []))
+        parts.add(int(record.get("p", 0)))
+        if len(parts) < int(record["n"]):
+            if len(self._rounds) > MAX_ROUNDS:  # parts lost: the next ask starts again
+                self._rounds.clear()
+            return []
+        del self._rounds[round_key]
+        found: list[ClusterEvent] = []
+        for key, (_name, at) in list(self._remote.items()):
+            if at == broker and key not in keys:
+                found += self._gone(key, broker)
         return found
 
     def _came(self, key: str, name: str, broker: str) -> list[ClusterEvent]:
         known = key in self._remote or key in self._local
         # (Online here too: it is moving there, and the "moved" notice ends it here.)
+        if key in self._remote:
+            self._tally(self._remote[key][1], key)  # out of its old broker's sum
         self._remote[key] = (name, broker)
+        self._tally(broker, key)
         return [] if known else [RemotePresence(key, name, True)]
+
+    def _gone(self, key: str, broker: str) -> list[ClusterEvent]:
+        """`key` is no longer online at `broker` (if our table had it there)."""
+        if self._remote.get(key, ("", ""))[1] != broker:
+            return []
+        name, _ = self._remote.pop(key)
+        self._tally(broker, key, leaving=True)
+        return [RemotePresence(key, name, False)]
+
+    def _tally(self, broker: str, key: str, leaving: bool = False) -> None:
+        checksum, count = self._sums.get(broker, (0, 0))
+        self._sums[broker] = (checksum ^ _checksum(key), count + (-1 if leaving else 1))
 
     # On the NATS thread
 
@@ -213,13 +283,20 @@ class NatsCluster:
         task = asyncio.get_running_loop().create_task(self._heartbeat())
         self._tasks.add(task)
 
+    async def _count(self, key: str, online: bool) -> None:
+        """Move our checksum for a join or leave here (in announcement order)."""
+        if online != (key in self._announced):
+            self._announced.symmetric_difference_update({key})
+            self._own_sum ^= _checksum(key)
+
     async def _heartbeat(self) -> None:
         nc = self._store.connection
-        alive = orjson.dumps({"e": "alive", "b": self.broker_id})
         while not nc.is_closed:
             if nc.is_connected:
+                alive = {"e": "alive", "b": self.broker_id, "x": self._own_sum,
+                         "c": len(self._announced)}  # fmt: skip
                 try:
-                    await nc.publish(PRESENCE, alive)
+                    await nc.publish(PRESENCE, orjson.dumps(alive))
                 except Exception as exc:  # a reconnect under way: the next beat will do
                     log.debug("heartbeat not sent: %s", exc)
             await asyncio.sleep(ALIVE_EVERY_S)

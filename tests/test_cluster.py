@@ -434,6 +434,56 @@ def test_a_hint_from_another_broker_wakes_the_loop_at_once(nats_node):
             store.close()
 
 
+def test_a_lost_left_is_corrected_by_the_next_heartbeat_of_that_broker(nats_node):
+    """A "joined" with no "left" after it (the left lost in transit): the broker it names
+    does not have the user, its next heartbeat's checksum says so, and the user goes
+    offline here without waiting for that broker to die."""
+    import select
+
+    import nats
+    import orjson
+
+    from mangogram_broker.cluster import RemotePresence
+    from mangogram_broker.jetstream_cluster import PRESENCE, NatsCluster
+    from mangogram_broker.jetstream_store import JetStreamStore
+    from mangogram_broker.nats_settings import NatsSettings
+
+    async def publish(record: dict[str, object]) -> None:
+        client = await nats.connect(nats_node.url)
+        await client.publish(PRESENCE, orjson.dumps(record))
+        await client.flush()
+        await client.close()
+
+    stores = [JetStreamStore(NatsSettings((nats_node.url,))) for _ in range(2)]
+    try:
+        here, there = (NatsCluster(store) for store in stores)
+        there.joined("bob", "Bob")  # really online there
+        deadline = time.monotonic() + 20
+        # Past the start-up exchange (each "hello" answered with a roster): each has had
+        # a heartbeat from the other, and here knows bob.
+        while not (here.online_elsewhere() and there.broker_id in here._alive
+                   and here.broker_id in there._alive):  # fmt: skip
+            assert time.monotonic() < deadline
+            select.select([here.wakeup(), there.wakeup()], [], [], 1)
+            there.events()
+            here.events()
+        ghost = {"e": "joined", "k": "ghost", "n": "Ghost", "b": there.broker_id}
+        stores[0].call(publish(ghost))
+        seen: list[RemotePresence] = []
+        deadline = time.monotonic() + 20
+        while RemotePresence("ghost", "Ghost", False) not in seen:
+            assert time.monotonic() < deadline, seen
+            select.select([here.wakeup(), there.wakeup()], [], [], 1)
+            there.events()  # (as its loop would: it answers the ask)
+            seen += [e for e in here.events() if isinstance(e, RemotePresence)]
+        assert RemotePresence("ghost", "Ghost", True) in seen  # shown, then corrected
+        assert RemotePresence("bob", "Bob", False) not in seen  # the real one stays
+        assert here.online_elsewhere() == {"bob": "Bob"}
+    finally:
+        for store in stores:
+            store.close()
+
+
 def test_brokers_given_one_key_file_share_the_key_pair_the_first_one_created(tmp_path, nats_node):
     shared = tmp_path / "cluster-key" / "broker_key.json"  # not there yet
     brokers = []

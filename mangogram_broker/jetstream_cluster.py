@@ -1,11 +1,12 @@
 """The `Cluster` port over NATS: hints between brokers, on the JetStream store's
 connection and event loop.
 
-* `mg.mail.<user>.*` (the mailbox subjects themselves): the broker serving an online user
-  subscribes to them, so a message another broker stores there wakes it; the hint says
-  the mailbox seq, and the store is read for the message.
-* `mg.note.<user>`: DELIVERED and SEEN for a sender online at another broker, and a
-  "moved" notice when the user logs in at another broker (its old session here ends).
+* `mg.note.<user>`: the broker serving an online user subscribes to it. Each message a
+  broker stores is published there once JetStream has acknowledged it, with its mailbox
+  seq and broker id, so the user's broker takes it into its cache and delivers it without
+  reading the mailbox (it reads it only if it missed one: a gap in the seqs). Also DELIVERED
+  and SEEN for a sender online at another broker, and a "moved" notice when the user logs
+  in at another broker (its old session here ends).
 * `mg.presence`: who logs in and out at each broker, a heartbeat per broker every
   `ALIVE_EVERY_S` (a broker silent for `DEAD_AFTER_S` has its users taken offline: it
   died), and at start a "hello" that the others answer with their lists of users.
@@ -37,7 +38,8 @@ from mangogram_proto.errors import RemoteProtocolError
 from mangogram_proto.messages import BrokerMessage
 
 from .cluster import ClusterEvent, Moved, Notice, RemotePresence, StreamGrew
-from .jetstream_store import BUCKET_SESSIONS, MAIL, JetStreamStore, token, untoken
+from .jetstream_store import BUCKET_SESSIONS, JetStreamStore, token, untoken
+from .store import StoredMessage
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ class NatsCluster:
     def __init__(self, store: JetStreamStore) -> None:
         self._store = store
         self.broker_id = secrets.token_hex(8)
-        self._events: collections.deque[ClusterEvent] = collections.deque()
+        self._events: collections.deque[ClusterEvent | StoredMessage] = collections.deque()
         # Both touched on the NATS thread only, but for `_wanted`, which the broker
         # thread updates (a membership test from the other thread is safe).
         self._subscriptions: dict[str, list[Subscription]] = {}
@@ -98,6 +100,7 @@ class NatsCluster:
         for end in (self._wake_in, self._wake_out):
             end.setblocking(False)
         self._store.start(self._start())
+        store.on_append = self._appended
 
     def joined(self, key: str, name: str, resume_token: str = "") -> None:
         self._wanted.add(key)
@@ -156,6 +159,12 @@ class NatsCluster:
         }
         self._store.start(self._publish(f"{NOTE}.{token(key)}", body, headers))
 
+    def _appended(self, stored: StoredMessage) -> None:
+        """This broker stored `stored`: tell the recipient's broker, wherever it is."""
+        headers = {_FROM: self.broker_id, _KIND: "stored"}
+        body = orjson.dumps(stored[:10])  # (broker_id ... accepted_at)
+        self._store.start(self._publish(f"{NOTE}.{token(stored.recipient_key)}", body, headers))
+
     def wakeup(self) -> socket.socket:
         return self._wake_in
 
@@ -177,6 +186,11 @@ class NatsCluster:
         found: list[ClusterEvent] = self._presence_events()
         while self._events:
             event = self._events.popleft()
+            if isinstance(event, StoredMessage):  # stored by another broker, for a user here
+                if not self._store.learn(event):
+                    self._store.forget_tail(event.recipient_key)  # a gap: read it
+                found.append(StreamGrew(event.recipient_key, event.seq))
+                continue
             if isinstance(event, StreamGrew):
                 if event.seq <= self._store.known_last_seq(event.key):
                     continue  # our own append, or one we have read already
@@ -320,10 +334,7 @@ class NatsCluster:
         # Whoever serves this user elsewhere lets go of it.
         await nc.publish(f"{NOTE}.{me}", b"", headers={_FROM: self.broker_id, _KIND: "moved"})
         if key not in self._subscriptions:
-            self._subscriptions[key] = [
-                await nc.subscribe(f"{MAIL}.{me}.*", cb=self._on_mail),
-                await nc.subscribe(f"{NOTE}.{me}", cb=self._on_note),
-            ]
+            self._subscriptions[key] = [await nc.subscribe(f"{NOTE}.{me}", cb=self._on_note)]
             await nc.flush()
         if key not in self._wanted:
             await self._leave(key)
@@ -361,15 +372,6 @@ class NatsCluster:
         for subscription in self._subscriptions.pop(key, []):
             await subscription.unsubscribe()
 
-    async def _on_mail(self, msg: Msg) -> None:
-        try:
-            recipient = untoken(msg.subject.split(".")[2])
-            seq = int(orjson.loads(msg.data)["q"])
-        except (ValueError, KeyError, IndexError, TypeError):
-            return
-        self._events.append(StreamGrew(recipient, seq))
-        self._wake()
-
     async def _on_note(self, msg: Msg) -> None:
         headers: dict[str, Any] = msg.headers or {}
         if headers.get(_FROM) == self.broker_id:
@@ -381,6 +383,17 @@ class NatsCluster:
         if headers.get(_KIND) == "moved":
             self._events.append(Moved(key))
             self._wake()
+            return
+        if headers.get(_KIND) == "stored":
+            try:
+                fields = orjson.loads(msg.data)
+                stored = StoredMessage(str(fields[0]), int(fields[1]), *fields[2:10])
+            except (orjson.JSONDecodeError, TypeError, ValueError, IndexError) as exc:
+                log.warning("dropped a hint from another broker: %s", exc)
+                return
+            if stored.recipient_key == key:
+                self._events.append(stored)
+                self._wake()
             return
         try:
             frames = [headers[_SIGNATURE].encode(), headers[_COMMAND].encode(), msg.data]

@@ -39,7 +39,7 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 import nats
@@ -211,6 +211,9 @@ class JetStreamStore:
         self._status: _Lru = _Lru(CACHED_MESSAGES)  # broker id -> [delivered_at, read_at]
         self._met: set[tuple[str, str]] = set()  # (sender, recipient) pairs recorded
         self._sweep = _RetentionSweep()
+        # Told of each message this broker appends, once JetStream has acknowledged it
+        # (the cluster port passes it on to the recipient's broker).
+        self.on_append: Callable[[StoredMessage], None] | None = None
 
     # The event loop thread
 
@@ -266,6 +269,21 @@ class JetStreamStore:
     def known_last_seq(self, recipient_key: str) -> int:
         """The mailbox's last seq as far as this broker knows, without asking NATS."""
         return self._tail.get(recipient_key, (0, 0))[0]
+
+    def learn(self, message: StoredMessage) -> bool:
+        """Another broker appended `message`: take it into the cache if it is the next
+        of its mailbox we know (True: no need to read the mailbox again)."""
+        key = message.recipient_key
+        known = self._tail.get(key)
+        if known is None:
+            return False
+        if message.seq <= known[0]:
+            return True
+        if message.seq != known[0] + 1:
+            return False
+        self._tail[key] = (message.seq, int(message.broker_id))
+        self._index.setdefault(key, {})[message.seq] = self._remember(message)
+        return True
 
     def forget_tail(self, recipient_key: str) -> None:
         """Another broker wrote to this mailbox: read its tail again when next needed."""
@@ -514,6 +532,8 @@ class JetStreamStore:
             self._tail[recipient_key] = (stored.seq, ack.seq)
             self._index.setdefault(recipient_key, {})[stored.seq] = stored
             self._meet(sender_key, recipient_key)
+            if self.on_append is not None:
+                self.on_append(stored)
             return self._remember(stored)
         raise StoreUnavailable(f"lost {MAX_RACES} races in a row writing one mailbox")
 

@@ -434,6 +434,62 @@ def test_a_hint_from_another_broker_wakes_the_loop_at_once(nats_node):
             store.close()
 
 
+def test_a_message_stored_by_another_broker_reaches_the_recipients_broker_with_its_id(
+    nats_node,
+):
+    """The storing broker's hint carries the message and its broker id: the recipient's
+    broker delivers it from that, without reading the mailbox."""
+    import select
+
+    from mangogram_broker.cluster import StreamGrew
+    from mangogram_broker.jetstream_cluster import NatsCluster
+    from mangogram_broker.jetstream_store import JetStreamStore
+    from mangogram_broker.nats_settings import NatsSettings
+
+    stores = [JetStreamStore(NatsSettings((nats_node.url,), timeout_s=2)) for _ in range(2)]
+    try:
+        here, there = (NatsCluster(store) for store in stores)
+        here_store, there_store = stores
+        here_store.remember_user("bob", "Bob", 1)
+        assert (here_store.last_seq("bob"), here_store.confirmed_through("bob")) == (0, 0)
+        here.joined("bob", "Bob")
+        deadline = time.monotonic() + 20
+        grew: list[StreamGrew] = []
+        number = 0
+        while not grew:  # (until bob's subscription is in place: then hints come)
+            assert time.monotonic() < deadline, "no hint came"
+            there_store.append("alice", "Alice", "bob", "Bob", f"m{number}", "hi", 1, 2)
+            number += 1
+            select.select([here.wakeup()], [], [], 1)
+            grew = [e for e in here.events() if isinstance(e, StreamGrew)]
+        while select.select([here.wakeup()], [], [], 0.5)[0]:  # the hints still in flight
+            here.events()
+        known = here_store.unconfirmed("bob", 0, 1000)  # all read: the cache is warm
+        last = known[-1].seq
+        stored = there_store.append("alice", "Alice", "bob", "Bob", "final", "bye", 3, 4)
+        assert stored.seq == last + 1
+        deadline = time.monotonic() + 10
+        grew = []
+        while not grew:
+            assert time.monotonic() < deadline, "no hint for the last message"
+            select.select([here.wakeup()], [], [], 1)
+            grew = [e for e in here.events() if isinstance(e, StreamGrew)]
+        assert grew == [StreamGrew("bob", stored.seq)]
+        reads = []
+        get_msg = here_store._js.get_msg
+
+        async def counted(*args, **kwargs):
+            reads.append(args)
+            return await get_msg(*args, **kwargs)
+
+        here_store._js.get_msg = counted  # type: ignore[method-assign]
+        assert here_store.unconfirmed("bob", last, 10) == [stored]  # with its broker id
+        assert reads == []  # from the hint, not read from the mailbox
+    finally:
+        for store in stores:
+            store.close()
+
+
 def test_a_lost_left_is_corrected_by_the_next_heartbeat_of_that_broker(nats_node):
     """A "joined" with no "left" after it (the left lost in transit): the broker it names
     does not have the user, its next heartbeat's checksum says so, and the user goes

@@ -118,6 +118,20 @@ def _is_outage(exc: BaseException) -> bool:
     return isinstance(exc, nats.errors.Error)  # the client's own: no responders, closed...
 
 
+# Mailbox writes are fenced with Nats-Expected-Last-Subject-Sequence-Subject, which
+# servers before 2.11 ignore (two brokers could then give one seq to two messages).
+OLDEST_SERVER = (2, 11)
+
+
+def server_too_old(version: str) -> bool:
+    """True if nats-server `version` ("2.10.4", "v2.11.0-beta") predates OLDEST_SERVER."""
+    try:
+        major, minor = (int(part) for part in version.lstrip("v").split(".")[:2])
+    except ValueError:
+        return False  # unknown: let the server's answers decide
+    return (major, minor) < OLDEST_SERVER
+
+
 def token(key: str) -> str:
     """A name key as a NATS subject token / KV key: its UTF-8 in hex."""
     return key.encode("utf-8").hex()
@@ -324,6 +338,13 @@ class JetStreamStore:
             raise StoreUnavailable(
                 f"cannot reach NATS at {', '.join(s.servers)}: {type(exc).__name__} {exc}"
             ) from exc
+        server = self._nc.connected_server_version
+        version = f"{server.major}.{server.minor}.{server.patch}"
+        if server_too_old(version):
+            raise StoreUnavailable(
+                f"nats-server {version} is too old: cluster mode needs"
+                f" {'.'.join(map(str, OLDEST_SERVER))} or later"
+            )
         js = self._nc.jetstream(timeout=self._timeout)
         # A cluster that has just started may need a while to create replicated streams.
         for attempt in range(STARTUP_ATTEMPTS):

@@ -765,3 +765,14 @@ def test_the_same_storm_with_the_senders_broker_killed_too_loses_nothing(tmp_pat
             node.kill()
     for broker in brokers:
         assert "Traceback" not in broker.log_text(), broker.log_text()
+
+
+@pytest.mark.parametrize(
+    ("version", "too_old"),
+    [("2.10.22", True), ("1.4.1", True), ("2.11.0", False), ("v2.11.0-beta", False),
+     ("2.15.1", False), ("3.0.0", False), ("unknown", False)],
+)  # fmt: skip
+def test_servers_older_than_2_11_are_refused(version, too_old):
+    from mangogram_broker.jetstream_store import server_too_old
+
+    assert server_too_old(version) is too_old

@@ -1,4 +1,6 @@
 # MangoGram broker image: `docker compose up` runs it with the mangogram-data volume at /data.
+# (/cluster-key is where the compose file's cluster profile mounts the key pair its brokers
+# share; a named volume mounted there starts owned by the broker's user, as /data does.)
 #
 # The broker listens on tcp://0.0.0.0:5555 inside the container and keeps its user directory
 # in /data. Every broker flag also reads a MANGOGRAM_* variable (`python broker.py --help`),
@@ -15,16 +17,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system --gid 10001 mangogram \
     && useradd --system --uid 10001 --gid mangogram --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin mangogram \
-    && mkdir -p /data \
-    && chown mangogram:mangogram /data
+    && mkdir -p /data /cluster-key \
+    && chown mangogram:mangogram /data /cluster-key
 
 WORKDIR /app
 
 # .dockerignore lets in only the project's sources, so the context stays small and clean.
 COPY . .
 
-# The code stays owned by root: the broker may write to /data only.
-RUN pip install --no-cache-dir . \
+# The code stays owned by root: the broker may write to /data only. The `cluster` extra
+# (nats-py) lets the same image run as a cluster broker (--nats, docs/cluster.md).
+RUN pip install --no-cache-dir "./[cluster]" \
     && rm -rf build ./*.egg-info
 
 ENV MANGOGRAM_BIND=tcp://0.0.0.0:5555 \

@@ -12,7 +12,8 @@ disk) and with --insecure-plaintext; the limit (a bare pyzmq ROUTER,
 `bench.limit_router`), in plaintext (`limit`) and with CurveZMQ on every connection
 (`limit-curve`, the fair limit for the shipped broker); the old design (a thread per
 client, `bench.thread_server`); and Prosody, an XMPP server with TLS and offline storage
-(`bench.prosody`), skipped with a line saying so where it is not installed.
+(`bench.prosody`), skipped with a line saying so where it is not installed; and cluster
+mode (`bench.cluster_systems`): the broker on a local JetStream, and two brokers sharing it.
 
 Every system runs in its own process with the same load generator (`bench.load`) in
 another; the server's CPU time comes from the OS (psutil), sampled when the generator
@@ -34,19 +35,20 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import psutil
 
-from bench import prosody
+from bench import cluster_systems, prosody
 from bench.load import WINDOW_END, WINDOW_START, rtt_names, throughput_names
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = (
     "mangogram", "mangogram-normal", "mangogram-memory", "mangogram-plaintext", "limit",
-    "limit-curve", "thread-server", "prosody",
+    "limit-curve", "thread-server", "prosody", *cluster_systems.SYSTEMS,
 )  # fmt: skip
 # Limits a real deployment keeps are opened up so they do not throttle the load itself.
 BROKER_BENCH_FLAGS = [
@@ -99,8 +101,12 @@ def await_broker(process: subprocess.Popen[str], what: str) -> Server:
     raise RuntimeError(f"{what} did not start")
 
 
-def start_server(system: str, data_dir: Path) -> Server:
+def start_server(system: str, data_dir: Path, extra: Sequence[str] = ()) -> Server:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if system in cluster_systems.SYSTEMS:  # brokers on a nats-server (bench/cluster_systems.py)
+        return cluster_systems.start(  # type: ignore[return-value]
+            system, data_dir, lambda broker_dir, flags: start_server("mangogram", broker_dir, flags)
+        )
     if system.startswith("mangogram"):
         env.pop("MANGOGRAM_INSECURE_PLAINTEXT", None)
         durability = "normal" if system == "mangogram-normal" else "full"
@@ -111,7 +117,7 @@ def start_server(system: str, data_dir: Path) -> Server:
         command = [
             sys.executable, *program, "--bind", "tcp://127.0.0.1:*",
             "--key-bind", "tcp://127.0.0.1:*", "--data", str(data_dir),
-            "--durability", durability, *BROKER_BENCH_FLAGS[:-2], "--log-level", "INFO",
+            "--durability", durability, *BROKER_BENCH_FLAGS[:-2], "--log-level", "INFO", *extra,
         ]  # fmt: skip
         if system == "mangogram-plaintext":  # measured against the plaintext limit
             command.append("--insecure-plaintext")
@@ -171,7 +177,7 @@ def measure_throughput(
     server = start_server(system, work / f"{system}-{pairs}-{attempt}")
     try:
         server.register(throughput_names("b", pairs))
-        owner = psutil.Process(server.process.pid)
+        owner = getattr(server, "cpu", None) or psutil.Process(server.process.pid)
         command = load_command(system, server, "throughput", "--pairs", str(pairs),
                                "--warmup", str(warmup), "--window", str(window))  # fmt: skip
         with tempfile.TemporaryFile("w+") as errors:
@@ -358,10 +364,15 @@ def chosen_systems(names: str | None) -> tuple[list[str], dict[str, str]]:
     skipped = {}
     if "prosody" in wanted and (why := prosody.missing()):
         skipped["prosody"] = why
+    for system in set(wanted) & set(cluster_systems.SYSTEMS):
+        if why := cluster_systems.missing():
+            skipped[system] = why
     return [name for name in wanted if name not in skipped], skipped
 
 
 def skip_line(system: str, why: str) -> str:
+    if system in cluster_systems.SYSTEMS:
+        return f"{system}: skipped, {why} ({cluster_systems.skip_hint()})"
     return f"{system}: skipped, {why} (Debian/Ubuntu: apt-get install prosody)"
 
 
@@ -463,6 +474,12 @@ def main() -> None:
         "mangogram_to_prosody_n100": ratio(runs, "mangogram", "prosody", 100),
         "mangogram_to_prosody_n1000": ratio(runs, "mangogram", "prosody", 1000),
         "rtt_p99_to_prosody": rtt_ratio(rtts, "mangogram", "prosody"),
+        # Cluster mode (bench/cluster_systems.py): the same broker on JetStream / on SQLite,
+        # and two brokers on one JetStream (every message crossing brokers) / one broker.
+        "jetstream_to_sqlite_n100": ratio(runs, "mangogram-jetstream", "mangogram", 100),
+        "jetstream_2_to_1_n100": ratio(runs, "mangogram-jetstream-2", "mangogram-jetstream", 100),
+        "rtt_p99_jetstream_to_sqlite": rtt_ratio(rtts, "mangogram-jetstream", "mangogram"),
+        "rtt_p99_jetstream_2_to_1": rtt_ratio(rtts, "mangogram-jetstream-2", "mangogram-jetstream"),
     }
     if "storm" in report:
         ratio_of_storm = report["storm"]["storm_p99_to_quiet_p99"]  # type: ignore[index]
@@ -479,16 +496,16 @@ def main() -> None:
     if args.json:
         print(json.dumps(report))
         return
-    header = f"{'system':18} {'N':>5} {'msgs/s':>10} {'CPU µs/msg':>11} {'load CPU µs/msg':>16}"
+    header = f"{'system':22} {'N':>5} {'msgs/s':>10} {'CPU µs/msg':>11} {'load CPU µs/msg':>16}"
     print(header + ("   all runs, msgs/s" if args.repeat > 1 else ""))
     for run in runs:
         cpu, load_cpu = str(run["cpu_us_per_msg"]), str(run["load_cpu_us_per_msg"])
-        line = f"{run['system']:18} {run['n']:>5} {run['msgs_per_s']:>10} {cpu:>11} {load_cpu:>16}"
+        line = f"{run['system']:22} {run['n']:>5} {run['msgs_per_s']:>10} {cpu:>11} {load_cpu:>16}"
         every = run["msgs_per_s_runs"]
         print(line + (f"   {' '.join(str(r) for r in every)}" if args.repeat > 1 else ""))  # type: ignore[attr-defined]
-    print(f"\n{'round trip':18} {'p50 µs':>9} {'p99 µs':>9} {'p99.9 µs':>9}")
+    print(f"\n{'round trip':22} {'p50 µs':>9} {'p99 µs':>9} {'p99.9 µs':>9}")
     for r in rtts:
-        print(f"{r['system']:18} {r['p50_us']:>9} {r['p99_us']:>9} {r['p999_us']:>9}")
+        print(f"{r['system']:22} {r['p50_us']:>9} {r['p99_us']:>9} {r['p999_us']:>9}")
     for label, key in (("mangogram", "memory"), ("limit", "memory_limit")):
         for m in report.get(key, []):  # type: ignore[attr-defined]
             print(f"\n{label}: {m['clients']} idle clients, {m['kb_per_client']} KB each,", end=" ")

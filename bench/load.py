@@ -343,7 +343,13 @@ def make_clients(args: argparse.Namespace, names: list[str]) -> list[Client]:
     context.set(zmq.MAX_SOCKETS, 50_000)
     if args.system in ("limit", "limit-curve"):
         return [LimitClient(context, args.endpoint, n, args.server_key) for n in names]
-    return [MangoClient(context, args.endpoint, n, args.server_key) for n in names]
+    # Several brokers of one cluster (comma-separated): the second half of the users (the
+    # receivers, the round trip's second user) on the last, so each pair spans brokers.
+    endpoints = args.endpoint.split(",")
+    return [
+        MangoClient(context, endpoints[i * len(endpoints) // len(names)], n, args.server_key)
+        for i, n in enumerate(names)
+    ]
 
 
 def wait_online(clients: list[Client], system: str, deadline: float) -> None:

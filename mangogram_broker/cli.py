@@ -22,7 +22,7 @@ from .crashpoints import CrashPoints
 from .datadir import DataDirInUse, DataDirLock
 from .nats_settings import NatsSettings
 from .openfiles import raise_open_file_limit
-from .security import KEY_FILE, load_broker_keys
+from .security import load_broker_keys
 from .shell import BrokerServer
 from .store import Durability, SqliteStore, SqliteTooOld, Store, StoreUnavailable
 
@@ -82,7 +82,12 @@ def cluster_port(store: Store, settings: NatsSettings | None) -> Cluster | None:
 
 def open_cluster_store(settings: NatsSettings) -> Store:
     """The JetStream store (imported here: the single broker needs no NATS client)."""
-    from .jetstream_store import JetStreamStore
+    try:
+        from .jetstream_store import JetStreamStore
+    except ImportError as exc:
+        raise StoreUnavailable(
+            f"cluster mode needs the NATS client ({exc}): pip install -e '.[cluster]'"
+        ) from exc
 
     log.info("cluster mode: state in NATS JetStream at %s", ", ".join(settings.servers))
     return JetStreamStore(settings)
@@ -136,13 +141,13 @@ def main(
         log.warning("PLAINTEXT MODE: no encryption and no identity checks; development only")
     else:
         try:
-            keys, created = load_broker_keys(config.data_dir)
+            keys, created = load_broker_keys(config.key_file)
             key_bind = config.key_bind or key_endpoint_for(config.bind)
         except (KeyFileError, ValueError) as exc:
             log.error("%s", exc)
             return 2
         if created:
-            log.info("created the broker's key pair in %s", config.data_dir / KEY_FILE)
+            log.info("created the broker's key pair in %s", config.key_file)
         log.info("public key %s (fingerprint %s)", keys.public, fingerprint(keys.public))
     raise_open_file_limit()
     crash_points = CrashPoints(os.environ.get("MANGOGRAM_CRASH_AT"))

@@ -11,6 +11,7 @@ user's next RECEIPT or login), never loses a message.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,8 +57,15 @@ ClusterEvent = StreamGrew | Notice | Moved | RemotePresence
 class Cluster(Protocol):
     """The core's view of the other brokers."""
 
-    def joined(self, key: str, name: str) -> None:
-        """`key` logged in here: tell the others, and listen for its mail and notices."""
+    def joined(self, key: str, name: str, resume_token: str = "") -> None:
+        """`key` logged in here (its session's `resume_token`): tell the others, and
+        listen for its mail and notices."""
+        ...
+
+    def proves(self, key: str, resume_token: str | None) -> bool | None:
+        """None if `key` has no live session at another broker; else whether
+        `resume_token` is that session's (a login without it gets `name_taken`, as for a
+        session online here)."""
         ...
 
     def left(self, key: str, announce: bool = True) -> None:
@@ -77,12 +85,20 @@ class Cluster(Protocol):
         """What arrived from the other brokers since the last call."""
         ...
 
+    def wakeup(self) -> socket.socket | None:
+        """A socket that turns readable when something has arrived for `events()`, for
+        the broker's loop to poll beside its own (`events()` empties it), or None."""
+        ...
+
 
 class Alone:
     """The `Cluster` of a single broker: nobody else to tell or hear from."""
 
-    def joined(self, key: str, name: str) -> None:
+    def joined(self, key: str, name: str, resume_token: str = "") -> None:
         pass
+
+    def proves(self, key: str, resume_token: str | None) -> bool | None:
+        return None
 
     def left(self, key: str, announce: bool = True) -> None:
         pass
@@ -95,3 +111,6 @@ class Alone:
 
     def events(self) -> list[ClusterEvent]:
         return []
+
+    def wakeup(self) -> socket.socket | None:
+        return None

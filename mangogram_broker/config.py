@@ -21,6 +21,7 @@ from .core import (
     Retention,
 )
 from .nats_settings import NatsSettings, add_nats_arguments, nats_settings
+from .security import KEY_FILE
 from .sendqueue import MAX_QUEUED_BYTES, SEND_QUEUE_PER_PEER
 from .store import Durability
 
@@ -92,6 +93,7 @@ class BrokerConfig:
     retention: Retention
     plaintext: bool
     key_bind: str | None
+    key_file: Path
     max_sessions: int
     registrations_per_minute: int
     release_name: str | None
@@ -155,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         "",
         str,
         "endpoint answering key-discovery requests in plaintext (default: --bind's port + 1)",
+    )
+    add(
+        "--key-file",
+        "",
+        str,
+        "the broker's key pair, created there if missing (default: broker_key.json in"
+        " --data); the brokers of a cluster share one",
     )
     try:
         plaintext = env_bool("MANGOGRAM_INSECURE_PLAINTEXT") or False
@@ -246,6 +255,7 @@ def parse_config(argv: list[str] | None = None) -> BrokerConfig:
         retention=retention,
         plaintext=args.insecure_plaintext,
         key_bind=args.key_bind or None,
+        key_file=Path(args.key_file) if args.key_file else Path(args.data) / KEY_FILE,
         max_sessions=args.max_sessions,
         registrations_per_minute=args.registrations_per_minute,
         release_name=args.release_name,

@@ -572,6 +572,11 @@ class BrokerCore:
             )
             if not proven:
                 return self._error(peer, now, ErrorCode.NAME_TAKEN, f"{holder.name} is online")
+        elif (
+            not (login.takeover and owned) and self.cluster.proves(key, login.resume_token) is False
+        ):
+            # Online at another broker of the cluster: the same rule as here.
+            return self._error(peer, now, ErrorCode.NAME_TAKEN, f"{name} is online")
         elif len(self.registry) >= self.max_sessions:
             # Only a login that adds a session can find the broker full. `name_taken` comes
             # first: it tells a client whose old session still holds the name to retry.
@@ -610,7 +615,7 @@ class BrokerCore:
         # Someone already online at another broker of the cluster is no news to anyone.
         known_online = resumed or key in self.cluster.online_elsewhere()
         self._note_presence(session, "resumed" if known_online else "joined", now)
-        self.cluster.joined(key, name)
+        self.cluster.joined(key, name, session.resume_token)
         return out
 
     def _claim(

@@ -39,7 +39,7 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 import nats
@@ -78,6 +78,7 @@ BUCKET_MARKS = "mg_marks"
 BUCKET_STATUS = "mg_status"
 BUCKET_OWED = "mg_owed"
 BUCKET_CONTACTS = "mg_contacts"
+BUCKET_SESSIONS = "mg_sessions"  # written by the cluster port (jetstream_cluster.py)
 # How long JetStream remembers a message id for de-duplication. A resend later than this
 # (a client offline for longer with unacknowledged texts) is stored again.
 DUPLICATE_WINDOW_S = 3600
@@ -115,6 +116,20 @@ def _is_outage(exc: BaseException) -> bool:
         # (The key-value errors are APIErrors without a status code.)
         return (getattr(exc, "code", None) or 0) >= 500
     return isinstance(exc, nats.errors.Error)  # the client's own: no responders, closed...
+
+
+# Mailbox writes are fenced with Nats-Expected-Last-Subject-Sequence-Subject, which
+# servers before 2.11 ignore (two brokers could then give one seq to two messages).
+OLDEST_SERVER = (2, 11)
+
+
+def server_too_old(version: str) -> bool:
+    """True if nats-server `version` ("2.10.4", "v2.11.0-beta") predates OLDEST_SERVER."""
+    try:
+        major, minor = (int(part) for part in version.lstrip("v").split(".")[:2])
+    except ValueError:
+        return False  # unknown: let the server's answers decide
+    return (major, minor) < OLDEST_SERVER
 
 
 def token(key: str) -> str:
@@ -210,6 +225,9 @@ class JetStreamStore:
         self._status: _Lru = _Lru(CACHED_MESSAGES)  # broker id -> [delivered_at, read_at]
         self._met: set[tuple[str, str]] = set()  # (sender, recipient) pairs recorded
         self._sweep = _RetentionSweep()
+        # Told of each message this broker appends, once JetStream has acknowledged it
+        # (the cluster port passes it on to the recipient's broker).
+        self.on_append: Callable[[StoredMessage], None] | None = None
 
     # The event loop thread
 
@@ -237,11 +255,24 @@ class JetStreamStore:
         """Start `coro` now; `commit()` waits for it."""
         self._pending.append(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Start `coro` now; `commit()` (the end of the loop's turn) waits for it."""
+        self._submit(coro)
+
     def start(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run `coro` on the NATS thread without waiting for it (cluster hints); a
         failure is logged."""
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         future.add_done_callback(_log_failure)
+
+    def bucket(self, name: str) -> KeyValue:
+        """A key-value bucket, for the cluster port (use it on the NATS thread only)."""
+        return self._kv[name]
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the NATS thread and wait for it, as store calls do (bounded;
+        `StoreUnavailable` when NATS cannot answer)."""
+        return self._call(coro)
 
     @property
     def connection(self) -> Client:
@@ -252,6 +283,21 @@ class JetStreamStore:
     def known_last_seq(self, recipient_key: str) -> int:
         """The mailbox's last seq as far as this broker knows, without asking NATS."""
         return self._tail.get(recipient_key, (0, 0))[0]
+
+    def learn(self, message: StoredMessage) -> bool:
+        """Another broker appended `message`: take it into the cache if it is the next
+        of its mailbox we know (True: no need to read the mailbox again)."""
+        key = message.recipient_key
+        known = self._tail.get(key)
+        if known is None:
+            return False
+        if message.seq <= known[0]:
+            return True
+        if message.seq != known[0] + 1:
+            return False
+        self._tail[key] = (message.seq, int(message.broker_id))
+        self._index.setdefault(key, {})[message.seq] = self._remember(message)
+        return True
 
     def forget_tail(self, recipient_key: str) -> None:
         """Another broker wrote to this mailbox: read its tail again when next needed."""
@@ -292,6 +338,13 @@ class JetStreamStore:
             raise StoreUnavailable(
                 f"cannot reach NATS at {', '.join(s.servers)}: {type(exc).__name__} {exc}"
             ) from exc
+        server = self._nc.connected_server_version
+        version = f"{server.major}.{server.minor}.{server.patch}"
+        if server_too_old(version):
+            raise StoreUnavailable(
+                f"nats-server {version} is too old: cluster mode needs"
+                f" {'.'.join(map(str, OLDEST_SERVER))} or later"
+            )
         js = self._nc.jetstream(timeout=self._timeout)
         # A cluster that has just started may need a while to create replicated streams.
         for attempt in range(STARTUP_ATTEMPTS):
@@ -305,6 +358,7 @@ class JetStreamStore:
         buckets = {}
         for bucket in (
             BUCKET_NAMES, BUCKET_USERS, BUCKET_MARKS, BUCKET_STATUS, BUCKET_OWED, BUCKET_CONTACTS,
+            BUCKET_SESSIONS,
         ):  # fmt: skip
             config = KeyValueConfig(
                 bucket=bucket, history=1, replicas=s.replicas, storage=StorageType.FILE
@@ -499,6 +553,8 @@ class JetStreamStore:
             self._tail[recipient_key] = (stored.seq, ack.seq)
             self._index.setdefault(recipient_key, {})[stored.seq] = stored
             self._meet(sender_key, recipient_key)
+            if self.on_append is not None:
+                self.on_append(stored)
             return self._remember(stored)
         raise StoreUnavailable(f"lost {MAX_RACES} races in a row writing one mailbox")
 

@@ -17,9 +17,10 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_VERSION = b"1.0"
 
 
-def load_broker_keys(data_dir: Path) -> tuple[KeyPair, bool]:
-    """The broker's key pair (secret file mode 0600), created on first start."""
-    return load_or_create_keypair(data_dir / KEY_FILE)
+def load_broker_keys(key_file: Path) -> tuple[KeyPair, bool]:
+    """The broker's key pair (secret file mode 0600), created on first start; brokers
+    starting at once on one new file all get the same pair (it is created under a lock)."""
+    return load_or_create_keypair(key_file)
 
 
 def zap_reply(request: list[bytes]) -> list[bytes]:

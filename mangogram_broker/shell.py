@@ -195,6 +195,9 @@ class BrokerServer:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
+        wakeup = self.core.cluster.wakeup()  # hints from other brokers are handled at once
+        if wakeup is not None:
+            poller.register(wakeup, zmq.POLLIN)
         next_expiry = self._clock().mono + TICK_MS
         try:
             while not self._stopping:

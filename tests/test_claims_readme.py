@@ -29,6 +29,7 @@ OTHER_VALUES = {
     "--data": "elsewhere",
     "--log-level": "DEBUG",
     "--durability": "normal",
+    "--key-file": "cluster.json",
 }
 # A third value, given as a flag while the variable holds the one above.
 FLAG_VALUES = {
@@ -37,10 +38,12 @@ FLAG_VALUES = {
     "--data": "third",
     "--log-level": "WARNING",
     "--durability": "full",
+    "--key-file": "third.json",
 }
 # The BrokerConfig value each flag lands in, where it is not simply a field of that name.
 READ_BACK = {
     "--data": lambda c: str(c.data_dir),
+    "--key-file": lambda c: c.key_file.as_posix(),
     "--key-bind": lambda c: c.key_bind,
     "--retention-days": lambda c: (c.retention.max_age_ms or 0) // 86_400_000,
     "--retention-messages": lambda c: c.retention.keep_per_user or 0,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from mangogram_broker.cluster import Notice
 from mangogram_proto import codec
 from mangogram_proto.errors import ErrorCode
 from mangogram_proto.keys import KeyPair, save_keypair
@@ -78,19 +80,28 @@ def two_brokers(tmp_path: Path, nats_node: NatsNode) -> Iterator[list[BrokerProc
 
 
 def login(zctx, broker: BrokerProcess, name: str, **options) -> tuple[zmq.Socket, Welcome]:
-    sock = dealer(zctx, broker.endpoint)
-    sock.send_multipart(codec.encode(Login(name, **options)))
-    welcome = recv_until(sock, Welcome)
-    return sock, welcome
+    """LOGIN until WELCOME; again (bounded) after `name_taken`, as clients do: a session
+    just ended at another broker may hold the name for a moment longer there."""
+    deadline = time.monotonic() + 10
+    while True:
+        sock = dealer(zctx, broker.endpoint)
+        sock.send_multipart(codec.encode(Login(name, **options)))
+        reply = recv(sock)
+        while not isinstance(reply, Welcome | Error):
+            reply = recv(sock)
+        if isinstance(reply, Welcome):
+            return sock, reply
+        sock.close(linger=0)
+        assert reply.code == ErrorCode.NAME_TAKEN.value and time.monotonic() < deadline, reply
 
 
-def login_retrying(zctx, broker: BrokerProcess, name: str, timeout_s: float = 60.0):
+def login_retrying(zctx, broker: BrokerProcess, name: str, timeout_s: float = 60.0, **options):
     """LOGIN until WELCOME, again after each `unavailable` (NATS electing a leader), as a
     client reconnecting would."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         sock = dealer(zctx, broker.endpoint)
-        sock.send_multipart(codec.encode(Login(name)))
+        sock.send_multipart(codec.encode(Login(name, **options)))
         reply = recv(sock, 20_000)
         if isinstance(reply, Welcome):
             return sock
@@ -244,10 +255,11 @@ def test_presence_crosses_brokers_and_a_dead_brokers_users_go_offline(two_live_b
 def test_a_user_who_logs_in_at_another_broker_moves_there(two_live_brokers, zctx):
     a, b = two_live_brokers
     alice, _ = login(zctx, a, "alice")
-    old_bob, _ = login(zctx, a, "bob")
+    old_bob, welcome = login(zctx, a, "bob")
     new_bob = None
     try:
-        new_bob, _ = login(zctx, b, "bob")  # the old connection is dead, say
+        # The old connection is dead, say: the client reconnects with its resume token.
+        new_bob, _ = login(zctx, b, "bob", resume_token=welcome.resume_token)
         assert a.wait_for_log("bob moved to another broker", timeout=10)
         send(alice, "bob", "where are you?", "q1")
         assert recv_until(new_bob, Deliver).text == "where are you?"
@@ -261,6 +273,45 @@ def test_a_user_who_logs_in_at_another_broker_moves_there(two_live_brokers, zctx
         for sock in (alice, old_bob, new_bob):
             if sock is not None:
                 sock.close(linger=0)
+
+
+def login_once(zctx, broker: BrokerProcess, name: str, **options):
+    """One LOGIN: (socket, its WELCOME or ERROR)."""
+    sock = dealer(zctx, broker.endpoint)
+    sock.send_multipart(codec.encode(Login(name, **options)))
+    reply = recv(sock)
+    while not isinstance(reply, Welcome | Error):
+        reply = recv(sock)
+    return sock, reply
+
+
+def test_a_name_online_at_one_broker_is_taken_at_the_other_unless_its_token_comes(
+    two_live_brokers, zctx
+):
+    a, b = two_live_brokers
+    socks = []
+    try:
+        bob, welcome = login(zctx, a, "bob")
+        socks.append(bob)
+        for options in ({}, {"resume_token": "not-his-token"}):
+            sock, refused = login_once(zctx, b, "bob", **options)
+            socks.append(sock)
+            assert isinstance(refused, Error) and refused.code == ErrorCode.NAME_TAKEN.value
+        assert not a.wait_for_log("bob moved to another broker", timeout=0.5)  # still there
+        bob.send_multipart(codec.encode(Ping()))
+        assert isinstance(recv_until(bob, Pong), Pong)
+
+        moved, resumed = login_once(zctx, b, "bob", resume_token=welcome.resume_token)
+        socks.append(moved)
+        assert isinstance(resumed, Welcome)  # his own session, moved to broker B
+        assert a.wait_for_log("bob moved to another broker", timeout=10)
+        leave(moved)  # ends it: the name is free again, at either broker
+        socks.remove(moved)
+        again, _ = login(zctx, a, "bob")  # (retried while B has not finished the LEAVE)
+        socks.append(again)
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
 
 
 def test_the_sdk_fails_over_to_the_next_broker_when_its_broker_is_killed(two_brokers, zctx):
@@ -354,6 +405,159 @@ def test_brokers_racing_to_register_one_name_for_two_keys_exactly_one_wins(
             print("".join(line for line in broker.lines if " DEBUG " not in line)[-6000:])
     for broker in brokers:
         assert "Traceback" not in broker.log_text(), broker.log_text()
+
+
+def test_a_hint_from_another_broker_wakes_the_loop_at_once(nats_node):
+    """The loop polls `wakeup()` beside its sockets: a hint makes it readable, so it is
+    handled now, not at the next 100 ms tick."""
+    import select
+
+    from mangogram_broker.jetstream_cluster import NatsCluster
+    from mangogram_broker.jetstream_store import JetStreamStore
+    from mangogram_broker.nats_settings import NatsSettings
+
+    stores = [JetStreamStore(NatsSettings((nats_node.url,))) for _ in range(2)]
+    try:
+        here, there = (NatsCluster(store) for store in stores)
+        wakeup = here.wakeup()
+        here.joined("bob", "Bob")
+        told: list[object] = []
+        deadline = time.monotonic() + 20
+        while not told:  # (until bob's subscription is in place: then the hint comes)
+            assert time.monotonic() < deadline, "no hint woke the loop"
+            there.tell("bob", Seen("m1", "7", "alice", 5))
+            if select.select([wakeup], [], [], 1)[0] == [wakeup]:
+                told = [e for e in here.events() if isinstance(e, Notice)]
+        assert told[0] == Notice("bob", Seen("m1", "7", "alice", 5))
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_a_message_stored_by_another_broker_reaches_the_recipients_broker_with_its_id(
+    nats_node,
+):
+    """The storing broker's hint carries the message and its broker id: the recipient's
+    broker delivers it from that, without reading the mailbox."""
+    import select
+
+    from mangogram_broker.cluster import StreamGrew
+    from mangogram_broker.jetstream_cluster import NatsCluster
+    from mangogram_broker.jetstream_store import JetStreamStore
+    from mangogram_broker.nats_settings import NatsSettings
+
+    stores = [JetStreamStore(NatsSettings((nats_node.url,), timeout_s=2)) for _ in range(2)]
+    try:
+        here, there = (NatsCluster(store) for store in stores)
+        here_store, there_store = stores
+        here_store.remember_user("bob", "Bob", 1)
+        assert (here_store.last_seq("bob"), here_store.confirmed_through("bob")) == (0, 0)
+        here.joined("bob", "Bob")
+        deadline = time.monotonic() + 20
+        grew: list[StreamGrew] = []
+        number = 0
+        while not grew:  # (until bob's subscription is in place: then hints come)
+            assert time.monotonic() < deadline, "no hint came"
+            there_store.append("alice", "Alice", "bob", "Bob", f"m{number}", "hi", 1, 2)
+            number += 1
+            select.select([here.wakeup()], [], [], 1)
+            grew = [e for e in here.events() if isinstance(e, StreamGrew)]
+        while select.select([here.wakeup()], [], [], 0.5)[0]:  # the hints still in flight
+            here.events()
+        known = here_store.unconfirmed("bob", 0, 1000)  # all read: the cache is warm
+        last = known[-1].seq
+        stored = there_store.append("alice", "Alice", "bob", "Bob", "final", "bye", 3, 4)
+        assert stored.seq == last + 1
+        deadline = time.monotonic() + 10
+        grew = []
+        while not grew:
+            assert time.monotonic() < deadline, "no hint for the last message"
+            select.select([here.wakeup()], [], [], 1)
+            grew = [e for e in here.events() if isinstance(e, StreamGrew)]
+        assert grew == [StreamGrew("bob", stored.seq)]
+        reads = []
+        get_msg = here_store._js.get_msg
+
+        async def counted(*args, **kwargs):
+            reads.append(args)
+            return await get_msg(*args, **kwargs)
+
+        here_store._js.get_msg = counted  # type: ignore[method-assign]
+        assert here_store.unconfirmed("bob", last, 10) == [stored]  # with its broker id
+        assert reads == []  # from the hint, not read from the mailbox
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_a_lost_left_is_corrected_by_the_next_heartbeat_of_that_broker(nats_node):
+    """A "joined" with no "left" after it (the left lost in transit): the broker it names
+    does not have the user, its next heartbeat's checksum says so, and the user goes
+    offline here without waiting for that broker to die."""
+    import select
+
+    import nats
+    import orjson
+
+    from mangogram_broker.cluster import RemotePresence
+    from mangogram_broker.jetstream_cluster import PRESENCE, NatsCluster
+    from mangogram_broker.jetstream_store import JetStreamStore
+    from mangogram_broker.nats_settings import NatsSettings
+
+    async def publish(record: dict[str, object]) -> None:
+        client = await nats.connect(nats_node.url)
+        await client.publish(PRESENCE, orjson.dumps(record))
+        await client.flush()
+        await client.close()
+
+    stores = [JetStreamStore(NatsSettings((nats_node.url,))) for _ in range(2)]
+    try:
+        here, there = (NatsCluster(store) for store in stores)
+        there.joined("bob", "Bob")  # really online there
+        deadline = time.monotonic() + 20
+        # Past the start-up exchange (each "hello" answered with a roster): each has had
+        # a heartbeat from the other, and here knows bob.
+        while not (here.online_elsewhere() and there.broker_id in here._alive
+                   and here.broker_id in there._alive):  # fmt: skip
+            assert time.monotonic() < deadline
+            select.select([here.wakeup(), there.wakeup()], [], [], 1)
+            there.events()
+            here.events()
+        ghost = {"e": "joined", "k": "ghost", "n": "Ghost", "b": there.broker_id}
+        stores[0].call(publish(ghost))
+        seen: list[RemotePresence] = []
+        deadline = time.monotonic() + 20
+        while RemotePresence("ghost", "Ghost", False) not in seen:
+            assert time.monotonic() < deadline, seen
+            select.select([here.wakeup(), there.wakeup()], [], [], 1)
+            there.events()  # (as its loop would: it answers the ask)
+            seen += [e for e in here.events() if isinstance(e, RemotePresence)]
+        assert RemotePresence("ghost", "Ghost", True) in seen  # shown, then corrected
+        assert RemotePresence("bob", "Bob", False) not in seen  # the real one stays
+        assert here.online_elsewhere() == {"bob": "Bob"}
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_brokers_given_one_key_file_share_the_key_pair_the_first_one_created(tmp_path, nats_node):
+    shared = tmp_path / "cluster-key" / "broker_key.json"  # not there yet
+    brokers = []
+    try:
+        for name in ("a", "b"):
+            brokers.append(
+                cluster_broker(tmp_path, name, nats_node, "--key-file", str(shared), env=ENCRYPTED)
+            )
+        a, b = brokers
+        assert f"created the broker's key pair in {shared}" in a.log_text()
+        assert "created the broker's key pair" not in b.log_text()
+        assert a.public_key == b.public_key != ""
+        assert not (tmp_path / "a" / "broker_key.json").exists()  # not in --data
+        if sys.platform != "win32":
+            assert shared.stat().st_mode & 0o777 == 0o600
+    finally:
+        for broker in brokers:
+            broker.kill()
 
 
 def test_nats_down_sends_are_refused_not_acknowledged_and_the_broker_recovers(
@@ -531,7 +735,7 @@ def test_the_same_storm_with_the_senders_broker_killed_too_loses_nothing(tmp_pat
         a, b = brokers
         bob, _ = login(zctx, b, "bob")
         leave(bob)
-        alice, _ = login(zctx, a, "alice")
+        alice, welcome = login(zctx, a, "alice")
         socks.append(alice)
         total = 300
         accepted: dict[str, str] = {}
@@ -545,7 +749,9 @@ def test_the_same_storm_with_the_senders_broker_killed_too_loses_nothing(tmp_pat
             pass  # whatever it sent before dying
         alice.close(linger=0)
         socks.remove(alice)
-        alice = login_retrying(zctx, b, "alice")
+        # Her session at the dead broker holds the name until it is known dead: her
+        # reconnection carries its resume token, as the SDK's does.
+        alice = login_retrying(zctx, b, "alice", resume_token=welcome.resume_token)
         socks.append(alice)
         send_until_accepted(alice, total, accepted)
         assert_bob_gets_each_acknowledged_message_once_in_order(zctx, b, accepted, socks)
@@ -559,3 +765,14 @@ def test_the_same_storm_with_the_senders_broker_killed_too_loses_nothing(tmp_pat
             node.kill()
     for broker in brokers:
         assert "Traceback" not in broker.log_text(), broker.log_text()
+
+
+@pytest.mark.parametrize(
+    ("version", "too_old"),
+    [("2.10.22", True), ("1.4.1", True), ("2.11.0", False), ("v2.11.0-beta", False),
+     ("2.15.1", False), ("3.0.0", False), ("unknown", False)],
+)  # fmt: skip
+def test_servers_older_than_2_11_are_refused(version, too_old):
+    from mangogram_broker.jetstream_store import server_too_old
+
+    assert server_too_old(version) is too_old

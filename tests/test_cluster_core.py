@@ -14,9 +14,11 @@ from mangogram_broker.cluster import (
 )
 from mangogram_broker.core import BrokerCore
 from mangogram_broker.store import MemoryStore
+from mangogram_proto.errors import ErrorCode
 from mangogram_proto.messages import (
     Deliver,
     Delivered,
+    Error,
     Leave,
     Login,
     Presence,
@@ -37,9 +39,15 @@ class FakeCluster:
         self.pending: list[ClusterEvent] = []
 
         self.elsewhere: dict[str, str] = {}
+        self.sessions_elsewhere: dict[str, str] = {}  # key -> resume token
 
-    def joined(self, key: str, name: str) -> None:
+    def joined(self, key: str, name: str, resume_token: str = "") -> None:
         self.calls.append(("joined", key))
+
+    def proves(self, key: str, resume_token: str | None) -> bool | None:
+        if key not in self.sessions_elsewhere:
+            return None
+        return resume_token == self.sessions_elsewhere[key]
 
     def left(self, key: str, announce: bool = True) -> None:
         self.calls.append(("left" if announce else "moved away", key))
@@ -53,6 +61,9 @@ class FakeCluster:
     def events(self) -> list[ClusterEvent]:
         found, self.pending = self.pending, []
         return found
+
+    def wakeup(self) -> None:
+        return None
 
 
 def peer(number: int) -> bytes:
@@ -165,3 +176,17 @@ def test_a_user_online_at_another_broker_is_not_announced_again_when_moving_here
     cluster.elsewhere["bob"] = "Bob"
     out = core.handle(peer(2), Login("bob"), Clock(8, 8))
     assert not any(isinstance(o.message, Presence) for o in out)
+
+
+def test_a_name_online_at_another_broker_is_taken_unless_the_login_carries_its_token():
+    core, cluster, _store = setup()
+    cluster.sessions_elsewhere["bob"] = "bobs-token"
+    refused = core.handle(peer(1), Login("Bob"), Clock(1, 1))
+    assert [type(o.message) for o in refused] == [Error]
+    assert refused[0].message.code == ErrorCode.NAME_TAKEN.value
+    assert ("joined", "bob") not in cluster.calls
+    wrong = core.handle(peer(2), Login("Bob", resume_token="guess"), Clock(2, 2))
+    assert wrong[0].message.code == ErrorCode.NAME_TAKEN.value
+    moved = core.handle(peer(3), Login("Bob", resume_token="bobs-token"), Clock(3, 3))
+    assert isinstance(moved[0].message, Welcome)  # the session moves here, as a resume
+    assert ("joined", "bob") in cluster.calls

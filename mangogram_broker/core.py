@@ -194,6 +194,12 @@ class Retention:
     keep_per_user: int | None = None
 
 
+def _token_matches(token: str | None, holder: Session) -> bool:
+    return token is not None and secrets.compare_digest(
+        token.encode("utf-8"), holder.resume_token.encode("utf-8")
+    )
+
+
 def _ref(client_id: str) -> str | None:
     """The client id to echo in an ERROR, if it can be (up to MAX_REF_CHARS, so also an
     id refused for its length names its message)."""
@@ -564,12 +570,7 @@ class BrokerCore:
         if holder is not None:
             token = login.resume_token
             # The owner's key asking for a takeover proves as much as the token does.
-            proven = bool(login.takeover and owned) or (
-                token is not None
-                and secrets.compare_digest(
-                    token.encode("utf-8"), holder.resume_token.encode("utf-8")
-                )
-            )
+            proven = bool(login.takeover and owned) or _token_matches(token, holder)
             if not proven:
                 return self._error(peer, now, ErrorCode.NAME_TAKEN, f"{holder.name} is online")
         elif len(self.registry) >= self.max_sessions:
@@ -581,10 +582,16 @@ class BrokerCore:
             refusal = self._claim(peer, key, name, user_key or "", address, now)
             if refusal is not None:
                 return refusal
+        told_off: list[Outgoing] = []
         if holder is not None:
             self.registry.deregister(holder.peer)
             resumed = True
             log.info("%s resumed on a new connection", holder.name)
+            if holder.peer != peer and not _token_matches(login.resume_token, holder):
+                # Taken over (`takeover`), not resumed by the client itself: tell the old
+                # connection, so it stops instead of logging in again and again.
+                notice = Error(ErrorCode.TAKEN_OVER.value, f"{name} signed in elsewhere")
+                told_off.append(Outgoing(holder.peer, notice))
         session = Session(
             peer=peer,
             key=key,
@@ -604,7 +611,7 @@ class BrokerCore:
             told = self._confirm(session, login.resume_from, now)
         mark = self.store.confirmed_through(key) or None  # absent on the wire means 0
         welcome = Welcome(name, now.wall, session.resume_token, self.limits, others, mark)
-        out = [Outgoing(peer, welcome), *told]
+        out = [*told_off, Outgoing(peer, welcome), *told]
         out += self._fill_window(session, now, delayed=True)
         out += self._owed_receipts(session)
         # Someone already online at another broker of the cluster is no news to anyone.
@@ -1050,12 +1057,17 @@ class BrokerCore:
         if isinstance(message, Read | Receipt):
             log.debug("ignored %s from %s: over its rate", message.COMMAND, peer.hex())
             return []  # never answered, so not refused either
+        # A request that names itself (`id`) gets it back as `ref`, so the client can
+        # retry it; the refusal still spends the error budget like one without.
+        request_id = getattr(message, "id", None)
         return self._error(
             peer,
             now,
             ErrorCode.RATE_LIMITED,
             f"too many {message.COMMAND}; at most {self._rate_of[kind]}/s",
+            ref=_ref(request_id) if isinstance(request_id, str) else None,
             retry_after_ms=retry_after,
+            budgeted=True,
         )
 
     def _disconnect(self, peer: bytes, now: Clock, why: str) -> list[Outgoing]:
@@ -1081,13 +1093,14 @@ class BrokerCore:
         reason: str,
         ref: str | None = None,
         retry_after_ms: int | None = None,
+        budgeted: bool = False,
     ) -> list[Outgoing]:
-        """An ERROR for `peer`. One that answers a SEND (`ref`) always goes out; others
-        spend the error budget and are dropped once it is used up. Misbehaviour beyond the
-        budget disconnects the peer."""
+        """An ERROR for `peer`. One that answers a SEND (`ref`, not `budgeted`) always
+        goes out; others spend the error budget and are dropped once it is used up.
+        Misbehaviour beyond the budget disconnects the peer."""
         error = Outgoing(peer, Error(code.value, reason, ref=ref, retry_after_ms=retry_after_ms))
         misbehaving = code in MISBEHAVIOUR
-        if ref is not None and not misbehaving:
+        if ref is not None and not misbehaving and not budgeted:
             return [error]
         bucket = self._error_budgets.get(peer)
         if bucket is None:

@@ -20,6 +20,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .backoff import Backoff
 from .constants import DEFAULT_ENDPOINT
+from .endpoints import EndpointRing
 from .errors import RemoteProtocolError
 from .events import ConnectionLost, Event, IncomingMessage, LoggedIn, LoginRefused
 from .keys import (
@@ -47,7 +48,10 @@ class AsyncConnection:
 
     Args:
         name: the name to log in with.
-        endpoint: the broker's ZeroMQ endpoint.
+        endpoint: the broker's ZeroMQ endpoint; for a cluster (docs/cluster.md), several
+            separated by commas: each reconnection after a lost connection tries the next
+            one (`mangogram_proto.endpoints`), resuming the session there. `endpoint`
+            always names the one in use.
     """
 
     def __init__(
@@ -62,7 +66,9 @@ class AsyncConnection:
         trust_new_server: TrustPrompt | None = None,
         takeover: bool = False,
     ) -> None:
-        self.endpoint = endpoint
+        # A cluster's brokers share one key pair: the security resolved for the first
+        # endpoint holds for all of them.
+        self._ring = EndpointRing(endpoint)
         self._security_request = SecurityRequest(server_key, identity, plaintext, trust_new_server)
         self.security: Security | None = None
         # Set when the connection gave up for good: the broker's key is not the expected one.
@@ -79,6 +85,16 @@ class AsyncConnection:
         self._stopping = False
         self._drain_until: int | None = None
         self._reconnect_at: int | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """The broker endpoint in use (or being tried) now."""
+        return self._ring.current
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Every endpoint this connection may use, in the order it tries them."""
+        return self._ring.endpoints
 
     @property
     def state(self) -> State:
@@ -179,6 +195,7 @@ class AsyncConnection:
             ):
                 return
             if self._reconnect_at is not None and now >= self._reconnect_at:
+                log.info("reconnecting to %s", self._ring.advance())
                 self._open(context)
             for event in self.session.tick(now):
                 self._handle(event, now)

@@ -91,7 +91,10 @@ class Bot:
 
     Args:
         name: the name to log in with.
-        endpoint: the broker's ZeroMQ endpoint.
+        endpoint: the broker's ZeroMQ endpoint; for a cluster (docs/cluster.md), several
+            separated by commas: after a lost connection the bot logs in again at the
+            next one, resuming its session (nothing confirmed is lost, unanswered
+            replies are resent with their ids).
         handler_attempts: how many times the handlers run for a message that makes one
             of them raise, before the message is given up (logged and confirmed).
         retry_delay: seconds before the second run; doubled for each further one.

@@ -39,6 +39,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .backoff import Backoff
 from .constants import DEFAULT_ENDPOINT
+from .endpoints import EndpointRing
 from .errors import BrokerRefused, ErrorCode, RemoteProtocolError, UnsentMessagesError
 from .events import (
     BrokerError,
@@ -106,8 +107,7 @@ class Client:
     ) -> None:
         # A cluster's brokers share one key pair: the security resolved for the first
         # endpoint holds for all of them.
-        self._endpoints = [e.strip() for e in endpoint.split(",") if e.strip()] or [endpoint]
-        self.endpoint = self._endpoints[0]
+        self._ring = EndpointRing(endpoint)
         self._security_request = SecurityRequest(server_key, identity, plaintext, trust_new_server)
         self.security: Security | None = None
         self._security_resolved = False
@@ -151,6 +151,12 @@ class Client:
             self.close(confirm=False)
         except UnsentMessagesError as exc:
             log.warning("closing after an error: %s", exc)  # do not hide the first one
+
+    @property
+    def endpoint(self) -> str:
+        """The broker endpoint in use (or tried) now; it moves to the next one given at
+        each reconnection (see `mangogram_proto.endpoints`)."""
+        return self._ring.current
 
     @property
     def name(self) -> str:
@@ -387,9 +393,7 @@ class Client:
                 return bool(done())
             now = self._clock()
             if self._reconnect_at is not None and now >= self._reconnect_at:
-                at = self._endpoints.index(self.endpoint)
-                self.endpoint = self._endpoints[(at + 1) % len(self._endpoints)]
-                log.info("reconnecting to %s", self.endpoint)
+                log.info("reconnecting to %s", self._ring.advance())
                 self._open(now)
             for event in self.session.tick(now):
                 self._dispatch(event, now)

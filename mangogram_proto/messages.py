@@ -80,27 +80,33 @@ class Read:
 @dataclass(frozen=True)
 class History:
     """Ask for the conversation with `peer`, newest first, older than broker id `before`
-    (None: from the newest), at most `limit` messages."""
+    (None: from the newest), at most `limit` messages. `id` (optional) is echoed as the
+    `ref` of an ERROR refusing it, such as `rate_limited`."""
 
     COMMAND: ClassVar[str] = "HISTORY"
     peer: str
     limit: int
     before: str | None = None
+    id: str | None = None
 
 
 @dataclass(frozen=True)
 class Who:
-    """Ask for the list of online users."""
+    """Ask for the list of online users. `id` (optional) is echoed as the `ref` of an
+    ERROR refusing it, such as `rate_limited`."""
 
     COMMAND: ClassVar[str] = "WHO"
+    id: str | None = None
 
 
 @dataclass(frozen=True)
 class Lookup:
-    """Ask whether `name` is registered (has ever logged in to this broker)."""
+    """Ask whether `name` is registered (has ever logged in to this broker). `id`
+    (optional) is echoed as the `ref` of an ERROR refusing it, such as `rate_limited`."""
 
     COMMAND: ClassVar[str] = "LOOKUP"
     name: str
+    id: str | None = None
 
 
 @dataclass(frozen=True)

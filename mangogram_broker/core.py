@@ -611,7 +611,7 @@ class BrokerCore:
             told = self._confirm(session, login.resume_from, now)
         mark = self.store.confirmed_through(key) or None  # absent on the wire means 0
         welcome = Welcome(name, now.wall, session.resume_token, self.limits, others, mark)
-        out = [*told_off, Outgoing(peer, welcome), *told]
+        out = [Outgoing(peer, welcome), *told_off, *told]
         out += self._fill_window(session, now, delayed=True)
         out += self._owed_receipts(session)
         # Someone already online at another broker of the cluster is no news to anyone.

@@ -288,6 +288,15 @@ class ChatState:
                     ),
                 ]
             self.connection = "offline"
+            if event.code == "taken_over":
+                return [
+                    SystemLine(
+                        now,
+                        "signed in elsewhere (another window or machine): this one is offline"
+                        " now and does not reconnect; /exit to leave",
+                        "error",
+                    )
+                ]
             return [SystemLine(now, event.message, "error")]
         if isinstance(event, Closed):
             self.connection = "offline"

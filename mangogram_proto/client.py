@@ -129,9 +129,15 @@ class Client:
         self._online: tuple[str, ...] | None = None
         self._name_status: NameStatus | BrokerError | None = None
         self._looking_up = False
+        # Requests (WHO, HISTORY, LOOKUP) a method waits for, and the refusal that ended
+        # one (a BrokerError naming its id).
+        self._asking: set[str] = set()
+        self._request_errors: dict[str, BrokerError] = {}
         self._history: HistoryReceived | None = None
         self._refused: LoginRefused | None = None
         self._logged_in: LoggedIn | None = None
+        # The broker's notice that our name signed in elsewhere: the session is over.
+        self._taken_over: LoginRefused | None = None
         # Set by close(): refusals nobody waits for any more are logged.
         self._closing = False
 
@@ -229,6 +235,8 @@ class Client:
                 and is resent after a reconnect.
             LocalProtocolError: the text cannot be sent at all (e.g. invalid Unicode).
         """
+        if self._taken_over is not None:
+            raise BrokerRefused(self._taken_over.code, self._taken_over.message)
         message_id = self.session.send_text(to, text, self._clock())
         if not wait:
             self._flush()
@@ -250,10 +258,16 @@ class Client:
         Calling it confirms the message it returned the time before: you are done with
         that one. A message you could not handle is not lost if your process ends
         before the next call (or `confirm()`, or `close()`): the broker delivers it
-        again at the next login, with everything after it."""
+        again at the next login, with everything after it.
+
+        Raises:
+            BrokerRefused: (`taken_over`) the name signed in elsewhere (a login with
+                `takeover`); this session is over and does not reconnect."""
         self._confirm_taken()
         if not self._inbox:
-            self._pump(timeout, lambda: bool(self._inbox))
+            self._pump(timeout, lambda: bool(self._inbox) or self._taken_over is not None)
+            if not self._inbox and self._taken_over is not None:
+                raise BrokerRefused(self._taken_over.code, self._taken_over.message)
         elif self.session.confirmed_mark - self._receipted_mark >= RECEIPT_EVERY:
             self._flush()  # keep the broker's delivery window moving through a backlog
         self._taken = self._inbox.popleft() if self._inbox else None
@@ -282,17 +296,35 @@ class Client:
         return self._events.popleft() if self._events else None
 
     def online_users(self, timeout: float = 5.0) -> tuple[str, ...]:
-        """Ask the broker who is online.
+        """Ask the broker who is online. Asked faster than the broker allows (2 a second
+        by default), the question is asked again after the broker's `retry_after_ms`.
 
         Raises:
+            BrokerRefused: the broker refused the question 4 times (`rate_limited`).
             TimeoutError: no answer within `timeout` seconds.
         """
         self._online = None
-        self.session.request_online(self._clock())
-        if not self._pump(timeout, lambda: self._online is not None):
-            raise TimeoutError("no answer to WHO")
+        request_id = self.session.request_online(self._clock())
+        self._await_request(request_id, timeout, lambda: self._online is not None, "WHO")
         assert self._online is not None
         return self._online
+
+    def _await_request(
+        self, request_id: str, timeout: float, answered: Callable[[], bool], command: str
+    ) -> None:
+        """Pump until `answered()` or the session gives up on request `request_id`."""
+        self._asking.add(request_id)
+        try:
+            done = self._pump(timeout, lambda: answered() or request_id in self._request_errors)
+            refusal = self._request_errors.pop(request_id, None)
+        finally:
+            self._asking.discard(request_id)
+        if refusal is not None and not answered():
+            raise BrokerRefused(
+                refusal.code, refusal.message, ref=request_id, retry_after_ms=refusal.retry_after_ms
+            )
+        if not done:
+            raise TimeoutError(f"no answer to {command}")
 
     def is_registered(self, name: str, timeout: float = 5.0) -> bool:
         """Ask the broker whether `name` is registered (a SEND to it would be stored).
@@ -304,9 +336,8 @@ class Client:
         """
         self._name_status = None
         self._looking_up = True
-        self.session.lookup_name(name, self._clock())
-        if not self._pump(timeout, lambda: self._name_status is not None):
-            raise TimeoutError("no answer to LOOKUP")
+        request_id = self.session.lookup_name(name, self._clock())
+        self._await_request(request_id, timeout, lambda: self._name_status is not None, "LOOKUP")
         answer = self._name_status
         if isinstance(answer, BrokerError):
             raise BrokerRefused(answer.code, answer.message, retry_after_ms=answer.retry_after_ms)
@@ -319,13 +350,16 @@ class Client:
         """A page of the conversation with `peer`, newest first, older than broker id
         `before`. Page on with `before=page.items[-1].broker_id` while `page.more`.
 
+        Asked faster than the broker allows (2 a second by default), the question is
+        asked again after the broker's `retry_after_ms`.
+
         Raises:
+            BrokerRefused: the broker refused the question 4 times (`rate_limited`).
             TimeoutError: no answer within `timeout` seconds.
         """
         self._history = None
-        self.session.request_history(peer, limit, before, self._clock())
-        if not self._pump(timeout, lambda: self._history is not None):
-            raise TimeoutError("no answer to HISTORY")
+        request_id = self.session.request_history(peer, limit, before, self._clock())
+        self._await_request(request_id, timeout, lambda: self._history is not None, "HISTORY")
         assert self._history is not None
         return self._history
 
@@ -457,10 +491,15 @@ class Client:
             log.warning("message %s to %s refused: %s", event.id, event.to, event.message)
         if isinstance(event, MessageAccepted | MessageFailed) and event.id in self._waiting:
             self._results[event.id] = event
+        elif isinstance(event, BrokerError) and event.ref in self._asking:
+            self._request_errors[event.ref] = event
         elif isinstance(event, OnlineUsers):
             self._online = event.users
-        elif self._looking_up and isinstance(event, NameStatus | BrokerError):
-            # An ERROR without a ref while a LOOKUP waits is taken as its refusal.
+        elif self._looking_up and (
+            isinstance(event, NameStatus) or (isinstance(event, BrokerError) and not event.ref)
+        ):
+            # An ERROR without a ref while a LOOKUP waits is taken as its refusal (an
+            # older broker names no request).
             self._name_status = event
             self._looking_up = False
         elif isinstance(event, HistoryReceived):
@@ -470,6 +509,12 @@ class Client:
             self._backoff.reset()
         elif isinstance(event, LoginRefused):
             self._refused = event
+            if event.code == ErrorCode.TAKEN_OVER.value:
+                # Signed in elsewhere: the session is over, and reconnecting would only
+                # be refused.
+                log.warning("%s", event.message)
+                self._taken_over = event
+                self._close_socket()
         elif isinstance(event, ConnectionLost):
             delay = self._backoff.next_delay_ms()
             log.warning("%s; reconnecting in %d ms", event.reason, delay)

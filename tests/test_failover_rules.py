@@ -36,7 +36,9 @@ from mangogram_proto.messages import (
     Who,
 )
 from mangogram_proto.session import (
+    MAX_REQUESTS,
     MAX_SEND_ATTEMPTS,
+    REQUEST_KEEP_MS,
     RETRY_INITIAL_MS,
     RETRY_MAX_MS,
     ClientSession,
@@ -234,6 +236,34 @@ def test_a_request_asked_while_offline_goes_out_after_the_login():
     assert sent(session) == []  # not before WELCOME: it would be refused not_logged_in
     session.receive(codec.encode(Welcome("alice", 2, "t", TEST_LIMITS)), 2)
     assert sent(session) == [Who(who)]
+
+
+def test_a_request_lost_with_the_connection_is_asked_again_after_the_next_login():
+    session = online_session()
+    who = session.request_online(0)
+    lookup = session.lookup_name("carol", 0)
+    sent(session)
+    assert session.tick(TEST_LIMITS.heartbeat_timeout_ms + 1)  # ConnectionLost
+    session.connect(3500)
+    session.data_to_send()
+    session.receive(codec.encode(Welcome("alice", 0, "t2", TEST_LIMITS)), 3600)
+    assert sent(session) == [Who(who), Lookup("carol", lookup)]
+    # One that waited longer than REQUEST_KEEP_MS is forgotten at the next login.
+    assert session.tick(3600 + TEST_LIMITS.heartbeat_timeout_ms + 1)
+    session.connect(REQUEST_KEEP_MS + 1)
+    session.data_to_send()
+    session.receive(codec.encode(Welcome("alice", 0, "t3", TEST_LIMITS)), REQUEST_KEEP_MS + 2)
+    assert sent(session) == []
+
+
+def test_at_most_max_requests_are_remembered():
+    session = online_session()
+    ids = [session.request_online(0) for _ in range(MAX_REQUESTS + 3)]
+    sent(session)
+    # The oldest were forgotten: a refusal naming one is only reported, not retried.
+    (forgotten,) = refuse(session, ids[0], "rate_limited", 1, retry_after=5)
+    assert isinstance(forgotten, BrokerError) and forgotten.ref == ids[0]
+    assert refuse(session, ids[-1], "rate_limited", 1, retry_after=5) == []
 
 
 def test_requests_keep_their_old_wire_form_for_an_old_broker():

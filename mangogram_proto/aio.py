@@ -147,8 +147,11 @@ class AsyncConnection:
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Connect, log in and keep the session alive until `stop()`, a refused login, or
-        a broker whose key is not the expected one (then `failure` says why).
+        """Connect, log in and keep the session alive until `stop()`, a refused login
+        (also `taken_over`: the name signed in elsewhere; `refused` says which), or a
+        broker whose key is not the expected one (then `failure` says why). Refusals
+        of a text worth retrying (`unavailable`, `rate_limited`) are retried by the
+        session (see `ClientSession`); a `MessageFailed` reports the final one.
 
         Raises:
             ServerKeyError: the broker's key could not be learned at all.

@@ -206,7 +206,8 @@ class Bot:
         a loop zmq.asyncio can use on every platform: `mangogram_proto.loops.run(...)`.
 
         Raises:
-            BrokerRefused: the broker refused the bot's name.
+            BrokerRefused: the broker refused the bot's name, or (`taken_over`) the
+                name's session was taken over elsewhere (a login with `takeover`).
             ServerKeyError: the broker's key is unknown or not the expected one.
         """
         request = self._security

@@ -14,7 +14,12 @@ sends whatever `data_to_send()` returns. Time is always passed in (ms since epoc
 
 Outgoing texts sit in an outbox until ACCEPTED (or refused for good). After a re-login
 every unacknowledged text is sent again with its original id, which the broker treats
-as idempotent. While rate limited, texts wait in the outbox for the retry-after. A text
+as idempotent. A text the broker refuses in a way worth retrying (`unavailable`: the
+cluster store could not keep it; `rate_limited`; `internal`) goes back to the outbox,
+and no text is sent until the ERROR's retry_after_ms, or else a backoff doubling from
+RETRY_INITIAL_MS (`retry_delay_ms`), has passed; after MAX_SEND_ATTEMPTS attempts it is
+reported failed with the broker's code. WHO, HISTORY and LOOKUP carry an id, and one
+refused with it as `ref` (rate limited) is asked again the same way. A text
 on the wire that gets no answer within the answer timeout (the announced heartbeat
 timeout, doubling with each attempt) is sent again with the same id; after
 MAX_SEND_ATTEMPTS unanswered attempts it is reported failed (`no_answer`), so an

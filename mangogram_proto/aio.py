@@ -159,7 +159,9 @@ class AsyncConnection:
         """
         context = zmq.asyncio.Context.instance()
         # Learning a new server's key is a blocking round trip: keep it off the loop.
-        self.security = await asyncio.to_thread(self._security_request.resolve, self.endpoint)
+        # Resolved for the first endpoint (its pinned key), whichever is in use now.
+        first = self._ring.endpoints[0]
+        self.security = await asyncio.to_thread(self._security_request.resolve, first)
         try:
             await self._serve(context)
         except ServerKeyError as exc:

@@ -15,7 +15,18 @@ unconfirmed. Messages you only see through `next_event()` are confirmed by
 
 The client does its network work (heartbeats, reconnects, receipts) only while one of
 its methods runs, so a script that stays away for longer than the heartbeat timeout is
-logged out by the broker; the next call notices and logs in again by itself.
+logged out by the broker; the next call notices and logs in again by itself. Given
+several endpoints of a cluster ("tcp://a:5555,tcp://b:5555"), each reconnection goes to
+the next one (`mangogram_proto.endpoints`), resuming the session there.
+
+Refusals: a text the broker refuses in a way worth retrying (`unavailable`,
+`rate_limited`) stays queued and goes again after the broker's `retry_after_ms` or a
+short backoff; after 4 attempts it fails with that code. `online_users()`, `history()`
+and `is_registered()` asked faster than the broker allows are asked again the same way.
+
+Taken over: when the name signs in elsewhere with `takeover` (another window, same
+key), the broker says so (`taken_over`); from then on every call that waits on the
+network raises `BrokerRefused` with that code, and the client does not reconnect.
 
 Closing: `send(..., wait=False)` only queues a text. `close()` (and leaving a `with`
 block) first waits, up to its `timeout` (10 s by default), until the broker has accepted
@@ -235,8 +246,7 @@ class Client:
                 and is resent after a reconnect.
             LocalProtocolError: the text cannot be sent at all (e.g. invalid Unicode).
         """
-        if self._taken_over is not None:
-            raise BrokerRefused(self._taken_over.code, self._taken_over.message)
+        self._check_taken_over()
         message_id = self.session.send_text(to, text, self._clock())
         if not wait:
             self._flush()
@@ -265,9 +275,7 @@ class Client:
                 `takeover`); this session is over and does not reconnect."""
         self._confirm_taken()
         if not self._inbox:
-            self._pump(timeout, lambda: bool(self._inbox) or self._taken_over is not None)
-            if not self._inbox and self._taken_over is not None:
-                raise BrokerRefused(self._taken_over.code, self._taken_over.message)
+            self._pump(timeout, lambda: bool(self._inbox))
         elif self.session.confirmed_mark - self._receipted_mark >= RECEIPT_EVERY:
             self._flush()  # keep the broker's delivery window moving through a backlog
         self._taken = self._inbox.popleft() if self._inbox else None
@@ -402,6 +410,11 @@ class Client:
                     )
                 )
 
+    def _check_taken_over(self) -> None:
+        """Raise if the broker said our session was taken over elsewhere."""
+        if self._taken_over is not None:
+            raise BrokerRefused(self._taken_over.code, self._taken_over.message)
+
     def _confirm_taken(self) -> None:
         if self._taken is not None:
             self.session.confirm(self._taken.seq, self._clock())
@@ -424,6 +437,7 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not done():
             if self.session.state is State.CLOSED and self._socket is None:
+                self._check_taken_over()
                 return bool(done())
             now = self._clock()
             if self._reconnect_at is not None and now >= self._reconnect_at:

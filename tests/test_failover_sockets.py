@@ -121,6 +121,33 @@ def test_the_blocking_client_moves_on_too_and_names_the_endpoint_in_use(two_brok
         client.close(timeout=0.5)
 
 
+def test_a_first_endpoint_that_is_down_is_passed_over_at_the_first_login(broker):
+    # Nothing listens on the first port: the LOGIN gets no answer, and after the
+    # heartbeat timeout (6 s before any WELCOME) the connection tries the next endpoint.
+    dead = f"tcp://127.0.0.1:{free_port()}"
+
+    async def main() -> str:
+        connection = AsyncConnection("fred", f"{dead},{broker.endpoint}")
+        runner = asyncio.create_task(connection.run())
+        try:
+            await next_of(connection, LoggedIn, timeout=30)
+            return connection.endpoint
+        finally:
+            connection.stop()
+            await asyncio.wait_for(runner, 10)
+
+    assert loops.run(main()) == broker.endpoint
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound and released at once)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def test_who_and_history_asked_faster_than_the_broker_allows_are_answered(broker, zctx):
     # The broker answers WHO (and LOOKUP) and HISTORY 2 times a second, burst 8: twenty
     # of each in a row used to time out after 5 s each once the burst was spent.
@@ -175,6 +202,9 @@ def test_a_session_taken_over_elsewhere_is_told_and_stops(secure_broker, zctx, t
         assert "elsewhere" in str(refused.value)
         with pytest.raises(BrokerRefused):
             first.send("Mei", "still here?")
+        with pytest.raises(BrokerRefused) as waiting:
+            first.poll(0.1)
+        assert waiting.value.wire_code == "taken_over"
         # It does not log in again: the second keeps the name, without a fight.
         second.poll(1.5)  # longer than the test broker's heartbeat timeout
         assert second.is_online

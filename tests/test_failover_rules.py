@@ -11,6 +11,7 @@ from mangogram_broker.clock import Clock
 from mangogram_broker.core import BrokerCore, Outgoing
 from mangogram_broker.store import MemoryStore
 from mangogram_client.settings import normalise_servers
+from mangogram_client.state import ChatState
 from mangogram_proto import codec
 from mangogram_proto.endpoints import EndpointRing, split_endpoints
 from mangogram_proto.events import (
@@ -360,3 +361,18 @@ def test_an_old_client_session_only_logs_a_taken_over_it_does_not_know():
     events = session.receive(codec.encode(Error("some_new_code", "x")), 5)
     assert events == [BrokerError("some_new_code", "x", None)]
     assert session.state is State.ONLINE
+
+
+def test_the_console_says_once_that_its_texts_are_being_retried():
+    state = ChatState("Олена")
+    first, second = "id-1", "id-2"
+    state.sent(first, "bob", "one", 0)
+    state.sent(second, "bob", "two", 0)
+    refusal = "message storage is unavailable; retry"
+    lines = state.on_event(BrokerError("unavailable", refusal, None, first), 1)
+    assert [line.text for line in lines] == [f"{refusal}; retrying…"]
+    assert state.on_event(BrokerError("unavailable", refusal, None, second), 2) == []
+    assert state.on_event(BrokerError("unavailable", refusal, None, first), 3) == []
+    state.on_event(MessageAccepted(first, "b1", 4), 4)
+    # A later outage is said again.
+    assert len(state.on_event(BrokerError("unavailable", refusal, None, second), 5)) == 1

@@ -515,7 +515,11 @@ class BrokerCore:
                     self.store.mark_sender_notified(event.message.broker_ids)
             elif isinstance(event, Moved):
                 # The user logged in at another broker: this session is the stale one.
-                # (No "left": the user is still online, elsewhere.)
+                # (No "left": the user is still online, elsewhere.) Its connection is
+                # told, in case a client still listens on it (a takeover, or another
+                # copy of a bot); one that failed over itself has closed it already.
+                notice = Error(ErrorCode.TAKEN_OVER.value, f"{session.name} signed in elsewhere")
+                out.append(Outgoing(session.peer, notice))
                 self.registry.deregister(session.peer)
                 self.cluster.left(session.key, announce=False)
                 log.info("%s moved to another broker (%d online)", session.name, len(self.registry))

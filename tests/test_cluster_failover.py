@@ -223,3 +223,21 @@ def test_a_send_refused_unavailable_is_stored_once_nats_is_back(
         got = take_all(bob, 2)
     assert [m.text for m in got] == ["before", "while down"]
     assert got[1].id == message_id
+
+
+def test_a_client_whose_name_logs_in_at_another_broker_is_told_and_stops(two_brokers, zctx):
+    a, b = two_brokers
+    first = Client("mei", a.endpoint, context=zctx)
+    second = Client("mei", b.endpoint, context=zctx)
+    try:
+        first.login(timeout=10)
+        second.login(timeout=10)  # the cluster moves mei's session to b
+        with pytest.raises(BrokerRefused) as refused:
+            first.receive(timeout=10)
+        assert refused.value.wire_code == "taken_over"
+        second.poll(1.5)  # longer than the brokers' heartbeat timeout
+        assert second.is_online  # not taken back by the first
+        assert a.log_text().count("mei logged in") == 1
+    finally:
+        first.close(timeout=0.5)
+        second.close(timeout=0.5)

@@ -342,6 +342,23 @@ def test_a_takeover_tells_the_old_connection_and_a_token_resume_does_not():
     ]
 
 
+def test_a_session_moved_to_another_broker_of_the_cluster_is_told_too():
+    from mangogram_broker.cluster import Moved
+
+    from .test_cluster_core import login as cluster_login
+    from .test_cluster_core import setup as cluster_setup
+
+    core, cluster, _ = cluster_setup()
+    cluster_login(core, 1, "alice")
+    cluster_login(core, 2, "bob")
+    cluster.pending.append(Moved("bob"))
+    out = core.cluster_events(Clock(5, 5))
+    assert [(o.peer, o.message) for o in out] == [
+        (peer(2), Error("taken_over", "bob signed in elsewhere"))
+    ]
+    assert core.registry.by_key("bob") is None
+
+
 def test_a_session_told_taken_over_stops_and_never_logs_in_again():
     session = online_session()
     session.send_text("bob", "queued", 0)

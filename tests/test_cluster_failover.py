@@ -75,7 +75,9 @@ def test_an_async_connection_killed_under_loses_nothing_in_or_out(two_brokers, z
             for n in range(10):
                 await asyncio.to_thread(sender.send, "alice", f"to alice {n}", wait=True)
             sent = [alice.send_text("bob", f"to bob {n}") for n in range(5)]
+            deadline = asyncio.get_running_loop().time() + 30
             while len(received) < 4:
+                assert asyncio.get_running_loop().time() < deadline, received
                 await take(alice, received, accepted)
             a.kill()  # kill -9 of alice's broker, some messages unconfirmed
             sent += [alice.send_text("bob", f"to bob {n}") for n in range(5, 10)]  # queued
@@ -141,9 +143,10 @@ def test_a_bot_whose_broker_is_killed_handles_each_message_once_and_answers_all(
                         bob.send("helper", question, wait=True)
 
             await asyncio.to_thread(ask_all)
+            deadline = asyncio.get_running_loop().time() + 30
             while len(handled) < 3:
-                await asyncio.sleep(0.02)  # polling the handler's record, bounded below
-                assert not runner.done()
+                assert asyncio.get_running_loop().time() < deadline and not runner.done()
+                await asyncio.sleep(0.02)  # polling the handler's record
             a.kill()  # kill -9 of the bot's broker while it works through the queue
             deadline = asyncio.get_running_loop().time() + 40
             while len(handled) < len(questions):

@@ -31,6 +31,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from rich.console import Console
 
 from mangogram_proto.aio import AsyncConnection
+from mangogram_proto.endpoints import EndpointRing
 from mangogram_proto.errors import ErrorCode
 from mangogram_proto.events import Closed, Event, IncomingMessage, LoggedIn, LoginRefused
 from mangogram_proto.keys import (
@@ -605,15 +606,18 @@ class ChatApp:
     async def _fetch_key(self) -> str | None:
         """Ask the broker for its key until it answers: a broker that is down now may be
         up in a minute, as a known one is waited for. Errors speak of the address the
-        user gave, not of the key port beside it."""
+        user gave, not of the key port beside it. Of a cluster's brokers (several
+        addresses), each is asked in turn: they share one key."""
         hinted = False
+        ring = EndpointRing(self.server)
         while True:
             try:
                 where = os.environ.get("MANGOGRAM_KEY_ENDPOINT") or key_endpoint_for(
-                    self._first_server
+                    ring.current
                 )
                 return await asyncio.to_thread(fetch_server_key, where, KEY_ATTEMPT_MS)
             except TimeoutError:
+                ring.advance()
                 if not hinted:
                     hinted = True
                     self.show(

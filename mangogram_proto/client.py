@@ -338,7 +338,7 @@ class Client:
         """Ask the broker whether `name` is registered (a SEND to it would be stored).
 
         Raises:
-            BrokerRefused: the broker refused the question (`rate_limited`, or
+            BrokerRefused: the broker refused the question (`rate_limited` 4 times, or
                 `unknown_command` from a broker older than LOOKUP).
             TimeoutError: no answer within `timeout` seconds.
         """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -91,3 +92,51 @@ def test_a_window_taken_over_says_signed_in_elsewhere_and_stays_offline(terminal
     finally:
         broker.kill()
     assert "Traceback" not in broker.log_text(), broker.log_text()
+
+
+def test_a_first_server_that_is_down_is_passed_over_for_the_key_and_the_login(
+    terminals, tmp_path: Path
+):
+    # Key discovery on the chat port + 1, where the client looks for it by itself.
+    port = two_free_ports()
+    broker = BrokerProcess(
+        tmp_path / "broker",
+        bind=f"tcp://127.0.0.1:{port}",
+        env={"MANGOGRAM_INSECURE_PLAINTEXT": "0"},
+    )
+    try:
+        assert broker.key_endpoint == f"tcp://127.0.0.1:{port + 1}"
+        dead = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+        env = dict(client_env(tmp_path, "ivan"), MANGOGRAM_INSECURE_PLAINTEXT="0")
+        command = client("--server", f"{dead},{broker.endpoint}", "--name", "Ivan")
+        terminals.start("ivan", command, env)
+        # The key comes from the second broker (a cluster's brokers share one key pair).
+        terminals.wait_for("ivan", re.escape(broker.fingerprint), 20)
+        terminals.wait_for("ivan", r"trust this server and remember it\? \[y/N\]")
+        terminals.type("ivan", "y")
+        terminals.wait_for("ivan", "logged in as Ivan", 30)
+        terminals.wait_for("ivan", re.escape(f"connected to {broker.endpoint}"))
+        terminals.type("ivan", "/exit")
+        assert terminals.exit_status("ivan") == 0
+    finally:
+        broker.kill()
+    assert "Traceback" not in broker.log_text(), broker.log_text()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def two_free_ports(attempts: int = 50) -> int:
+    """A loopback port p with p + 1 free too (bound and released at once)."""
+    for _ in range(attempts):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two consecutive free ports")

@@ -612,9 +612,7 @@ class ChatApp:
         ring = EndpointRing(self.server)
         while True:
             try:
-                where = os.environ.get("MANGOGRAM_KEY_ENDPOINT") or key_endpoint_for(
-                    ring.current
-                )
+                where = os.environ.get("MANGOGRAM_KEY_ENDPOINT") or key_endpoint_for(ring.current)
                 return await asyncio.to_thread(fetch_server_key, where, KEY_ATTEMPT_MS)
             except TimeoutError:
                 ring.advance()

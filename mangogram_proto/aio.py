@@ -115,26 +115,34 @@ class AsyncConnection:
         self.session.confirm(message.seq, wall_clock_ms(), after=after)
         self._wakeup.set()
 
-    def request_online(self) -> None:
-        """Ask who is online; the answer arrives as an `OnlineUsers` event."""
-        self.session.request_online(wall_clock_ms())
+    def request_online(self) -> str:
+        """Ask who is online; the answer arrives as an `OnlineUsers` event. Returns the
+        request's id: refused (rate limited) it is asked again after `retry_after_ms`,
+        and only a refusal the session gives up on arrives, as `BrokerError` with this
+        id as `ref`."""
+        request_id = self.session.request_online(wall_clock_ms())
         self._wakeup.set()
+        return request_id
 
-    def lookup_name(self, name: str) -> None:
+    def lookup_name(self, name: str) -> str:
         """Ask whether `name` is registered; the answer arrives as a `NameStatus` event
-        (from a broker older than LOOKUP, a `BrokerError` `unknown_command`)."""
-        self.session.lookup_name(name, wall_clock_ms())
+        (from a broker older than LOOKUP, a `BrokerError` `unknown_command`). Returns the
+        request's id (retried as for `request_online`)."""
+        request_id = self.session.lookup_name(name, wall_clock_ms())
         self._wakeup.set()
+        return request_id
 
     def mark_read(self, broker_id: str) -> None:
         """Tell the sender of message `broker_id` that our user has seen it."""
         self.session.mark_read(broker_id, wall_clock_ms())
         self._wakeup.set()
 
-    def request_history(self, peer: str, limit: int, before: str | None = None) -> None:
-        """Ask for a page of the conversation with `peer`; it arrives as `HistoryReceived`."""
-        self.session.request_history(peer, limit, before, wall_clock_ms())
+    def request_history(self, peer: str, limit: int, before: str | None = None) -> str:
+        """Ask for a page of the conversation with `peer`; it arrives as `HistoryReceived`.
+        Returns the request's id (retried as for `request_online`)."""
+        request_id = self.session.request_history(peer, limit, before, wall_clock_ms())
         self._wakeup.set()
+        return request_id
 
     def stop(self, *, drain: float = 0.0) -> None:
         """Leave the broker (waiting up to 1 s for GOODBYE) and make `run()` return.

@@ -16,7 +16,7 @@ import pytest
 from mangogram_proto import Bot, Client, codec, loops
 from mangogram_proto.aio import AsyncConnection
 from mangogram_proto.errors import BrokerRefused
-from mangogram_proto.events import Event, IncomingMessage, LoggedIn, LoginRefused
+from mangogram_proto.events import Event, IncomingMessage, LoggedIn, LoginRefused, OnlineUsers
 from mangogram_proto.keys import KeyPair, save_keypair
 from mangogram_proto.messages import Error
 
@@ -160,6 +160,25 @@ def test_who_and_history_asked_faster_than_the_broker_allows_are_answered(broker
     # The broker did refuse some (with the request's id), and each was asked again.
     assert {"WHO", "HISTORY"} <= {command for command, _ref in refusals}
     assert all(ref for _command, ref in refusals)
+
+
+def test_async_who_asked_faster_than_the_broker_allows_is_answered(broker):
+    async def main() -> int:
+        connection = AsyncConnection("gwen", broker.endpoint)
+        runner = asyncio.create_task(connection.run())
+        try:
+            await next_of(connection, LoggedIn)
+            answered = 0
+            for _ in range(14):  # the burst is 8, then 2 a second
+                connection.request_online()
+                await next_of(connection, OnlineUsers, timeout=10)
+                answered += 1
+            return answered
+        finally:
+            connection.stop()
+            await asyncio.wait_for(runner, 10)
+
+    assert loops.run(main()) == 14
 
 
 def watch_refusals(client: Client) -> list[tuple[str, str | None]]:

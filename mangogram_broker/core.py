@@ -42,6 +42,11 @@ Theory of operation
   (`send_failed`). Each end tells the other online users it left.
 * Every command is rate limited: SEND per user, the others per connection
   (`CommandRates`). A refused SEND is always answered (`rate_limited` with its `ref`).
+* Texts from one connection are stored in the order it sent them, also when some are
+  refused for now: after a SEND is refused `rate_limited` or `unavailable`, the
+  connection's SENDs with other ids get the same refusal (no rate token, no error
+  budget) until that id comes again, the gate expires (a heartbeat timeout after its
+  retry_after), or the session ends (`Session.send_gate`).
 * Nothing here raises on peer input: bad input becomes an ERROR reply. A reply that
   answers a SEND (it names the SEND in `ref`) is always sent; other ERRORs spend the
   connection's error budget and are dropped once it is used up. A connection whose
@@ -101,7 +106,7 @@ from mangogram_proto.ratelimit import TokenBucket
 
 from .clock import Clock
 from .cluster import Alone, Cluster, Moved, Notice, RemotePresence, StreamGrew
-from .registry import Registry, Session
+from .registry import Registry, SendGate, Session
 from .store import (
     DuplicateMessage,
     MemoryStore,
@@ -389,7 +394,10 @@ class BrokerCore:
             log.warning("refused %s from %s: %s", message.COMMAND, peer.hex(), exc)
             if isinstance(message, Login):
                 self.registry.deregister(peer)  # a login that could not finish
-            ref = _ref(message.id) if isinstance(message, Send) else None
+            ref = None
+            if isinstance(message, Send):
+                ref = _ref(message.id)
+                self._gate_sends(peer, message, ErrorCode.UNAVAILABLE, 0, now)
             return self._error(
                 peer, now, ErrorCode.UNAVAILABLE, "message storage is unavailable; retry", ref
             )
@@ -660,6 +668,14 @@ class BrokerCore:
 
     def _send(self, session: Session, send: Send, now: Clock) -> list[Outgoing]:
         peer = session.peer
+        gate = session.send_gate
+        if gate is not None:
+            if send.id != gate.id and now.mono < gate.expires:
+                # An earlier text was refused for now: this one must not overtake it.
+                wait = max(1, gate.retry_at - now.mono)
+                reason = f"held behind {gate.id}, refused {gate.code}: resend that first"
+                return [Outgoing(peer, Error(gate.code, reason, _ref(send.id), wait))]
+            session.send_gate = None  # the refused id came again, or the gate expired
         problem = self._check_send(send)
         if problem is not None:
             code, reason = problem
@@ -670,6 +686,7 @@ class BrokerCore:
             self._send_budgets[session.key] = bucket
         retry_after = bucket.take(now.mono)
         if retry_after:
+            self._gate_sends(peer, send, ErrorCode.RATE_LIMITED, retry_after, now)
             # Not through the error budget: the client needs every one to retry right.
             error = Error(
                 ErrorCode.RATE_LIMITED.value,
@@ -679,6 +696,18 @@ class BrokerCore:
             )
             return [Outgoing(peer, error)]
         return self.deliver_or_store(session, send, now)
+
+    def _gate_sends(
+        self, peer: bytes, send: Send, code: ErrorCode, retry_after: int, now: Clock
+    ) -> None:
+        """`send` was refused for now: hold the connection's other SENDs until it comes
+        again (or a heartbeat timeout after its retry_after, for a client that never
+        resends it)."""
+        session = self.registry.by_peer(peer)
+        if session is not None:
+            retry_at = now.mono + retry_after
+            expires = retry_at + self.limits.heartbeat_timeout_ms
+            session.send_gate = SendGate(send.id, code.value, retry_at, expires)
 
     def deliver_or_store(self, session: Session, send: Send, now: Clock) -> list[Outgoing]:
         """Store a valid SEND in the recipient's stream, acknowledge it, and deliver it at

@@ -14,12 +14,17 @@ sends whatever `data_to_send()` returns. Time is always passed in (ms since epoc
 
 Outgoing texts sit in an outbox until ACCEPTED (or refused for good). After a re-login
 every unacknowledged text is sent again with its original id, which the broker treats
-as idempotent. A text the broker refuses in a way worth retrying (`unavailable`: the
-cluster store could not keep it; `rate_limited`; `internal`) goes back to the outbox,
-and no text is sent until the ERROR's retry_after_ms, or else a backoff doubling from
-RETRY_INITIAL_MS (`retry_delay_ms`), has passed; after MAX_SEND_ATTEMPTS attempts it is
-reported failed with the broker's code. WHO, HISTORY and LOOKUP carry an id, and one
-refused with it as `ref` (rate limited) is asked again the same way. A text
+as idempotent. A text the broker refuses in a way worth retrying goes back to the
+outbox, and no text is sent until every text still on the wire has been answered and
+the ERROR's retry_after_ms, or else a backoff doubling from RETRY_INITIAL_MS up to
+RETRY_MAX_MS (`retry_delay_ms`), has passed; then the outbox goes out oldest first, the
+refused text ahead of later ones (the broker holds a connection's later SENDs until the
+refused id comes again, so the recipient sees them in order). Flow control
+(`rate_limited`; `unavailable`: the cluster store could not keep it) is retried for as
+long as the session lives, never counted against the text; another such refusal
+(`internal`...) fails the text after MAX_SEND_ATTEMPTS attempts with the broker's code.
+WHO, HISTORY and LOOKUP carry an id, and one refused with it as `ref` (rate limited) is
+asked again the same way, up to MAX_SEND_ATTEMPTS times. A text
 on the wire that gets no answer within the answer timeout (the announced heartbeat
 timeout, doubling with each attempt) is sent again with the same id; after
 MAX_SEND_ATTEMPTS unanswered attempts it is reported failed (`no_answer`), so an
@@ -124,6 +129,11 @@ _FINAL_SEND_ERRORS = frozenset(
         ErrorCode.MALFORMED.value,
     }
 )
+# Refusals of a SEND that are flow control, not a verdict on the text: the broker is
+# busy (`rate_limited`) or its cluster store is briefly down (`unavailable`). Retried
+# without a count limit while the session lives; a text must not be lost for being sent
+# fast.
+_FLOW_CONTROL_ERRORS = frozenset({ErrorCode.RATE_LIMITED.value, ErrorCode.UNAVAILABLE.value})
 _LOGIN_ERRORS = frozenset(
     {
         ErrorCode.NAME_TAKEN.value,
@@ -150,6 +160,8 @@ class _Pending:
     # When the latest transmission went out, and how many there were on this login.
     sent_at: int = 0
     attempts: int = 0
+    # Flow-control refusals of it in a row (`_FLOW_CONTROL_ERRORS`): only for the backoff.
+    refusals: int = 0
 
 
 def retry_delay_ms(refusals: int, retry_after_ms: int | None) -> int:
@@ -238,6 +250,10 @@ class ClientSession:
         self._last_received = 0
         self._last_sent = 0
         self._hold_until = 0
+        # After a refusal: nothing is sent until every text on the wire has its answer
+        # (the broker holds them behind the refused one), so the outbox goes again in
+        # order, the refused text first.
+        self._settling = False
 
     # Driver API
 
@@ -279,7 +295,9 @@ class ClientSession:
         for pending in self._outbox.values():
             pending.transmitted = False
             pending.attempts = 0  # a broker that was away is no verdict on the text
+            pending.refusals = 0
         self._in_flight.clear()
+        self._settling = False
         for request_id, request in list(self._requests.items()):
             if now - request.made_at > REQUEST_KEEP_MS:
                 del self._requests[request_id]
@@ -572,6 +590,10 @@ class ClientSession:
             return
         self._hold_until = 0  # the hold is over; a past deadline would make drivers spin
         self._pace_until = 0
+        if self._settling:
+            if self._in_flight:
+                return  # their answers first (refusals, most likely, setting a new hold)
+            self._settling = False
         for message_id, pending in self._outbox.items():
             if len(self._in_flight) >= MAX_IN_FLIGHT:
                 return
@@ -703,20 +725,31 @@ class ClientSession:
             if error.code in _FINAL_SEND_ERRORS:
                 del self._outbox[pending.send.id]
                 self._left_outbox(pending.send.id)
+                self._flush_outbox(now)  # its slot is free (and it may end a settling)
                 return [MessageFailed(pending.send.id, pending.send.to, error.code, error.message)]
+            self._settling = True
+            if error.code in _FLOW_CONTROL_ERRORS:
+                # Flow control: the transmission was answered, so it does not count
+                # towards MAX_SEND_ATTEMPTS; wait and send it again, as often as it takes.
+                pending.attempts = max(0, pending.attempts - 1)
+                pending.refusals += 1
+                delay = retry_delay_ms(pending.refusals, error.retry_after_ms)
+                self._hold_until = max(self._hold_until, now + delay)
+                return [BrokerError(error.code, error.message, error.retry_after_ms, error.ref)]
             if pending.attempts >= MAX_SEND_ATTEMPTS:
-                # `unavailable`, `rate_limited` or another refusal, every time: give up,
-                # so the caller hears of it rather than waiting for ever.
+                # `internal` or another refusal worth retrying, every time: give up, so
+                # the caller hears of it rather than waiting for ever.
                 del self._outbox[pending.send.id]
                 self._left_outbox(pending.send.id)
                 reason = (
                     f"refused by the broker {pending.attempts} times ({error.code}:"
                     f" {error.message}); gave up"
                 )
+                self._flush_outbox(now)
                 return [MessageFailed(pending.send.id, pending.send.to, error.code, reason)]
-            # A refusal worth retrying (`unavailable`: the cluster store could not keep
-            # it; `rate_limited`; `internal`...): back to the outbox, and nothing more is
-            # sent (texts keep their order) until its retry_after_ms, or a backoff.
+            # Another refusal worth retrying (`internal`...): back to the outbox, and
+            # nothing more is sent (texts keep their order) until its retry_after_ms, or
+            # a backoff.
             delay = retry_delay_ms(pending.attempts, error.retry_after_ms)
             self._hold_until = max(self._hold_until, now + delay)
         return [BrokerError(error.code, error.message, error.retry_after_ms, error.ref)]

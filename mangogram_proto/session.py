@@ -396,10 +396,14 @@ class ClientSession:
         deadline = self._last_received + self.heartbeat_timeout_ms
         if self.state is State.ONLINE:
             deadline = min(deadline, self._last_sent + self.heartbeat_interval_ms)
-            if self._hold_until and any(not p.transmitted for p in self._outbox.values()):
-                deadline = min(deadline, self._hold_until)
-            if self._pace_until:
-                deadline = min(deadline, self._pace_until)
+            if self._settling and self._in_flight:
+                pass  # an answer moves things on (or the answer timeout, below)
+            elif self._pace_until or (
+                self._hold_until and any(not p.transmitted for p in self._outbox.values())
+            ):
+                # Whichever ends later: a pacing wait that ended during a hold would
+                # otherwise ask for a tick in the past, again and again (a busy loop).
+                deadline = min(deadline, max(self._pace_until, self._hold_until))
             for message_id in self._in_flight:
                 deadline = min(deadline, self._answer_deadline(self._outbox[message_id]))
             for request in self._requests.values():

@@ -32,6 +32,7 @@ from mangogram_proto.messages import (
     Lookup,
     NameInfo,
     Online,
+    Pong,
     Send,
     Welcome,
     Who,
@@ -120,17 +121,20 @@ def refuse(session: ClientSession, ref: str, code: str, now: int, retry_after: i
     return session.receive(codec.encode(Error(code, "no", ref, retry_after)), now)
 
 
-def test_an_unavailable_text_is_resent_with_its_id_after_a_doubling_backoff_then_failed():
+def test_an_unavailable_text_is_resent_with_its_id_after_a_doubling_backoff_for_ever():
     session = online_session()
     message_id = session.send_text("bob", "hi", 0)
     assert [m.id for m in sent(session)] == [message_id]
     now = 10
-    for attempt in range(1, MAX_SEND_ATTEMPTS):
+    refusals = 3 * MAX_SEND_ATTEMPTS  # far beyond the bound of other refusals
+    for refusal in range(1, refusals + 1):
         events = refuse(session, message_id, "unavailable", now)
         assert [e.ref for e in events if isinstance(e, BrokerError)] == [message_id]
-        delay = RETRY_INITIAL_MS << (attempt - 1)
+        assert not [e for e in events if isinstance(e, MessageFailed)]
+        delay = min(RETRY_MAX_MS, RETRY_INITIAL_MS << (refusal - 1))
         # Not before the backoff (no wait for the answer timeout either)...
         assert session.next_deadline() <= now + delay
+        session.receive(codec.encode(Pong(now)), now + delay - 1)  # the broker lives
         session.tick(now + delay - 1)
         assert sent(session) == []
         # ...and then the same text, same id.
@@ -138,10 +142,9 @@ def test_an_unavailable_text_is_resent_with_its_id_after_a_doubling_backoff_then
         (again,) = sent(session)
         assert isinstance(again, Send) and again.id == message_id and again.text == "hi"
         now += delay + 5
-    events = refuse(session, message_id, "unavailable", now)
-    (failed,) = [e for e in events if isinstance(e, MessageFailed)]
-    assert failed.id == message_id and failed.code == "unavailable"
-    assert f"{MAX_SEND_ATTEMPTS} times" in failed.message
+    assert delay == RETRY_MAX_MS  # the backoff stopped growing at its cap
+    events = session.receive(codec.encode(Accepted((message_id,), ("b1",), now)), now)
+    assert [e.id for e in events if isinstance(e, MessageAccepted)] == [message_id]
     assert session.outbox_size == 0
 
 
@@ -157,22 +160,103 @@ def test_a_refusal_with_retry_after_waits_that_long_and_later_texts_keep_their_o
     assert [m.id for m in sent(session)] == [first, second]
 
 
-def test_rate_limited_with_a_ref_is_retried_after_retry_after_and_bounded_too():
+@pytest.mark.parametrize("code", ["rate_limited", "unavailable"])
+def test_flow_control_refusals_never_fail_a_text_while_the_session_lives(code):
     session = online_session()
     message_id = session.send_text("bob", "hi", 0)
     sent(session)
     now = 0
-    for _ in range(MAX_SEND_ATTEMPTS - 1):
-        refuse(session, message_id, "rate_limited", now, retry_after=20)
-        session.tick(now + 19)
+    wait = 250  # longer than the session's own pacing interval (1 / 4.5 s)
+    for _ in range(10 * MAX_SEND_ATTEMPTS):
+        events = refuse(session, message_id, code, now, retry_after=wait)
+        assert [type(e) for e in events] == [BrokerError]
+        session.tick(now + wait - 1)
         assert sent(session) == []
-        session.tick(now + 20)
+        session.tick(now + wait)
         assert [m.id for m in sent(session)] == [message_id]
+        now += wait
+    assert session.unacknowledged[0].id == message_id
+
+
+def test_flow_control_refusals_leave_the_answer_timeout_bound_as_it_was():
+    # Refusals were answers: the text that then goes unanswered still gets the first
+    # answer timeout and MAX_SEND_ATTEMPTS transmissions before `no_answer`.
+    session = online_session()
+    message_id = session.send_text("bob", "hi", 0)
+    sent(session)
+    now = 0
+    for _ in range(2 * MAX_SEND_ATTEMPTS):
+        refuse(session, message_id, "rate_limited", now, retry_after=20)
         now += 20
-    events = refuse(session, message_id, "rate_limited", now, retry_after=20)
-    assert [(e.id, e.code) for e in events if isinstance(e, MessageFailed)] == [
-        (message_id, "rate_limited")
-    ]
+        session.tick(now)
+        assert [m.id for m in sent(session)] == [message_id]
+    timeout = session.answer_timeout_ms
+    assert session.next_deadline() == min(now + timeout, now + TEST_LIMITS.heartbeat_interval_ms)
+    failed: list[MessageFailed] = []
+    transmissions = 1
+    for attempt in range(1, MAX_SEND_ATTEMPTS + 1):
+        now += timeout << (attempt - 1)
+        # The broker is alive (it answers PINGs), it only never answers this text.
+        session.receive(codec.encode(Pong(now)), now)
+        events = session.tick(now)
+        failed += [e for e in events if isinstance(e, MessageFailed)]
+        transmissions += sum(isinstance(m, Send) for m in sent(session))
+    assert [(e.id, e.code) for e in failed] == [(message_id, "no_answer")]
+    assert transmissions == MAX_SEND_ATTEMPTS
+
+
+def test_other_refusals_worth_retrying_are_still_bounded():
+    session = online_session()
+    message_id = session.send_text("bob", "hi", 0)
+    sent(session)
+    now = 0
+    for attempt in range(1, MAX_SEND_ATTEMPTS):
+        assert not [
+            e for e in refuse(session, message_id, "internal", now) if isinstance(e, MessageFailed)
+        ]
+        now += retry_delay_ms(attempt, None)
+        session.tick(now)
+        assert [m.id for m in sent(session)] == [message_id]
+    events = refuse(session, message_id, "internal", now)
+    (failed,) = [e for e in events if isinstance(e, MessageFailed)]
+    assert (failed.id, failed.code) == (message_id, "internal")
+    assert f"{MAX_SEND_ATTEMPTS} times" in failed.message
+    assert session.outbox_size == 0
+
+
+def test_after_a_refusal_nothing_goes_until_the_texts_on_the_wire_are_answered():
+    # Texts 2 and 3 were on the wire when 1 was refused; the broker holds them behind 1.
+    # Sending 1 (or a new 4) before their answers come could let 4 be stored before the
+    # resend of 2: so the session waits for those answers, then sends 1, 2, 3, 4 in order.
+    session = online_session()
+    ids = [session.send_text("bob", f"t{n}", 0) for n in (1, 2, 3)]
+    assert [m.id for m in sent(session)] == ids
+    refuse(session, ids[0], "rate_limited", 10, retry_after=100)
+    fourth = session.send_text("bob", "t4", 20)
+    session.tick(110)
+    assert sent(session) == []  # the hold is over, but 2 and 3 are unanswered
+    refuse(session, ids[1], "rate_limited", 111, retry_after=1)
+    session.tick(112)
+    assert sent(session) == []  # 3 still unanswered
+    refuse(session, ids[2], "rate_limited", 113, retry_after=1)
+    assert session.next_deadline() <= 114
+    session.tick(114)
+    assert [m.id for m in sent(session)] == [*ids, fourth]
+
+
+def test_after_a_refusal_an_unanswered_text_still_frees_the_way_at_its_answer_timeout():
+    session = online_session()
+    first = session.send_text("bob", "t1", 0)
+    second = session.send_text("bob", "t2", 0)
+    sent(session)
+    refuse(session, first, "rate_limited", 10, retry_after=100)
+    session.tick(110)
+    assert sent(session) == []
+    # The answer for the second never comes (an old broker dropped it, say).
+    now = session.answer_timeout_ms
+    session.receive(codec.encode(Pong(now)), now)
+    session.tick(now)
+    assert [m.id for m in sent(session)] == [first, second]
 
 
 def test_a_refused_text_accepted_on_a_retry_is_reported_accepted_once():

@@ -265,8 +265,8 @@ class ChatState:
         if isinstance(event, NameStatus):
             return self._name_status(event, now)
         if isinstance(event, BrokerError) and event.ref is not None and event.ref in self._own:
-            # One of our texts refused for now (`unavailable`, `rate_limited`): the SDK
-            # sends it again by itself; a MessageFailed reports it if it gives up.
+            # One of our texts refused for now (`unavailable`, `rate_limited`: retried
+            # until accepted; `internal`: a MessageFailed reports it if the SDK gives up).
             if self._retrying_said:
                 return []
             self._retrying_said = True

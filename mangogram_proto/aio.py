@@ -158,8 +158,9 @@ class AsyncConnection:
         """Connect, log in and keep the session alive until `stop()`, a refused login
         (also `taken_over`: the name signed in elsewhere; `refused` says which), or a
         broker whose key is not the expected one (then `failure` says why). Refusals
-        of a text worth retrying (`unavailable`, `rate_limited`) are retried by the
-        session (see `ClientSession`); a `MessageFailed` reports the final one.
+        of a text worth retrying are retried by the session, in order (see
+        `ClientSession`): `rate_limited` and `unavailable` for as long as it lives,
+        others (`internal`) until a `MessageFailed` reports the final one.
 
         Raises:
             ServerKeyError: the broker's key could not be learned at all.

@@ -19,10 +19,13 @@ logged out by the broker; the next call notices and logs in again by itself. Giv
 several endpoints of a cluster ("tcp://a:5555,tcp://b:5555"), each reconnection goes to
 the next one (`mangogram_proto.endpoints`), resuming the session there.
 
-Refusals: a text the broker refuses in a way worth retrying (`unavailable`,
-`rate_limited`) stays queued and goes again after the broker's `retry_after_ms` or a
-short backoff; after 4 attempts it fails with that code. `online_users()`, `history()`
-and `is_registered()` asked faster than the broker allows are asked again the same way.
+Refusals: a text the broker refuses for now stays queued and goes again, ahead of later
+texts and with its id, after the broker's `retry_after_ms` or a short backoff. For
+`rate_limited` and `unavailable` (flow control) that goes on for as long as the session
+lives: texts are slow, never lost or reordered, for being sent fast; another such code
+(`internal`) fails the text after 4 attempts. `online_users()`, `history()` and
+`is_registered()` asked faster than the broker allows are asked again the same way (up
+to 4 times).
 
 Taken over: when the name signs in elsewhere with `takeover` (another window, same
 key), the broker says so (`taken_over`); from then on every call that waits on the
@@ -239,11 +242,13 @@ class Client:
         With `wait=True`, blocks until the broker accepted it.
 
         Raises:
-            BrokerRefused: (with `wait`) the broker refused the message for good, or
-                never answered it in 4 attempts (`wire_code` "no_answer", see
-                `session.MAX_SEND_ATTEMPTS`).
-            TimeoutError: (with `wait`) not accepted within `timeout`; it stays queued
-                and is resent after a reconnect.
+            BrokerRefused: (with `wait`) the broker refused the message for good,
+                refused it `internal` 4 times, or never answered it in 4 attempts
+                (`wire_code` "no_answer", see `session.MAX_SEND_ATTEMPTS`). Never for
+                `rate_limited` or `unavailable`: those are retried until accepted.
+            TimeoutError: (with `wait`) not accepted within `timeout` (also while the
+                broker keeps answering `rate_limited` or `unavailable`); it stays
+                queued and is resent, in order.
             LocalProtocolError: the text cannot be sent at all (e.g. invalid Unicode).
         """
         self._check_taken_over()

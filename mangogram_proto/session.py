@@ -698,7 +698,8 @@ class ClientSession:
         return True
 
     def _on_error(self, error: Error, now: int) -> list[Event]:
-        if self.state is State.LOGGING_IN and error.code == ErrorCode.RATE_LIMITED.value:
+        login_refusal = self.state is State.LOGGING_IN and not error.ref  # not a SEND's
+        if login_refusal and error.code == ErrorCode.RATE_LIMITED.value:
             # Too many new names from our address: try again after a backoff.
             self.state = State.DISCONNECTED
             return [ConnectionLost(f"login rate limited: {error.message}")]

@@ -477,3 +477,19 @@ def test_the_console_says_once_that_its_texts_are_being_retried():
     state.on_event(MessageAccepted(first, "b1", 4), 4)
     # A later outage is said again.
     assert len(state.on_event(BrokerError("unavailable", refusal, None, second), 5)) == 1
+
+
+def test_a_texts_rate_limited_answer_during_a_re_login_is_no_login_refusal():
+    # A SEND's refusal (it has a ref) arriving after `not_logged_in` started a new login
+    # on the same socket must not be taken for a LOGIN refused for too many new names.
+    session = online_session()
+    message_id = session.send_text("bob", "hi", 0)
+    sent(session)
+    session.receive(codec.encode(Error("not_logged_in", "log in first")), 5)
+    assert session.state is State.LOGGING_IN
+    events = refuse(session, message_id, "rate_limited", 6, retry_after=10)
+    assert session.state is State.LOGGING_IN
+    assert [type(e) for e in events] == [BrokerError]
+    session.data_to_send()
+    session.receive(codec.encode(Welcome("alice", 7, "token-2", TEST_LIMITS)), 7)
+    assert [m.id for m in sent(session)] == [message_id]

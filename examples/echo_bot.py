@@ -14,7 +14,11 @@ from mangogram_proto import Bot, IncomingMessage
 def main() -> None:
     parser = argparse.ArgumentParser(description="A MangoGram bot that echoes messages back.")
     parser.add_argument("--name", default="echo", help="the bot's user name")
-    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="broker endpoint")
+    parser.add_argument(
+        "--endpoint",
+        default="tcp://127.0.0.1:5555",
+        help="broker endpoint; for a cluster, several separated by commas (fails over)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 

@@ -42,6 +42,11 @@ Theory of operation
   (`send_failed`). Each end tells the other online users it left.
 * Every command is rate limited: SEND per user, the others per connection
   (`CommandRates`). A refused SEND is always answered (`rate_limited` with its `ref`).
+* Texts from one connection are stored in the order it sent them, also when some are
+  refused for now: after a SEND is refused `rate_limited` or `unavailable`, the
+  connection's SENDs with other ids get the same refusal (no rate token, no error
+  budget) until that id comes again, the gate expires (a heartbeat timeout after its
+  retry_after), or the session ends (`Session.send_gate`).
 * Nothing here raises on peer input: bad input becomes an ERROR reply. A reply that
   answers a SEND (it names the SEND in `ref`) is always sent; other ERRORs spend the
   connection's error budget and are dropped once it is used up. A connection whose
@@ -101,7 +106,7 @@ from mangogram_proto.ratelimit import TokenBucket
 
 from .clock import Clock
 from .cluster import Alone, Cluster, Moved, Notice, RemotePresence, StreamGrew
-from .registry import Registry, Session
+from .registry import Registry, SendGate, Session
 from .store import (
     DuplicateMessage,
     MemoryStore,
@@ -192,6 +197,12 @@ class Retention:
 
     max_age_ms: int | None = None
     keep_per_user: int | None = None
+
+
+def _token_matches(token: str | None, holder: Session) -> bool:
+    return token is not None and secrets.compare_digest(
+        token.encode("utf-8"), holder.resume_token.encode("utf-8")
+    )
 
 
 def _ref(client_id: str) -> str | None:
@@ -383,7 +394,10 @@ class BrokerCore:
             log.warning("refused %s from %s: %s", message.COMMAND, peer.hex(), exc)
             if isinstance(message, Login):
                 self.registry.deregister(peer)  # a login that could not finish
-            ref = _ref(message.id) if isinstance(message, Send) else None
+            ref = None
+            if isinstance(message, Send):
+                ref = _ref(message.id)
+                self._gate_sends(peer, message, ErrorCode.UNAVAILABLE, 0, now)
             return self._error(
                 peer, now, ErrorCode.UNAVAILABLE, "message storage is unavailable; retry", ref
             )
@@ -509,7 +523,11 @@ class BrokerCore:
                     self.store.mark_sender_notified(event.message.broker_ids)
             elif isinstance(event, Moved):
                 # The user logged in at another broker: this session is the stale one.
-                # (No "left": the user is still online, elsewhere.)
+                # (No "left": the user is still online, elsewhere.) Its connection is
+                # told, in case a client still listens on it (a takeover, or another
+                # copy of a bot); one that failed over itself has closed it already.
+                notice = Error(ErrorCode.TAKEN_OVER.value, f"{session.name} signed in elsewhere")
+                out.append(Outgoing(session.peer, notice))
                 self.registry.deregister(session.peer)
                 self.cluster.left(session.key, announce=False)
                 log.info("%s moved to another broker (%d online)", session.name, len(self.registry))
@@ -564,12 +582,7 @@ class BrokerCore:
         if holder is not None:
             token = login.resume_token
             # The owner's key asking for a takeover proves as much as the token does.
-            proven = bool(login.takeover and owned) or (
-                token is not None
-                and secrets.compare_digest(
-                    token.encode("utf-8"), holder.resume_token.encode("utf-8")
-                )
-            )
+            proven = bool(login.takeover and owned) or _token_matches(token, holder)
             if not proven:
                 return self._error(peer, now, ErrorCode.NAME_TAKEN, f"{holder.name} is online")
         elif (
@@ -586,10 +599,16 @@ class BrokerCore:
             refusal = self._claim(peer, key, name, user_key or "", address, now)
             if refusal is not None:
                 return refusal
+        told_off: list[Outgoing] = []
         if holder is not None:
             self.registry.deregister(holder.peer)
             resumed = True
             log.info("%s resumed on a new connection", holder.name)
+            if holder.peer != peer and not _token_matches(login.resume_token, holder):
+                # Taken over (`takeover`), not resumed by the client itself: tell the old
+                # connection, so it stops instead of logging in again and again.
+                notice = Error(ErrorCode.TAKEN_OVER.value, f"{name} signed in elsewhere")
+                told_off.append(Outgoing(holder.peer, notice))
         session = Session(
             peer=peer,
             key=key,
@@ -609,7 +628,7 @@ class BrokerCore:
             told = self._confirm(session, login.resume_from, now)
         mark = self.store.confirmed_through(key) or None  # absent on the wire means 0
         welcome = Welcome(name, now.wall, session.resume_token, self.limits, others, mark)
-        out = [Outgoing(peer, welcome), *told]
+        out = [Outgoing(peer, welcome), *told_off, *told]
         out += self._fill_window(session, now, delayed=True)
         out += self._owed_receipts(session)
         # Someone already online at another broker of the cluster is no news to anyone.
@@ -654,6 +673,14 @@ class BrokerCore:
 
     def _send(self, session: Session, send: Send, now: Clock) -> list[Outgoing]:
         peer = session.peer
+        gate = session.send_gate
+        if gate is not None:
+            if send.id != gate.id and now.mono < gate.expires:
+                # An earlier text was refused for now: this one must not overtake it.
+                wait = max(1, gate.retry_at - now.mono)
+                reason = f"held behind {gate.id}, refused {gate.code}: resend that first"
+                return [Outgoing(peer, Error(gate.code, reason, _ref(send.id), wait))]
+            session.send_gate = None  # the refused id came again, or the gate expired
         problem = self._check_send(send)
         if problem is not None:
             code, reason = problem
@@ -664,6 +691,7 @@ class BrokerCore:
             self._send_budgets[session.key] = bucket
         retry_after = bucket.take(now.mono)
         if retry_after:
+            self._gate_sends(peer, send, ErrorCode.RATE_LIMITED, retry_after, now)
             # Not through the error budget: the client needs every one to retry right.
             error = Error(
                 ErrorCode.RATE_LIMITED.value,
@@ -673,6 +701,18 @@ class BrokerCore:
             )
             return [Outgoing(peer, error)]
         return self.deliver_or_store(session, send, now)
+
+    def _gate_sends(
+        self, peer: bytes, send: Send, code: ErrorCode, retry_after: int, now: Clock
+    ) -> None:
+        """`send` was refused for now: hold the connection's other SENDs until it comes
+        again (or a heartbeat timeout after its retry_after, for a client that never
+        resends it)."""
+        session = self.registry.by_peer(peer)
+        if session is not None:
+            retry_at = now.mono + retry_after
+            expires = retry_at + self.limits.heartbeat_timeout_ms
+            session.send_gate = SendGate(send.id, code.value, retry_at, expires)
 
     def deliver_or_store(self, session: Session, send: Send, now: Clock) -> list[Outgoing]:
         """Store a valid SEND in the recipient's stream, acknowledge it, and deliver it at
@@ -1054,12 +1094,17 @@ class BrokerCore:
         if isinstance(message, Read | Receipt):
             log.debug("ignored %s from %s: over its rate", message.COMMAND, peer.hex())
             return []  # never answered, so not refused either
+        # A request that names itself (`id`) gets it back as `ref`, so the client can
+        # retry it; the refusal still spends the error budget like one without.
+        request_id = getattr(message, "id", None)
         return self._error(
             peer,
             now,
             ErrorCode.RATE_LIMITED,
             f"too many {message.COMMAND}; at most {self._rate_of[kind]}/s",
+            ref=_ref(request_id) if isinstance(request_id, str) else None,
             retry_after_ms=retry_after,
+            budgeted=True,
         )
 
     def _disconnect(self, peer: bytes, now: Clock, why: str) -> list[Outgoing]:
@@ -1085,13 +1130,14 @@ class BrokerCore:
         reason: str,
         ref: str | None = None,
         retry_after_ms: int | None = None,
+        budgeted: bool = False,
     ) -> list[Outgoing]:
-        """An ERROR for `peer`. One that answers a SEND (`ref`) always goes out; others
-        spend the error budget and are dropped once it is used up. Misbehaviour beyond the
-        budget disconnects the peer."""
+        """An ERROR for `peer`. One that answers a SEND (`ref`, not `budgeted`) always
+        goes out; others spend the error budget and are dropped once it is used up.
+        Misbehaviour beyond the budget disconnects the peer."""
         error = Outgoing(peer, Error(code.value, reason, ref=ref, retry_after_ms=retry_after_ms))
         misbehaving = code in MISBEHAVIOUR
-        if ref is not None and not misbehaving:
+        if ref is not None and not misbehaving and not budgeted:
             return [error]
         bucket = self._error_budgets.get(peer)
         if bucket is None:

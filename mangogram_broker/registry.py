@@ -9,8 +9,19 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .store import StoredMessage
+
+
+class SendGate(NamedTuple):
+    """A SEND refused for now (`code`): the connection's later SENDs are held until `id`
+    comes again, or the monotonic time `expires` (see BrokerCore._send)."""
+
+    id: str
+    code: str
+    retry_at: int
+    expires: int
 
 
 @dataclass
@@ -31,6 +42,8 @@ class Session:
     contacts: set[str] = field(default_factory=set)
     # The authenticated CurveZMQ public key it logged in with (None in plaintext mode).
     user_key: str | None = None
+    # Set while a SEND of this connection refused for now must come again first.
+    send_gate: SendGate | None = None
 
 
 class Registry:

@@ -31,6 +31,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from rich.console import Console
 
 from mangogram_proto.aio import AsyncConnection
+from mangogram_proto.endpoints import EndpointRing
 from mangogram_proto.errors import ErrorCode
 from mangogram_proto.events import Closed, Event, IncomingMessage, LoggedIn, LoginRefused
 from mangogram_proto.keys import (
@@ -60,7 +61,7 @@ from .commands import (
 )
 from .lines import ChatLine, Line, SystemLine
 from .render import TranscriptRenderer
-from .settings import ChatMemory, load_memory, normalise_address, save_memory, save_remembered
+from .settings import ChatMemory, load_memory, normalise_servers, save_memory, save_remembered
 from .state import ChatState, snippet
 from .widths import InputAsDrawn
 
@@ -158,6 +159,8 @@ class ChatApp:
         self.state = ChatState(name or "")
         self.renderer = TranscriptRenderer(me=name or "")
         self.connection: AsyncConnection | None = None
+        # The broker of a cluster last named on screen (it changes on a failover).
+        self._broker_shown = ""
         self._remember = remember
         self._bell = bell
         # A legacy Windows console has no escape sequences: its title is left alone.
@@ -195,6 +198,10 @@ class ChatApp:
             input_processors=[InputAsDrawn()],
         )
         self._prompt.default_buffer.accept_handler = self._accept
+
+    @property
+    def _first_server(self) -> str:
+        return self.server.split(",")[0]
 
     def _text_being_typed(self) -> str:
         """The message text the input line would send (without an @NAME prefix)."""
@@ -500,7 +507,7 @@ class ChatApp:
         while self._ask_server:
             answer = await self._ask("server: ", self.server)
             try:
-                self.server = normalise_address(answer or self.server)
+                self.server = normalise_servers(answer or self.server)
                 break
             except ValueError as exc:
                 self.show([SystemLine(wall_clock_ms(), str(exc), "error")])
@@ -528,6 +535,9 @@ class ChatApp:
                 self.state.me = outcome.name
                 self.renderer.me = outcome.name
                 self.show(self.state.on_event(outcome, wall_clock_ms()))
+                self._broker_shown = connection.endpoint
+                if len(connection.endpoints) > 1:
+                    self.show([SystemLine(wall_clock_ms(), f"connected to {connection.endpoint}")])
                 if self._remember:
                     # A name given for this run (--name) does not replace the remembered one.
                     keep = self._remembered_name if self._name_given else None
@@ -566,7 +576,10 @@ class ChatApp:
         if self._security.get("server_key") or os.environ.get("MANGOGRAM_SERVER_KEY"):
             return True
         known = KnownServers(user_config_dir() / "known_servers")
-        if known.lookup(self.server) is not None:
+        # A cluster's brokers share one key: it is learned and pinned for the first one,
+        # as the SDK looks it up.
+        first = self._first_server
+        if known.lookup(first) is not None:
             return True
         key = await self._fetch_key()
         if key is None:
@@ -575,7 +588,7 @@ class ChatApp:
             [
                 SystemLine(
                     wall_clock_ms(),
-                    f"first connection to {self.server}; its key fingerprint is"
+                    f"first connection to {first}; its key fingerprint is"
                     f" {fingerprint(key)}. Compare it with the one the broker printed at start.",
                 )
             ]
@@ -585,7 +598,7 @@ class ChatApp:
             self.show([SystemLine(wall_clock_ms(), "not trusted; nothing was sent", "error")])
             self.exit_code = 1
             return False
-        known.pin(self.server, key)
+        known.pin(first, key)
         # The answer is not echoed (the input line is reused): say what it did.
         self.show([SystemLine(wall_clock_ms(), "trusted; this key is expected from now on")])
         return True
@@ -593,13 +606,16 @@ class ChatApp:
     async def _fetch_key(self) -> str | None:
         """Ask the broker for its key until it answers: a broker that is down now may be
         up in a minute, as a known one is waited for. Errors speak of the address the
-        user gave, not of the key port beside it."""
+        user gave, not of the key port beside it. Of a cluster's brokers (several
+        addresses), each is asked in turn: they share one key."""
         hinted = False
+        ring = EndpointRing(self.server)
         while True:
             try:
-                where = os.environ.get("MANGOGRAM_KEY_ENDPOINT") or key_endpoint_for(self.server)
+                where = os.environ.get("MANGOGRAM_KEY_ENDPOINT") or key_endpoint_for(ring.current)
                 return await asyncio.to_thread(fetch_server_key, where, KEY_ATTEMPT_MS)
             except TimeoutError:
+                ring.advance()
                 if not hinted:
                     hinted = True
                     self.show(
@@ -673,6 +689,10 @@ class ChatApp:
             lines: list[Line] = []
             if event is not None and not isinstance(event, Closed):
                 lines += self.state.on_event(event, now)
+            if isinstance(event, LoggedIn) and connection.endpoint != self._broker_shown:
+                # Failed over to another broker of the cluster: say which, once.
+                self._broker_shown = connection.endpoint
+                lines.append(SystemLine(now, f"now connected to {connection.endpoint}"))
             lines += self.state.due(now)
             if lines or isinstance(event, IncomingMessage):
                 self.show(lines)

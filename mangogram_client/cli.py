@@ -20,7 +20,7 @@ from mangogram_proto.keys import (
 )
 
 from .commands import help_lines
-from .settings import config_dir, load_config_file, load_remembered, normalise_address
+from .settings import config_dir, load_config_file, load_remembered, normalise_servers
 
 EPILOG = """\
 interactive commands:
@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--server",
         help="broker address: host, host:port or tcp://host:port"
-        f" (default {DEFAULT_ENDPOINT}) [MANGOGRAM_SERVER]",
+        f" (default {DEFAULT_ENDPOINT}); for a cluster, several separated by commas"
+        " (tcp://a:5555,tcp://b:5555): the client connects to the first and, when the"
+        " connection is lost, logs in again at the next, resuming its session"
+        " [MANGOGRAM_SERVER]",
     )
     parser.add_argument("--name", help="your user name (asked for if missing)")
     parser.add_argument("--to", help="whom to talk to (opens that conversation)")
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     remembered = load_remembered()
     given_server = args.server or os.environ.get("MANGOGRAM_SERVER") or config.get("server")
     try:
-        server = normalise_address(given_server or remembered.server or DEFAULT_ENDPOINT)
+        server = normalise_servers(given_server or remembered.server or DEFAULT_ENDPOINT)
     except ValueError as exc:
         parser.error(str(exc))
     name = args.name or os.environ.get("MANGOGRAM_NAME") or config.get("name")

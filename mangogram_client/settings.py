@@ -67,6 +67,27 @@ def normalise_address(text: str) -> str:
     return f"tcp://{host}:{int(port)}"
 
 
+def normalise_servers(text: str) -> str:
+    """One broker address, or several of one cluster separated by commas (each as
+    `normalise_address` takes it), as the endpoint list the SDK takes: normalised,
+    joined by commas, repeats left out. The client connects to the first and, whenever
+    the connection is lost, tries the next.
+
+    Raises:
+        ValueError: an item is not an address, or there is none.
+    """
+    found: list[str] = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        endpoint = normalise_address(item)
+        if endpoint not in found:
+            found.append(endpoint)
+    if not found:
+        raise ValueError(f"{text!r} is not an address; try host, host:port or tcp://host:port")
+    return ",".join(found)
+
+
 @dataclass
 class Remembered:
     server: str | None = None

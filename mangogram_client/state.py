@@ -111,6 +111,9 @@ class ChatState:
         # message for them (it refuses names nobody has), so typos are not offered.
         self.contacts: dict[str, str] = {}
         self._own: dict[str, _OwnMessage] = {}
+        # Set once the broker refused one of our texts for now (its store is down, say):
+        # said once, until a text is accepted again.
+        self._retrying_said = False
         # Broker ids shown but not yet seen in the open conversation, per sender key.
         self._unseen: dict[str, list[str]] = {}
         self._reads: list[str] = []
@@ -214,6 +217,7 @@ class ChatState:
         if isinstance(event, IncomingMessage):
             return self._incoming(event, now)
         if isinstance(event, MessageAccepted):
+            self._retrying_said = False
             own = self._own.get(event.id)
             if own is not None:
                 self.contacts.setdefault(name_key(own.to), own.to)
@@ -260,6 +264,13 @@ class ChatState:
             return [SystemLine(now, "connection lost; reconnecting…", "error")]
         if isinstance(event, NameStatus):
             return self._name_status(event, now)
+        if isinstance(event, BrokerError) and event.ref is not None and event.ref in self._own:
+            # One of our texts refused for now (`unavailable`, `rate_limited`: retried
+            # until accepted; `internal`: a MessageFailed reports it if the SDK gives up).
+            if self._retrying_said:
+                return []
+            self._retrying_said = True
+            return [SystemLine(now, f"{event.message}; retrying…", "error")]
         if isinstance(event, BrokerError):
             if self.asking is not None and event.code in _CANNOT_ASK:
                 # No answer will come: open the conversation as if it could not be asked.
@@ -288,6 +299,15 @@ class ChatState:
                     ),
                 ]
             self.connection = "offline"
+            if event.code == "taken_over":
+                return [
+                    SystemLine(
+                        now,
+                        "signed in elsewhere (another window or machine): this one is offline"
+                        " now and does not reconnect; /exit to leave",
+                        "error",
+                    )
+                ]
             return [SystemLine(now, event.message, "error")]
         if isinstance(event, Closed):
             self.connection = "offline"

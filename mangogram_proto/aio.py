@@ -20,6 +20,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .backoff import Backoff
 from .constants import DEFAULT_ENDPOINT
+from .endpoints import EndpointRing
 from .errors import RemoteProtocolError
 from .events import ConnectionLost, Event, IncomingMessage, LoggedIn, LoginRefused
 from .keys import (
@@ -47,7 +48,10 @@ class AsyncConnection:
 
     Args:
         name: the name to log in with.
-        endpoint: the broker's ZeroMQ endpoint.
+        endpoint: the broker's ZeroMQ endpoint; for a cluster (docs/cluster.md), several
+            separated by commas: each reconnection after a lost connection tries the next
+            one (`mangogram_proto.endpoints`), resuming the session there. `endpoint`
+            always names the one in use.
     """
 
     def __init__(
@@ -62,7 +66,9 @@ class AsyncConnection:
         trust_new_server: TrustPrompt | None = None,
         takeover: bool = False,
     ) -> None:
-        self.endpoint = endpoint
+        # A cluster's brokers share one key pair: the security resolved for the first
+        # endpoint holds for all of them.
+        self._ring = EndpointRing(endpoint)
         self._security_request = SecurityRequest(server_key, identity, plaintext, trust_new_server)
         self.security: Security | None = None
         # Set when the connection gave up for good: the broker's key is not the expected one.
@@ -79,6 +85,16 @@ class AsyncConnection:
         self._stopping = False
         self._drain_until: int | None = None
         self._reconnect_at: int | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """The broker endpoint in use (or being tried) now."""
+        return self._ring.current
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Every endpoint this connection may use, in the order it tries them."""
+        return self._ring.endpoints
 
     @property
     def state(self) -> State:
@@ -99,26 +115,34 @@ class AsyncConnection:
         self.session.confirm(message.seq, wall_clock_ms(), after=after)
         self._wakeup.set()
 
-    def request_online(self) -> None:
-        """Ask who is online; the answer arrives as an `OnlineUsers` event."""
-        self.session.request_online(wall_clock_ms())
+    def request_online(self) -> str:
+        """Ask who is online; the answer arrives as an `OnlineUsers` event. Returns the
+        request's id: refused (rate limited) it is asked again after `retry_after_ms`,
+        and only a refusal the session gives up on arrives, as `BrokerError` with this
+        id as `ref`."""
+        request_id = self.session.request_online(wall_clock_ms())
         self._wakeup.set()
+        return request_id
 
-    def lookup_name(self, name: str) -> None:
+    def lookup_name(self, name: str) -> str:
         """Ask whether `name` is registered; the answer arrives as a `NameStatus` event
-        (from a broker older than LOOKUP, a `BrokerError` `unknown_command`)."""
-        self.session.lookup_name(name, wall_clock_ms())
+        (from a broker older than LOOKUP, a `BrokerError` `unknown_command`). Returns the
+        request's id (retried as for `request_online`)."""
+        request_id = self.session.lookup_name(name, wall_clock_ms())
         self._wakeup.set()
+        return request_id
 
     def mark_read(self, broker_id: str) -> None:
         """Tell the sender of message `broker_id` that our user has seen it."""
         self.session.mark_read(broker_id, wall_clock_ms())
         self._wakeup.set()
 
-    def request_history(self, peer: str, limit: int, before: str | None = None) -> None:
-        """Ask for a page of the conversation with `peer`; it arrives as `HistoryReceived`."""
-        self.session.request_history(peer, limit, before, wall_clock_ms())
+    def request_history(self, peer: str, limit: int, before: str | None = None) -> str:
+        """Ask for a page of the conversation with `peer`; it arrives as `HistoryReceived`.
+        Returns the request's id (retried as for `request_online`)."""
+        request_id = self.session.request_history(peer, limit, before, wall_clock_ms())
         self._wakeup.set()
+        return request_id
 
     def stop(self, *, drain: float = 0.0) -> None:
         """Leave the broker (waiting up to 1 s for GOODBYE) and make `run()` return.
@@ -131,8 +155,12 @@ class AsyncConnection:
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Connect, log in and keep the session alive until `stop()`, a refused login, or
-        a broker whose key is not the expected one (then `failure` says why).
+        """Connect, log in and keep the session alive until `stop()`, a refused login
+        (also `taken_over`: the name signed in elsewhere; `refused` says which), or a
+        broker whose key is not the expected one (then `failure` says why). Refusals
+        of a text worth retrying are retried by the session, in order (see
+        `ClientSession`): `rate_limited` and `unavailable` for as long as it lives,
+        others (`internal`) until a `MessageFailed` reports the final one.
 
         Raises:
             ServerKeyError: the broker's key could not be learned at all.
@@ -140,7 +168,9 @@ class AsyncConnection:
         """
         context = zmq.asyncio.Context.instance()
         # Learning a new server's key is a blocking round trip: keep it off the loop.
-        self.security = await asyncio.to_thread(self._security_request.resolve, self.endpoint)
+        # Resolved for the first endpoint (its pinned key), whichever is in use now.
+        first = self._ring.endpoints[0]
+        self.security = await asyncio.to_thread(self._security_request.resolve, first)
         try:
             await self._serve(context)
         except ServerKeyError as exc:
@@ -179,6 +209,7 @@ class AsyncConnection:
             ):
                 return
             if self._reconnect_at is not None and now >= self._reconnect_at:
+                log.info("reconnecting to %s", self._ring.advance())
                 self._open(context)
             for event in self.session.tick(now):
                 self._handle(event, now)

@@ -91,7 +91,10 @@ class Bot:
 
     Args:
         name: the name to log in with.
-        endpoint: the broker's ZeroMQ endpoint.
+        endpoint: the broker's ZeroMQ endpoint; for a cluster (docs/cluster.md), several
+            separated by commas: after a lost connection the bot logs in again at the
+            next one, resuming its session (nothing confirmed is lost, unanswered
+            replies are resent with their ids).
         handler_attempts: how many times the handlers run for a message that makes one
             of them raise, before the message is given up (logged and confirmed).
         retry_delay: seconds before the second run; doubled for each further one.
@@ -203,7 +206,8 @@ class Bot:
         a loop zmq.asyncio can use on every platform: `mangogram_proto.loops.run(...)`.
 
         Raises:
-            BrokerRefused: the broker refused the bot's name.
+            BrokerRefused: the broker refused the bot's name, or (`taken_over`) the
+                name's session was taken over elsewhere (a login with `takeover`).
             ServerKeyError: the broker's key is unknown or not the expected one.
         """
         request = self._security

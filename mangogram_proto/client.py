@@ -15,7 +15,21 @@ unconfirmed. Messages you only see through `next_event()` are confirmed by
 
 The client does its network work (heartbeats, reconnects, receipts) only while one of
 its methods runs, so a script that stays away for longer than the heartbeat timeout is
-logged out by the broker; the next call notices and logs in again by itself.
+logged out by the broker; the next call notices and logs in again by itself. Given
+several endpoints of a cluster ("tcp://a:5555,tcp://b:5555"), each reconnection goes to
+the next one (`mangogram_proto.endpoints`), resuming the session there.
+
+Refusals: a text the broker refuses for now stays queued and goes again, ahead of later
+texts and with its id, after the broker's `retry_after_ms` or a short backoff. For
+`rate_limited` and `unavailable` (flow control) that goes on for as long as the session
+lives: texts are slow, never lost or reordered, for being sent fast; another such code
+(`internal`) fails the text after 4 attempts. `online_users()`, `history()` and
+`is_registered()` asked faster than the broker allows are asked again the same way (up
+to 4 times).
+
+Taken over: when the name signs in elsewhere with `takeover` (another window, same
+key), the broker says so (`taken_over`); from then on every call that waits on the
+network raises `BrokerRefused` with that code, and the client does not reconnect.
 
 Closing: `send(..., wait=False)` only queues a text. `close()` (and leaving a `with`
 block) first waits, up to its `timeout` (10 s by default), until the broker has accepted
@@ -39,6 +53,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .backoff import Backoff
 from .constants import DEFAULT_ENDPOINT
+from .endpoints import EndpointRing
 from .errors import BrokerRefused, ErrorCode, RemoteProtocolError, UnsentMessagesError
 from .events import (
     BrokerError,
@@ -106,8 +121,7 @@ class Client:
     ) -> None:
         # A cluster's brokers share one key pair: the security resolved for the first
         # endpoint holds for all of them.
-        self._endpoints = [e.strip() for e in endpoint.split(",") if e.strip()] or [endpoint]
-        self.endpoint = self._endpoints[0]
+        self._ring = EndpointRing(endpoint)
         self._security_request = SecurityRequest(server_key, identity, plaintext, trust_new_server)
         self.security: Security | None = None
         self._security_resolved = False
@@ -129,9 +143,15 @@ class Client:
         self._online: tuple[str, ...] | None = None
         self._name_status: NameStatus | BrokerError | None = None
         self._looking_up = False
+        # Requests (WHO, HISTORY, LOOKUP) a method waits for, and the refusal that ended
+        # one (a BrokerError naming its id).
+        self._asking: set[str] = set()
+        self._request_errors: dict[str, BrokerError] = {}
         self._history: HistoryReceived | None = None
         self._refused: LoginRefused | None = None
         self._logged_in: LoggedIn | None = None
+        # The broker's notice that our name signed in elsewhere: the session is over.
+        self._taken_over: LoginRefused | None = None
         # Set by close(): refusals nobody waits for any more are logged.
         self._closing = False
 
@@ -151,6 +171,12 @@ class Client:
             self.close(confirm=False)
         except UnsentMessagesError as exc:
             log.warning("closing after an error: %s", exc)  # do not hide the first one
+
+    @property
+    def endpoint(self) -> str:
+        """The broker endpoint in use (or tried) now; it moves to the next one given at
+        each reconnection (see `mangogram_proto.endpoints`)."""
+        return self._ring.current
 
     @property
     def name(self) -> str:
@@ -216,13 +242,16 @@ class Client:
         With `wait=True`, blocks until the broker accepted it.
 
         Raises:
-            BrokerRefused: (with `wait`) the broker refused the message for good, or
-                never answered it in 4 attempts (`wire_code` "no_answer", see
-                `session.MAX_SEND_ATTEMPTS`).
-            TimeoutError: (with `wait`) not accepted within `timeout`; it stays queued
-                and is resent after a reconnect.
+            BrokerRefused: (with `wait`) the broker refused the message for good,
+                refused it `internal` 4 times, or never answered it in 4 attempts
+                (`wire_code` "no_answer", see `session.MAX_SEND_ATTEMPTS`). Never for
+                `rate_limited` or `unavailable`: those are retried until accepted.
+            TimeoutError: (with `wait`) not accepted within `timeout` (also while the
+                broker keeps answering `rate_limited` or `unavailable`); it stays
+                queued and is resent, in order.
             LocalProtocolError: the text cannot be sent at all (e.g. invalid Unicode).
         """
+        self._check_taken_over()
         message_id = self.session.send_text(to, text, self._clock())
         if not wait:
             self._flush()
@@ -244,7 +273,11 @@ class Client:
         Calling it confirms the message it returned the time before: you are done with
         that one. A message you could not handle is not lost if your process ends
         before the next call (or `confirm()`, or `close()`): the broker delivers it
-        again at the next login, with everything after it."""
+        again at the next login, with everything after it.
+
+        Raises:
+            BrokerRefused: (`taken_over`) the name signed in elsewhere (a login with
+                `takeover`); this session is over and does not reconnect."""
         self._confirm_taken()
         if not self._inbox:
             self._pump(timeout, lambda: bool(self._inbox))
@@ -276,31 +309,48 @@ class Client:
         return self._events.popleft() if self._events else None
 
     def online_users(self, timeout: float = 5.0) -> tuple[str, ...]:
-        """Ask the broker who is online.
+        """Ask the broker who is online. Asked faster than the broker allows (2 a second
+        by default), the question is asked again after the broker's `retry_after_ms`.
 
         Raises:
+            BrokerRefused: the broker refused the question 4 times (`rate_limited`).
             TimeoutError: no answer within `timeout` seconds.
         """
         self._online = None
-        self.session.request_online(self._clock())
-        if not self._pump(timeout, lambda: self._online is not None):
-            raise TimeoutError("no answer to WHO")
+        request_id = self.session.request_online(self._clock())
+        self._await_request(request_id, timeout, lambda: self._online is not None, "WHO")
         assert self._online is not None
         return self._online
+
+    def _await_request(
+        self, request_id: str, timeout: float, answered: Callable[[], bool], command: str
+    ) -> None:
+        """Pump until `answered()` or the session gives up on request `request_id`."""
+        self._asking.add(request_id)
+        try:
+            done = self._pump(timeout, lambda: answered() or request_id in self._request_errors)
+            refusal = self._request_errors.pop(request_id, None)
+        finally:
+            self._asking.discard(request_id)
+        if refusal is not None and not answered():
+            raise BrokerRefused(
+                refusal.code, refusal.message, ref=request_id, retry_after_ms=refusal.retry_after_ms
+            )
+        if not done:
+            raise TimeoutError(f"no answer to {command}")
 
     def is_registered(self, name: str, timeout: float = 5.0) -> bool:
         """Ask the broker whether `name` is registered (a SEND to it would be stored).
 
         Raises:
-            BrokerRefused: the broker refused the question (`rate_limited`, or
+            BrokerRefused: the broker refused the question (`rate_limited` 4 times, or
                 `unknown_command` from a broker older than LOOKUP).
             TimeoutError: no answer within `timeout` seconds.
         """
         self._name_status = None
         self._looking_up = True
-        self.session.lookup_name(name, self._clock())
-        if not self._pump(timeout, lambda: self._name_status is not None):
-            raise TimeoutError("no answer to LOOKUP")
+        request_id = self.session.lookup_name(name, self._clock())
+        self._await_request(request_id, timeout, lambda: self._name_status is not None, "LOOKUP")
         answer = self._name_status
         if isinstance(answer, BrokerError):
             raise BrokerRefused(answer.code, answer.message, retry_after_ms=answer.retry_after_ms)
@@ -313,13 +363,16 @@ class Client:
         """A page of the conversation with `peer`, newest first, older than broker id
         `before`. Page on with `before=page.items[-1].broker_id` while `page.more`.
 
+        Asked faster than the broker allows (2 a second by default), the question is
+        asked again after the broker's `retry_after_ms`.
+
         Raises:
+            BrokerRefused: the broker refused the question 4 times (`rate_limited`).
             TimeoutError: no answer within `timeout` seconds.
         """
         self._history = None
-        self.session.request_history(peer, limit, before, self._clock())
-        if not self._pump(timeout, lambda: self._history is not None):
-            raise TimeoutError("no answer to HISTORY")
+        request_id = self.session.request_history(peer, limit, before, self._clock())
+        self._await_request(request_id, timeout, lambda: self._history is not None, "HISTORY")
         assert self._history is not None
         return self._history
 
@@ -362,6 +415,11 @@ class Client:
                     )
                 )
 
+    def _check_taken_over(self) -> None:
+        """Raise if the broker said our session was taken over elsewhere."""
+        if self._taken_over is not None:
+            raise BrokerRefused(self._taken_over.code, self._taken_over.message)
+
     def _confirm_taken(self) -> None:
         if self._taken is not None:
             self.session.confirm(self._taken.seq, self._clock())
@@ -384,12 +442,11 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not done():
             if self.session.state is State.CLOSED and self._socket is None:
+                self._check_taken_over()
                 return bool(done())
             now = self._clock()
             if self._reconnect_at is not None and now >= self._reconnect_at:
-                at = self._endpoints.index(self.endpoint)
-                self.endpoint = self._endpoints[(at + 1) % len(self._endpoints)]
-                log.info("reconnecting to %s", self.endpoint)
+                log.info("reconnecting to %s", self._ring.advance())
                 self._open(now)
             for event in self.session.tick(now):
                 self._dispatch(event, now)
@@ -453,10 +510,15 @@ class Client:
             log.warning("message %s to %s refused: %s", event.id, event.to, event.message)
         if isinstance(event, MessageAccepted | MessageFailed) and event.id in self._waiting:
             self._results[event.id] = event
+        elif isinstance(event, BrokerError) and event.ref in self._asking:
+            self._request_errors[event.ref] = event
         elif isinstance(event, OnlineUsers):
             self._online = event.users
-        elif self._looking_up and isinstance(event, NameStatus | BrokerError):
-            # An ERROR without a ref while a LOOKUP waits is taken as its refusal.
+        elif self._looking_up and (
+            isinstance(event, NameStatus) or (isinstance(event, BrokerError) and not event.ref)
+        ):
+            # An ERROR without a ref while a LOOKUP waits is taken as its refusal (an
+            # older broker names no request).
             self._name_status = event
             self._looking_up = False
         elif isinstance(event, HistoryReceived):
@@ -466,6 +528,12 @@ class Client:
             self._backoff.reset()
         elif isinstance(event, LoginRefused):
             self._refused = event
+            if event.code == ErrorCode.TAKEN_OVER.value:
+                # Signed in elsewhere: the session is over, and reconnecting would only
+                # be refused.
+                log.warning("%s", event.message)
+                self._taken_over = event
+                self._close_socket()
         elif isinstance(event, ConnectionLost):
             delay = self._backoff.next_delay_ms()
             log.warning("%s; reconnecting in %d ms", event.reason, delay)

@@ -65,6 +65,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     ROUTING_ID_REFUSED = "routing_id_refused"
     UNAVAILABLE = "unavailable"
+    TAKEN_OVER = "taken_over"
     INTERNAL = "internal"
 
 

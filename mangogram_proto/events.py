@@ -120,11 +120,14 @@ class NameStatus:
 
 @dataclass(frozen=True)
 class BrokerError:
-    """An error not tied to one of our messages (e.g. rate limited, malformed)."""
+    """An error not tied to one of our texts (e.g. rate limited, malformed). `ref` is the
+    id of the request it answers (a WHO, HISTORY or LOOKUP the session gave an id), if
+    the broker named one."""
 
     code: str
     message: str
     retry_after_ms: int | None
+    ref: str | None = None
 
 
 @dataclass(frozen=True)

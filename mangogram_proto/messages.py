@@ -96,25 +96,31 @@ class Read(WireStruct, frozen=True):
 
 class History(WireStruct, frozen=True):
     """Ask for the conversation with `peer`, newest first, older than broker id `before`
-    (None: from the newest), at most `limit` messages."""
+    (None: from the newest), at most `limit` messages. `id` (optional) is echoed as the
+    `ref` of an ERROR refusing it, such as `rate_limited`."""
 
     COMMAND: ClassVar[str] = "HISTORY"
     peer: str
     limit: Int64
     before: str | None = None
+    id: str | None = None
 
 
 class Who(WireStruct, frozen=True):
-    """Ask for the list of online users."""
+    """Ask for the list of online users. `id` (optional) is echoed as the `ref` of an
+    ERROR refusing it, such as `rate_limited`."""
 
     COMMAND: ClassVar[str] = "WHO"
+    id: str | None = None
 
 
 class Lookup(WireStruct, frozen=True):
-    """Ask whether `name` is registered (has ever logged in to this broker)."""
+    """Ask whether `name` is registered (has ever logged in to this broker). `id`
+    (optional) is echoed as the `ref` of an ERROR refusing it, such as `rate_limited`."""
 
     COMMAND: ClassVar[str] = "LOOKUP"
     name: str
+    id: str | None = None
 
 
 class Ping(WireStruct, frozen=True):

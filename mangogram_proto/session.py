@@ -14,7 +14,17 @@ sends whatever `data_to_send()` returns. Time is always passed in (ms since epoc
 
 Outgoing texts sit in an outbox until ACCEPTED (or refused for good). After a re-login
 every unacknowledged text is sent again with its original id, which the broker treats
-as idempotent. While rate limited, texts wait in the outbox for the retry-after. A text
+as idempotent. A text the broker refuses in a way worth retrying goes back to the
+outbox, and no text is sent until every text still on the wire has been answered and
+the ERROR's retry_after_ms, or else a backoff doubling from RETRY_INITIAL_MS up to
+RETRY_MAX_MS (`retry_delay_ms`), has passed; then the outbox goes out oldest first, the
+refused text ahead of later ones (the broker holds a connection's later SENDs until the
+refused id comes again, so the recipient sees them in order). Flow control
+(`rate_limited`; `unavailable`: the cluster store could not keep it) is retried for as
+long as the session lives, never counted against the text; another such refusal
+(`internal`...) fails the text after MAX_SEND_ATTEMPTS attempts with the broker's code.
+WHO, HISTORY and LOOKUP carry an id, and one refused with it as `ref` (rate limited) is
+asked again the same way, up to MAX_SEND_ATTEMPTS times. A text
 on the wire that gets no answer within the answer timeout (the announced heartbeat
 timeout, doubling with each attempt) is sent again with the same id; after
 MAX_SEND_ATTEMPTS unanswered attempts it is reported failed (`no_answer`), so an
@@ -98,6 +108,15 @@ MAX_IN_FLIGHT = 256
 MAX_SEND_ATTEMPTS = 4
 # The SDK's own failure code for a text the broker never answered (not a wire code).
 NO_ANSWER = "no_answer"
+# A refusal worth retrying (`unavailable`, `rate_limited`, `internal`...) that carries no
+# retry_after_ms is retried after RETRY_INITIAL_MS, doubling with each refusal of the
+# same text, up to RETRY_MAX_MS.
+RETRY_INITIAL_MS = 250
+RETRY_MAX_MS = 4000
+# WHO, HISTORY and LOOKUP requests awaiting their answer that the session remembers (by
+# id), and for how long: enough to retry them after `rate_limited`.
+MAX_REQUESTS = 64
+REQUEST_KEEP_MS = 60_000
 # The share of the broker's announced send rate the session allows itself.
 PACE_FRACTION = 0.9
 
@@ -110,6 +129,11 @@ _FINAL_SEND_ERRORS = frozenset(
         ErrorCode.MALFORMED.value,
     }
 )
+# Refusals of a SEND that are flow control, not a verdict on the text: the broker is
+# busy (`rate_limited`) or its cluster store is briefly down (`unavailable`). Retried
+# without a count limit while the session lives; a text must not be lost for being sent
+# fast.
+_FLOW_CONTROL_ERRORS = frozenset({ErrorCode.RATE_LIMITED.value, ErrorCode.UNAVAILABLE.value})
 _LOGIN_ERRORS = frozenset(
     {
         ErrorCode.NAME_TAKEN.value,
@@ -136,6 +160,28 @@ class _Pending:
     # When the latest transmission went out, and how many there were on this login.
     sent_at: int = 0
     attempts: int = 0
+    # Flow-control refusals of it in a row (`_FLOW_CONTROL_ERRORS`): only for the backoff.
+    refusals: int = 0
+
+
+def retry_delay_ms(refusals: int, retry_after_ms: int | None) -> int:
+    """How long to wait before sending again what the broker refused `refusals` times in
+    a row (1 for the first refusal): its `retry_after_ms` if it gave one, else a bounded
+    exponential backoff (RETRY_INITIAL_MS doubling up to RETRY_MAX_MS)."""
+    if retry_after_ms is not None and retry_after_ms >= 0:
+        return retry_after_ms
+    return min(RETRY_MAX_MS, RETRY_INITIAL_MS << min(max(0, refusals - 1), 16))
+
+
+@dataclass
+class _Request:
+    """A WHO, HISTORY or LOOKUP sent with an id, until its answer (or final refusal)."""
+
+    message: Who | History | Lookup
+    made_at: int
+    attempts: int = 1
+    # Set while it waits to go again after a refusal: when it may.
+    resend_at: int | None = None
 
 
 _id_lock = threading.Lock()
@@ -197,11 +243,17 @@ class ClientSession:
         # Ids of the texts on the wire awaiting an answer (a set, so that freeing a slot
         # twice cannot miscount).
         self._in_flight: set[str] = set()
+        # WHO / HISTORY / LOOKUP sent with an id and not yet answered, oldest first.
+        self._requests: OrderedDict[str, _Request] = OrderedDict()
         self._pace: TokenBucket | None = None
         self._pace_until = 0
         self._last_received = 0
         self._last_sent = 0
         self._hold_until = 0
+        # After a refusal: nothing is sent until every text on the wire has its answer
+        # (the broker holds them behind the refused one), so the outbox goes again in
+        # order, the refused text first.
+        self._settling = False
 
     # Driver API
 
@@ -243,7 +295,14 @@ class ClientSession:
         for pending in self._outbox.values():
             pending.transmitted = False
             pending.attempts = 0  # a broker that was away is no verdict on the text
+            pending.refusals = 0
         self._in_flight.clear()
+        self._settling = False
+        for request_id, request in list(self._requests.items()):
+            if now - request.made_at > REQUEST_KEEP_MS:
+                del self._requests[request_id]
+            else:
+                request.resend_at = now  # asked again once logged in
         self._last_received = now
         takeover = True if self.takeover else None  # absent on the wire unless asked
         self._queue(Login(self.name, self._resume_token, self._confirmed_mark, takeover), now)
@@ -288,13 +347,19 @@ class ClientSession:
         their ids) are not yet accepted."""
         return {seq: frozenset(ids) for seq, ids in self._held_confirms.items()}
 
-    def request_online(self, now: int) -> None:
-        """Ask who is online; the answer arrives as `OnlineUsers`."""
-        self._queue(Who(), now)
+    def request_online(self, now: int) -> str:
+        """Ask who is online; the answer arrives as `OnlineUsers`. Returns the request's
+        id: a refusal the session gives up on arrives as `BrokerError` with it as `ref`.
 
-    def lookup_name(self, name: str, now: int) -> None:
-        """Ask whether `name` is registered; the answer arrives as `NameStatus`."""
-        self._queue(Lookup(name), now)
+        `rate_limited` (and other refusals naming the id) are retried after the
+        broker's `retry_after_ms`, up to MAX_SEND_ATTEMPTS sends in all; a request on
+        the wire when the connection is lost is asked again after the next login."""
+        return self._request(Who(id=self._new_id()), now)
+
+    def lookup_name(self, name: str, now: int) -> str:
+        """Ask whether `name` is registered; the answer arrives as `NameStatus`. Returns
+        the request's id (retries as for `request_online`)."""
+        return self._request(Lookup(name, id=self._new_id()), now)
 
     def mark_read(self, broker_id: str, now: int) -> None:
         """Tell the sender of message `broker_id` that our user has seen it."""
@@ -302,9 +367,10 @@ class ClientSession:
             self._queue_due_receipt(now)  # the RECEIPT for a message goes before its READ
             self._queue(Read(broker_id), now)
 
-    def request_history(self, peer: str, limit: int, before: str | None, now: int) -> None:
-        """Ask for older messages with `peer`; they arrive as `HistoryReceived`."""
-        self._queue(History(peer, limit, before), now)
+    def request_history(self, peer: str, limit: int, before: str | None, now: int) -> str:
+        """Ask for older messages with `peer`; they arrive as `HistoryReceived`. Returns
+        the request's id (retries as for `request_online`)."""
+        return self._request(History(peer, limit, before, id=self._new_id()), now)
 
     def leave(self, now: int) -> None:
         """End the session; `Closed` follows when the broker confirms."""
@@ -331,12 +397,19 @@ class ClientSession:
         deadline = self._last_received + self.heartbeat_timeout_ms
         if self.state is State.ONLINE:
             deadline = min(deadline, self._last_sent + self.heartbeat_interval_ms)
-            if self._hold_until and any(not p.transmitted for p in self._outbox.values()):
-                deadline = min(deadline, self._hold_until)
-            if self._pace_until:
-                deadline = min(deadline, self._pace_until)
+            if self._settling and self._in_flight:
+                pass  # an answer moves things on (or the answer timeout, below)
+            elif self._pace_until or (
+                self._hold_until and any(not p.transmitted for p in self._outbox.values())
+            ):
+                # Whichever ends later: a pacing wait that ended during a hold would
+                # otherwise ask for a tick in the past, again and again (a busy loop).
+                deadline = min(deadline, max(self._pace_until, self._hold_until))
             for message_id in self._in_flight:
                 deadline = min(deadline, self._answer_deadline(self._outbox[message_id]))
+            for request in self._requests.values():
+                if request.resend_at is not None:
+                    deadline = min(deadline, request.resend_at)
         return deadline
 
     def tick(self, now: int) -> list[Event]:
@@ -352,6 +425,7 @@ class ClientSession:
         if self.state is State.ONLINE:
             events = self._expire_unanswered(now)
             self._flush_outbox(now)
+            self._resend_requests(now)
             if now - self._last_sent >= self.heartbeat_interval_ms:
                 self._queue(Ping(), now)
         return events
@@ -387,6 +461,7 @@ class ClientSession:
         if isinstance(message, Seen):
             return [MessageRead(message.id, message.broker_id, message.by, message.read_at)]
         if isinstance(message, HistoryPage):
+            self._answered(History)
             return [HistoryReceived(message.peer, message.items, message.more)]
         if isinstance(message, Presence):
             joined = message.event == "joined"
@@ -396,9 +471,11 @@ class ClientSession:
                 self.online.pop(name_key(message.name), None)
             return [PresenceChanged(message.name, joined, message.at)]
         if isinstance(message, Online):
+            self._answered(Who)
             self.online = {name_key(n): n for n in message.users}
             return [OnlineUsers(message.users)]
         if isinstance(message, NameInfo):
+            self._answered(Lookup)
             return [NameStatus(message.name, message.registered)]
         if isinstance(message, Pong):
             return []
@@ -410,6 +487,46 @@ class ClientSession:
         )
 
     # Internals
+
+    def _request(self, message: Who | History | Lookup, now: int) -> str:
+        assert message.id is not None
+        while len(self._requests) >= MAX_REQUESTS:
+            self._requests.popitem(last=False)  # the oldest: nobody waits that long
+        if self.state is State.ONLINE:
+            self._requests[message.id] = _Request(message, now)
+            self._queue(message, now)
+        else:
+            self._requests[message.id] = _Request(message, now, attempts=0, resend_at=now)
+        return message.id
+
+    def _answered(self, kind: type[Who | History | Lookup]) -> None:
+        """An answer to a `kind` request came: the broker answers in order, so it is the
+        oldest of that kind on the wire (from an older broker, maybe one it refused
+        without a ref; forgetting that one is harmless)."""
+        for request_id, request in self._requests.items():
+            if isinstance(request.message, kind) and request.resend_at is None:
+                del self._requests[request_id]
+                return
+
+    def _resend_requests(self, now: int) -> None:
+        for request in self._requests.values():
+            if request.resend_at is not None and now >= request.resend_at:
+                request.resend_at = None
+                request.attempts += 1
+                self._queue(request.message, now)
+
+    def _request_refused(self, request_id: str, error: Error, now: int) -> list[Event]:
+        request = self._requests[request_id]
+        retryable = error.code not in _FINAL_SEND_ERRORS and error.code not in _LOGIN_ERRORS
+        if retryable and request.attempts < MAX_SEND_ATTEMPTS and request.resend_at is None:
+            # Rate limited (most likely): ask again once the broker lets us.
+            request.resend_at = now + retry_delay_ms(request.attempts, error.retry_after_ms)
+            return []
+        del self._requests[request_id]
+        message = error.message
+        if retryable:
+            message = f"{message} (refused {request.attempts} times; gave up)"
+        return [BrokerError(error.code, message, error.retry_after_ms, request_id)]
 
     def _confirm_now(self, seq: int) -> None:
         received = seq <= (self._stream_mark or 0) or seq in self._above_mark
@@ -479,6 +596,10 @@ class ClientSession:
             return
         self._hold_until = 0  # the hold is over; a past deadline would make drivers spin
         self._pace_until = 0
+        if self._settling:
+            if self._in_flight:
+                return  # their answers first (refusals, most likely, setting a new hold)
+            self._settling = False
         for message_id, pending in self._outbox.items():
             if len(self._in_flight) >= MAX_IN_FLIGHT:
                 return
@@ -530,6 +651,7 @@ class ClientSession:
                 self._confirmed_mark += 1
                 self._confirmed_above.discard(self._confirmed_mark)
         self._flush_outbox(now)
+        self._resend_requests(now)
         return [
             LoggedIn(welcome.name, welcome.server_time, welcome.limits, welcome.online, resumed)
         ]
@@ -578,7 +700,8 @@ class ClientSession:
         return True
 
     def _on_error(self, error: Error, now: int) -> list[Event]:
-        if self.state is State.LOGGING_IN and error.code == ErrorCode.RATE_LIMITED.value:
+        login_refusal = self.state is State.LOGGING_IN and not error.ref  # not a SEND's
+        if login_refusal and error.code == ErrorCode.RATE_LIMITED.value:
             # Too many new names from our address: try again after a backoff.
             self.state = State.DISCONNECTED
             return [ConnectionLost(f"login rate limited: {error.message}")]
@@ -596,17 +719,44 @@ class ClientSession:
                 # The broker forgot us (restart, or we were silent too long): log in again.
                 self.connect(now)
             return []
+        if error.code == ErrorCode.TAKEN_OVER.value and not error.ref:
+            # Our name's session was taken over by a login elsewhere (the same key): any
+            # reconnect would only be refused, so stop here and say why.
+            self.state = State.CLOSED
+            self._outgoing.clear()
+            return [LoginRefused(error.code, error.message)]
+        if error.ref and error.ref in self._requests:
+            return self._request_refused(error.ref, error, now)
         pending = self._free_slot(error.ref) if error.ref else None
         if pending is not None:
-            if error.code == ErrorCode.RATE_LIMITED.value:
-                pending.attempts = max(0, pending.attempts - 1)  # pacing, not a fault
-                self._hold_until = max(self._hold_until, now + (error.retry_after_ms or 1000))
-                return [BrokerError(error.code, error.message, error.retry_after_ms)]
-            if error.code in _FINAL_SEND_ERRORS or pending.attempts >= MAX_SEND_ATTEMPTS:
+            if error.code in _FINAL_SEND_ERRORS:
                 del self._outbox[pending.send.id]
                 self._left_outbox(pending.send.id)
+                self._flush_outbox(now)  # its slot is free (and it may end a settling)
                 return [MessageFailed(pending.send.id, pending.send.to, error.code, error.message)]
-            # Any other refusal naming the text: try it again later, a bounded number of
-            # times.
-            self._hold_until = max(self._hold_until, now + (error.retry_after_ms or 1000))
-        return [BrokerError(error.code, error.message, error.retry_after_ms)]
+            self._settling = True
+            if error.code in _FLOW_CONTROL_ERRORS:
+                # Flow control: the transmission was answered, so it does not count
+                # towards MAX_SEND_ATTEMPTS; wait and send it again, as often as it takes.
+                pending.attempts = max(0, pending.attempts - 1)
+                pending.refusals += 1
+                delay = retry_delay_ms(pending.refusals, error.retry_after_ms)
+                self._hold_until = max(self._hold_until, now + delay)
+                return [BrokerError(error.code, error.message, error.retry_after_ms, error.ref)]
+            if pending.attempts >= MAX_SEND_ATTEMPTS:
+                # `internal` or another refusal worth retrying, every time: give up, so
+                # the caller hears of it rather than waiting for ever.
+                del self._outbox[pending.send.id]
+                self._left_outbox(pending.send.id)
+                reason = (
+                    f"refused by the broker {pending.attempts} times ({error.code}:"
+                    f" {error.message}); gave up"
+                )
+                self._flush_outbox(now)
+                return [MessageFailed(pending.send.id, pending.send.to, error.code, reason)]
+            # Another refusal worth retrying (`internal`...): back to the outbox, and
+            # nothing more is sent (texts keep their order) until its retry_after_ms, or
+            # a backoff.
+            delay = retry_delay_ms(pending.attempts, error.retry_after_ms)
+            self._hold_until = max(self._hold_until, now + delay)
+        return [BrokerError(error.code, error.message, error.retry_after_ms, error.ref)]

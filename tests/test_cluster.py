@@ -721,8 +721,8 @@ def test_a_nats_node_killed_during_a_burst_loses_no_acknowledged_message_replica
 
 def test_the_same_storm_with_the_senders_broker_killed_too_loses_nothing(tmp_path, zctx):
     """kill -9 of a NATS node, then of the broker the sender is on; the sender reconnects
-    to the other broker and resends what it has no ACCEPTED for (by hand here: the SDK
-    does not fail over yet)."""
+    to the other broker and resends what it has no ACCEPTED for (by hand here, as a
+    raw client would; the SDK's own failover is in test_cluster_failover.py)."""
     from .natsserver import start_cluster
 
     nodes = start_cluster(tmp_path / "nats")

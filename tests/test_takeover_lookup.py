@@ -65,9 +65,11 @@ def test_the_owner_key_takes_over_its_session_online_elsewhere(store):
     assert codes(say(core, peer(3), Login("Mei"), "key-mei")) == ["name_taken"]
     out = say(core, peer(3), Login("mei", takeover=True), "key-mei")
     assert isinstance(out[0].message, Welcome) and out[0].peer == peer(3)
-    # Ended as a token takeover ends a session: the old connection is dropped from it,
-    # told nothing, and nobody hears of a leave or a join.
-    assert {o.peer for o in out} == {peer(3)}
+    # The old connection is dropped from the session and told why (ERROR taken_over, so
+    # it stops logging in again), and nobody hears of a leave or a join.
+    assert [o.message for o in out if o.peer != peer(3)] == [
+        Error("taken_over", "mei signed in elsewhere")
+    ]
     assert not any(isinstance(o.message, Presence) for o in out)
     session = core.registry.by_key("mei")
     assert session is not None and session.peer == peer(3) and session.name == "mei"

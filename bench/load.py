@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 import orjson  # what the MangoGram SDK uses, so the generator costs what a client does
 import zmq
 
+from mangogram_broker.openfiles import raise_open_file_limit
+
 PAYLOAD = "x" * 100  # 100-byte texts
 WINDOW_START = "window-start"
 WINDOW_END = "window-end"
@@ -110,6 +112,8 @@ class MangoClient(Client):
         self.online = False
         self.ids = itertools.count(1)  # unique per sender, as the protocol asks
         self.mark = 0  # highest stream seq held; the broker delivers in order here
+        # Idle mode counts refused LOGINs here instead of stopping at the first one.
+        self.refusals: list[str] | None = None
         self.sock.send_multipart([SIGNATURE, b"LOGIN", orjson.dumps({"name": name})])
 
     def fileno_or_socket(self) -> object:
@@ -141,6 +145,9 @@ class MangoClient(Client):
             elif command == b"WELCOME":
                 self.online = True
             elif command == b"ERROR":
+                if not self.online and self.refusals is not None:
+                    self.refusals.append(body.decode())  # a refused LOGIN is an answer too
+                    continue
                 raise SystemExit(f"{self.name}: broker error {body.decode()}")
 
 
@@ -324,6 +331,17 @@ class Waiter:
         return list(found.values())
 
 
+def source_endpoint(endpoint: str, source: str | None) -> str:
+    """`endpoint` connected from the local address `source` (libzmq's
+    `tcp://SOURCE:0;HOST:PORT` form; port 0 lets the kernel pick the source port). Each
+    source address has its own ~28,000 ephemeral ports, so tens of thousands of
+    connections to one server port need several (127.0.0.x on Linux)."""
+    if not source:
+        return endpoint
+    scheme, _, rest = endpoint.partition("://")
+    return f"{scheme}://{source}:0;{rest}"
+
+
 def make_clients(args: argparse.Namespace, names: list[str]) -> list[Client]:
     if args.system == "thread-server":
         host, port = args.endpoint.rsplit(":", 1)
@@ -339,15 +357,23 @@ def make_clients(args: argparse.Namespace, names: list[str]) -> list[Client]:
             return list(made)
     context = zmq.Context.instance()
     context.set(zmq.MAX_SOCKETS, 50_000)
+    endpoint = source_endpoint(args.endpoint, getattr(args, "source", None))
     if args.system in ("limit", "limit-curve"):
-        return [LimitClient(context, args.endpoint, n, args.server_key) for n in names]
-    return [MangoClient(context, args.endpoint, n, args.server_key) for n in names]
+        return [LimitClient(context, endpoint, n, args.server_key) for n in names]
+    return [MangoClient(context, endpoint, n, args.server_key) for n in names]
+
+
+def answered(client: Client) -> bool:
+    """A MangoGram client whose LOGIN was answered: welcomed, or refused when refusals
+    are counted (idle mode)."""
+    return bool(client.online or client.refusals)  # type: ignore[attr-defined]
 
 
 def wait_online(clients: list[Client], system: str, deadline: float) -> None:
     """Every client must be reachable before the measurement starts: MangoGram clients
-    wait for WELCOME; the others send themselves a probe (their servers drop messages
-    for peers they do not know yet, which would strand in-flight messages)."""
+    wait for their LOGIN's answer (WELCOME; or ERROR where refusals are counted); the
+    others send themselves a probe (their servers drop messages for peers they do not
+    know yet, which would strand in-flight messages)."""
     if system == "mangogram":
         pending = list(clients)
         waiter = Waiter(pending, system)
@@ -356,7 +382,7 @@ def wait_online(clients: list[Client], system: str, deadline: float) -> None:
                 raise SystemExit(f"{len(pending)} clients never logged in")
             for client in waiter.ready(100):
                 client.receive()
-            pending = [c for c in pending if not c.online]  # type: ignore[attr-defined]
+            pending = [c for c in pending if not answered(c)]
         return
     waiter = Waiter(clients, system)
     pending_set = set(range(len(clients)))
@@ -532,10 +558,26 @@ def storm(args: argparse.Namespace) -> dict[str, object]:
 
 
 def idle(args: argparse.Namespace) -> dict[str, object]:
+    """Log `--clients` in and report, as one JSON line, the time it took and how each
+    LOGIN was answered (MangoGram: `welcomed` and `refused`; the others: reachable,
+    counted as welcomed); then hold the connections until stdin closes."""
+    raise_open_file_limit()  # two descriptors a client here (its TCP socket, its mailbox)
     started = time.monotonic()
     clients = make_clients(args, [f"{args.prefix}i{i}" for i in range(args.clients)])
-    wait_online(clients, args.system, started + 300)
-    print(json.dumps({"connect_s": time.monotonic() - started}), flush=True)
+    mango = args.system == "mangogram"
+    if mango:
+        for client in clients:
+            client.refusals = []  # type: ignore[attr-defined]
+    wait_online(clients, args.system, started + args.deadline)
+    refused = [c for c in clients if c.refusals] if mango else []  # type: ignore[attr-defined]
+    report = {
+        "connect_s": time.monotonic() - started,
+        "clients": len(clients),
+        "welcomed": len(clients) - len(refused),
+        "refused": len(refused),
+        "first_refusal": refused[0].refusals[0] if refused else None,  # type: ignore[attr-defined]
+    }
+    print(json.dumps(report), flush=True)
     sys.stdin.read()  # hold the connections until the orchestrator closes our stdin
     return {}
 
@@ -554,6 +596,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--prefix", default="b")
+    parser.add_argument(
+        "--source", help="connect from this local address (idle mode; e.g. 127.0.0.2)"
+    )
+    parser.add_argument(
+        "--deadline", type=float, default=300.0, help="seconds for idle clients to log in"
+    )
     args = parser.parse_args()
     modes: dict[str, Callable[[argparse.Namespace], dict[str, object]]] = {
         "throughput": throughput,  # type: ignore[dict-item]

@@ -28,6 +28,7 @@ message rather than failing half-way.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -152,10 +153,8 @@ def stop_holders(holders: list[subprocess.Popen[str]]) -> None:
     that do not exit in time."""
     for holder in holders:
         if holder.stdin is not None:
-            try:
+            with contextlib.suppress(OSError):  # a holder that died has a broken pipe
                 holder.stdin.close()
-            except OSError:
-                pass
     for holder in holders:
         try:
             holder.wait(60)
@@ -192,7 +191,8 @@ def format_idle(report: dict[str, object]) -> str:
             f" {run['login_s']} s ({run['welcomed']} welcomed, {run['holders']} holders,"
             f" {run['sources']} source addresses)"
         )
-    lines.append(f"memory per idle client, MangoGram / bare ROUTER: {report['idle_memory_to_limit_curve']}")
+    ratio = report["idle_memory_to_limit_curve"]
+    lines.append(f"memory per idle client, MangoGram / bare ROUTER: {ratio}")
     return "\n".join(lines)
 
 

@@ -67,7 +67,7 @@ TURN_REPLY_BYTES = 16 * 2**20
 # after them, wait for the next turn while everyone else's messages are handled now. A
 # login storm then costs a few tens of milliseconds per turn, not seconds.
 TURN_LOGIN_WORK = 4096
-_BIG_REPLIES = (HistoryPage, Online)
+_BIG_REPLIES = frozenset({HistoryPage, Online})  # by exact type: one lookup per reply
 
 
 def _size_bound(message: HistoryPage | Online) -> int:
@@ -298,8 +298,8 @@ class BrokerServer:
                 self._crash.reached("before_receipt")
             replies = self.core.handle_frames(peer, frames, now, user_key, address)
             for out in replies:
-                if isinstance(out.message, _BIG_REPLIES):
-                    reply_bytes += _size_bound(out.message)
+                if type(out.message) in _BIG_REPLIES:
+                    reply_bytes += _size_bound(out.message)  # type: ignore[arg-type]
             outgoing += replies
         if waiting:
             log.debug("%d LOGINs wait for the next turn (login work per turn)", len(waiting))
@@ -398,6 +398,7 @@ class BrokerServer:
         delivered_after_welcome: dict[bytes, int] = {}
         count_logins = self._crash.armed("mid_login")
         queues = self._queues
+        backlogs = queues.waiting  # peers with a backlog: a plain lookup per message
         # One PRESENCE goes to many peers: encode each message object once.
         encoded: dict[int, list[bytes]] = {}
         # Peers found gone in this call, and how many messages were not sent to them.
@@ -412,7 +413,7 @@ class BrokerServer:
             frames = encoded.get(id(out.message))
             if frames is None:
                 frames = encoded[id(out.message)] = codec.encode(out.message)
-            if out.peer in queues:
+            if backlogs and out.peer in backlogs:
                 # Behind what already waits for this peer, so the order holds.
                 if queues.add(out, frames, now.mono):
                     continue

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import subprocess
 import sys
 import tempfile
@@ -41,12 +42,15 @@ import psutil
 
 from bench.__main__ import ROOT, Server, load_command, start_server
 
+log = logging.getLogger("bench.idle")
+
 IDLE_SYSTEMS = ("mangogram", "limit-curve")
 PER_PROCESS = 2500  # two descriptors a client in a holder: well inside common limits
 DEFAULT_SOURCES = 8 if sys.platform.startswith("linux") else 0
 # Descriptors a server needs besides its clients' (its sockets, log, database, libzmq's).
 SPARE_FILES = 100
 SETTLE_S = 1.0  # after the last login, for the server's buffers to settle before RSS
+STOP_GRACE_S = 60.0  # for all holders together to close their clients and exit
 
 
 class IdleRunFailed(RuntimeError):
@@ -148,16 +152,18 @@ def start_holders(
     return holders
 
 
-def stop_holders(holders: list[subprocess.Popen[str]]) -> None:
-    """Close every holder's stdin (it then closes its clients and exits); kill the ones
-    that do not exit in time."""
+def stop_holders(holders: list[subprocess.Popen[str]], grace_s: float = STOP_GRACE_S) -> None:
+    """Close every holder's stdin (one that has reported then closes its clients and
+    exits); kill those still running after `grace_s` in all (one still logging in does
+    not read its stdin)."""
     for holder in holders:
         if holder.stdin is not None:
             with contextlib.suppress(OSError):  # a holder that died has a broken pipe
                 holder.stdin.close()
+    deadline = time.monotonic() + grace_s
     for holder in holders:
         try:
-            holder.wait(60)
+            holder.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             holder.kill()
             holder.wait(10)
@@ -172,7 +178,10 @@ def idle_report(
 ) -> dict[str, object]:
     """Both systems, one after the other, and MangoGram's memory per client as a ratio to
     the bare ROUTER's (`idle_memory_to_limit_curve`)."""
-    runs = [measure_idle(system, clients, work, per_process, sources) for system in systems]
+    runs = []
+    for system in systems:
+        runs.append(measure_idle(system, clients, work, per_process, sources))
+        log.info("%s", runs[-1])  # each as it is done: a later failure keeps it
     per_client = {str(r["system"]): float(r["kb_per_client"]) for r in runs}  # type: ignore[arg-type]
     bare = per_client.get("limit-curve")
     mango = per_client.get("mangogram")
@@ -212,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, of {', '.join(IDLE_SYSTEMS)}")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     systems = tuple(args.systems.split(","))
     unknown = [s for s in systems if s not in IDLE_SYSTEMS]
     if unknown or args.clients < 1 or args.per_process < 1:

@@ -39,6 +39,9 @@ WINDOW_END = "window-end"
 SIGNATURE = b"MGP02"
 # Systems reached over plain TCP (or TLS) sockets rather than ZeroMQ.
 PLAIN_SOCKET_SYSTEMS = ("thread-server", "prosody")
+# Idle mode re-probes a client that is still not reachable only after this long (libzmq
+# gives up a handshake after 30 s and reconnects).
+IDLE_REPROBE_S = 30.0
 XMPP_DOMAIN = "localhost"
 XMPP_PASSWORD = "bench-password"  # every bench user's; registered by bench.prosody
 # Prosody's certificate is self-signed by the bench, so nothing is verified; the
@@ -369,7 +372,9 @@ def answered(client: Client) -> bool:
     return bool(client.online or client.refusals)  # type: ignore[attr-defined]
 
 
-def wait_online(clients: list[Client], system: str, deadline: float) -> None:
+def wait_online(
+    clients: list[Client], system: str, deadline: float, probe_every: float = 0.5
+) -> None:
     """Every client must be reachable before the measurement starts: MangoGram clients
     wait for their LOGIN's answer (WELCOME; or ERROR where refusals are counted); the
     others send themselves a probe (their servers drop messages for peers they do not
@@ -395,7 +400,7 @@ def wait_online(clients: list[Client], system: str, deadline: float) -> None:
             for i in pending_set:
                 clients[i].send_text(clients[i], "probe")
                 waiter.touched(clients[i])
-            next_probe = time.monotonic() + 0.5
+            next_probe = time.monotonic() + probe_every
         for client in waiter.ready(50):
             if client.receive():
                 pending_set.discard(index[id(client)])
@@ -568,7 +573,10 @@ def idle(args: argparse.Namespace) -> dict[str, object]:
     if mango:
         for client in clients:
             client.refusals = []  # type: ignore[attr-defined]
-    wait_online(clients, args.system, started + args.deadline)
+    # A ZeroMQ client's probe waits in its queue until its handshake is done, so one
+    # probe is enough; probing every half second, as the throughput run does, piled up
+    # hundreds per client in a storm of thousands of handshakes, and the server held them.
+    wait_online(clients, args.system, started + args.deadline, probe_every=IDLE_REPROBE_S)
     refused = [c for c in clients if c.refusals] if mango else []  # type: ignore[attr-defined]
     report = {
         "connect_s": time.monotonic() - started,

@@ -45,6 +45,7 @@ from bench.__main__ import ROOT, Server, load_command, start_server
 log = logging.getLogger("bench.idle")
 
 IDLE_SYSTEMS = ("mangogram", "limit-curve")
+DEFAULT_CLIENTS = 50_000  # issue 15's target: one broker
 PER_PROCESS = 2500  # two descriptors a client in a holder: well inside common limits
 DEFAULT_SOURCES = 8 if sys.platform.startswith("linux") else 0
 # Descriptors a server needs besides its clients' (its sockets, log, database, libzmq's).
@@ -207,7 +208,9 @@ def format_idle(report: dict[str, object]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=50_000, help="idle clients (50000)")
+    parser.add_argument(
+        "--clients", type=int, default=DEFAULT_CLIENTS, help=f"idle clients ({DEFAULT_CLIENTS})"
+    )
     parser.add_argument("--per-process", type=int, default=PER_PROCESS,
                         help=f"clients per generator process ({PER_PROCESS})")  # fmt: skip
     parser.add_argument(

@@ -382,7 +382,7 @@ class BrokerCore:
                 peer, now, ErrorCode.UNKNOWN_COMMAND, f"{message.COMMAND} is sent by brokers only"
             )
         try:
-            return self._handle(peer, message, now, user_key, address)
+            return self._handle(peer, message, now, user_key, address, session)
         except StoreUnavailable as exc:
             # Cluster mode with NATS out of reach: refuse, never acknowledge.
             log.warning("refused %s from %s: %s", message.COMMAND, peer.hex(), exc)
@@ -403,14 +403,21 @@ class BrokerCore:
     ) -> list[Outgoing]:
         """Handle one decoded client message from `peer` (see `handle_frames`)."""
         now = self._steady(now)
-        return self._told(self._handle(peer, message, now, user_key, address))
+        session = self.registry.by_peer(peer)
+        return self._told(self._handle(peer, message, now, user_key, address, session))
 
     def _handle(
-        self, peer: bytes, message: ClientMessage, now: Clock, user_key: str | None, address: str
+        self,
+        peer: bytes,
+        message: ClientMessage,
+        now: Clock,
+        user_key: str | None,
+        address: str,
+        session: Session | None,
     ) -> list[Outgoing]:
+        """`session` is the peer's as the caller just looked it up (one lookup a message)."""
         if isinstance(message, Send):
             # The hot path first; SEND is limited per user, in `_send`.
-            session = self.registry.by_peer(peer)
             if session is None:
                 if peer in self._cut_off:
                     return []
@@ -419,7 +426,6 @@ class BrokerCore:
                 )
             return self._send(session, message, now)
         if isinstance(message, Receipt):
-            session = self.registry.by_peer(peer)
             if session is not None:
                 return self._receipt(session, message, now)
         elif (refusal := self._over_rate(peer, message, now)) is not None:

@@ -199,7 +199,10 @@ class BrokerServer:
                 if self._queues:
                     outgoing += self._flush_backlogs(now)
                 if outgoing:
-                    if any(isinstance(o.message, Accepted) for o in outgoing):
+                    # (A look at every message of the turn: only when the point is armed.)
+                    if self._crash.armed("after_commit") and any(
+                        isinstance(o.message, Accepted) for o in outgoing
+                    ):
                         self._crash.reached("after_commit")
                     self._send_all(coalesce(outgoing), now)
                     self.core.store.commit()  # what send failures changed

@@ -5,6 +5,7 @@
     python -m bench --json     # one JSON object instead of tables
     python -m bench --repeat 3 # each throughput run three times, systems in turns; medians
     python -m bench --storm-only --storm 1000   # only the login storm (below)
+    python -m bench --idle 50000   # only idle clients: MangoGram and the bare CurveZMQ ROUTER
 
 Systems: the MangoGram broker as shipped (CurveZMQ, durability full), with durability
 normal, with its store in memory (a reference for what durability costs: nothing on
@@ -417,7 +418,17 @@ def main() -> None:
         " --quick; 0: skip)",
     )
     parser.add_argument("--storm-only", action="store_true", help="run only the login-storm test")
+    parser.add_argument(
+        "--idle",
+        type=int,
+        metavar="N",
+        help="run only the idle-clients test (bench.idle): N clients on MangoGram and on the"
+        " bare CurveZMQ ROUTER, memory per client and the time to log them all in",
+    )
     args = parser.parse_args()
+    if args.idle:
+        run_idle(args.idle, args.json)
+        return
     storm_clients = args.storm if args.storm is not None else (0 if args.quick else 1000)
     if args.storm_only:
         with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
@@ -515,6 +526,18 @@ def main() -> None:
     for system, why in skipped.items():
         print("\n" + skip_line(system, why))
     print("\nratios:", json.dumps(report["ratios"]))
+
+
+def run_idle(clients: int, as_json: bool) -> None:
+    """`--idle N`: bench.idle's run with its defaults (holders, source addresses)."""
+    from bench import idle  # it imports this module: not at the top
+
+    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+        try:
+            report = idle.idle_report(clients, Path(tmp))
+        except idle.IdleRunFailed as exc:
+            raise SystemExit(f"idle run failed: {exc}") from exc
+    print(json.dumps(report) if as_json else idle.format_idle(report))
 
 
 def format_storm(result: dict[str, object]) -> str:

@@ -22,6 +22,8 @@ import threading
 
 import zmq
 
+from mangogram_broker.openfiles import raise_open_file_limit
+
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 
 
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("endpoint")
     parser.add_argument("--curve", action="store_true", help="encrypt every connection")
     args = parser.parse_args()
+    raise_open_file_limit()  # a descriptor per connection, as the broker
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)

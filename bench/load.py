@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 import orjson  # what the MangoGram SDK uses, so the generator costs what a client does
 import zmq
 
+from mangogram_broker.openfiles import raise_open_file_limit
+
 PAYLOAD = "x" * 100  # 100-byte texts
 WINDOW_START = "window-start"
 WINDOW_END = "window-end"
@@ -38,6 +40,9 @@ WINDOW_END = "window-end"
 SIGNATURE = b"MGP03"
 # Systems reached over plain TCP (or TLS) sockets rather than ZeroMQ.
 PLAIN_SOCKET_SYSTEMS = ("thread-server", "prosody")
+# Idle mode re-probes a client that is still not reachable only after this long (libzmq
+# gives up a handshake after 30 s and reconnects).
+IDLE_REPROBE_S = 30.0
 XMPP_DOMAIN = "localhost"
 XMPP_PASSWORD = "bench-password"  # every bench user's; registered by bench.prosody
 # Prosody's certificate is self-signed by the bench, so nothing is verified; the
@@ -111,6 +116,8 @@ class MangoClient(Client):
         self.online = False
         self.ids = itertools.count(1)  # unique per sender, as the protocol asks
         self.mark = 0  # highest stream seq held; the broker delivers in order here
+        # Idle mode counts refused LOGINs here instead of stopping at the first one.
+        self.refusals: list[str] | None = None
         self.sock.send(SIGNATURE + b"LOGIN " + orjson.dumps({"name": name}))
 
     def fileno_or_socket(self) -> object:
@@ -143,6 +150,9 @@ class MangoClient(Client):
             elif command == b"WELCOME":
                 self.online = True
             elif command == b"ERROR":
+                if not self.online and self.refusals is not None:
+                    self.refusals.append(body.decode())  # a refused LOGIN is an answer too
+                    continue
                 raise SystemExit(f"{self.name}: broker error {body.decode()}")
 
 
@@ -326,6 +336,17 @@ class Waiter:
         return list(found.values())
 
 
+def source_endpoint(endpoint: str, source: str | None) -> str:
+    """`endpoint` connected from the local address `source` (libzmq's
+    `tcp://SOURCE:0;HOST:PORT` form; port 0 lets the kernel pick the source port). Each
+    source address has its own ~28,000 ephemeral ports, so tens of thousands of
+    connections to one server port need several (127.0.0.x on Linux)."""
+    if not source:
+        return endpoint
+    scheme, _, rest = endpoint.partition("://")
+    return f"{scheme}://{source}:0;{rest}"
+
+
 def make_clients(args: argparse.Namespace, names: list[str]) -> list[Client]:
     if args.system == "thread-server":
         host, port = args.endpoint.rsplit(":", 1)
@@ -341,21 +362,31 @@ def make_clients(args: argparse.Namespace, names: list[str]) -> list[Client]:
             return list(made)
     context = zmq.Context.instance()
     context.set(zmq.MAX_SOCKETS, 50_000)
+    endpoint = source_endpoint(args.endpoint, getattr(args, "source", None))
     if args.system in ("limit", "limit-curve"):
-        return [LimitClient(context, args.endpoint, n, args.server_key) for n in names]
+        return [LimitClient(context, endpoint, n, args.server_key) for n in names]
     # Several brokers of one cluster (comma-separated): the second half of the users (the
     # receivers, the round trip's second user) on the last, so each pair spans brokers.
-    endpoints = args.endpoint.split(",")
+    endpoints = endpoint.split(",")
     return [
         MangoClient(context, endpoints[i * len(endpoints) // len(names)], n, args.server_key)
         for i, n in enumerate(names)
     ]
 
 
-def wait_online(clients: list[Client], system: str, deadline: float) -> None:
+def answered(client: Client) -> bool:
+    """A MangoGram client whose LOGIN was answered: welcomed, or refused when refusals
+    are counted (idle mode)."""
+    return bool(client.online or client.refusals)  # type: ignore[attr-defined]
+
+
+def wait_online(
+    clients: list[Client], system: str, deadline: float, probe_every: float = 0.5
+) -> None:
     """Every client must be reachable before the measurement starts: MangoGram clients
-    wait for WELCOME; the others send themselves a probe (their servers drop messages
-    for peers they do not know yet, which would strand in-flight messages)."""
+    wait for their LOGIN's answer (WELCOME; or ERROR where refusals are counted); the
+    others send themselves a probe (their servers drop messages for peers they do not
+    know yet, which would strand in-flight messages)."""
     if system == "mangogram":
         pending = list(clients)
         waiter = Waiter(pending, system)
@@ -364,7 +395,7 @@ def wait_online(clients: list[Client], system: str, deadline: float) -> None:
                 raise SystemExit(f"{len(pending)} clients never logged in")
             for client in waiter.ready(100):
                 client.receive()
-            pending = [c for c in pending if not c.online]  # type: ignore[attr-defined]
+            pending = [c for c in pending if not answered(c)]
         return
     waiter = Waiter(clients, system)
     pending_set = set(range(len(clients)))
@@ -377,7 +408,7 @@ def wait_online(clients: list[Client], system: str, deadline: float) -> None:
             for i in pending_set:
                 clients[i].send_text(clients[i], "probe")
                 waiter.touched(clients[i])
-            next_probe = time.monotonic() + 0.5
+            next_probe = time.monotonic() + probe_every
         for client in waiter.ready(50):
             if client.receive():
                 pending_set.discard(index[id(client)])
@@ -540,10 +571,29 @@ def storm(args: argparse.Namespace) -> dict[str, object]:
 
 
 def idle(args: argparse.Namespace) -> dict[str, object]:
+    """Log `--clients` in and report, as one JSON line, the time it took and how each
+    LOGIN was answered (MangoGram: `welcomed` and `refused`; the others: reachable,
+    counted as welcomed); then hold the connections until stdin closes."""
+    raise_open_file_limit()  # two descriptors a client here (its TCP socket, its mailbox)
     started = time.monotonic()
     clients = make_clients(args, [f"{args.prefix}i{i}" for i in range(args.clients)])
-    wait_online(clients, args.system, started + 300)
-    print(json.dumps({"connect_s": time.monotonic() - started}), flush=True)
+    mango = args.system == "mangogram"
+    if mango:
+        for client in clients:
+            client.refusals = []  # type: ignore[attr-defined]
+    # A ZeroMQ client's probe waits in its queue until its handshake is done, so one
+    # probe is enough; probing every half second, as the throughput run does, piled up
+    # hundreds per client in a storm of thousands of handshakes, and the server held them.
+    wait_online(clients, args.system, started + args.deadline, probe_every=IDLE_REPROBE_S)
+    refused = [c for c in clients if c.refusals] if mango else []  # type: ignore[attr-defined]
+    report = {
+        "connect_s": time.monotonic() - started,
+        "clients": len(clients),
+        "welcomed": len(clients) - len(refused),
+        "refused": len(refused),
+        "first_refusal": refused[0].refusals[0] if refused else None,  # type: ignore[attr-defined]
+    }
+    print(json.dumps(report), flush=True)
     sys.stdin.read()  # hold the connections until the orchestrator closes our stdin
     return {}
 
@@ -562,6 +612,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--prefix", default="b")
+    parser.add_argument(
+        "--source", help="connect from this local address (idle mode; e.g. 127.0.0.2)"
+    )
+    parser.add_argument(
+        "--deadline", type=float, default=300.0, help="seconds for idle clients to log in"
+    )
     args = parser.parse_args()
     modes: dict[str, Callable[[argparse.Namespace], dict[str, object]]] = {
         "throughput": throughput,  # type: ignore[dict-item]

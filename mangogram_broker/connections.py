@@ -27,7 +27,9 @@ class ConnectionTable:
     def __init__(self) -> None:
         self._numbers = itertools.count(1)
         self._open: dict[int, int] = {}  # descriptor -> number of the connection on it
-        self._peers: dict[int, set[bytes]] = {}  # connection number -> its routing ids
+        # Connection number -> its routing ids (a list: almost always one, and a set
+        # would cost four times the memory of a one-item list per connection).
+        self._peers: dict[int, list[bytes]] = {}
         self._connection_of: dict[bytes, int] = {}
 
     def knows(self, peer: bytes) -> bool:
@@ -54,7 +56,7 @@ class ConnectionTable:
         number = self._open.get(fd)
         if number is None:
             return False
-        self._peers.setdefault(number, set()).add(peer)
+        self._peers.setdefault(number, []).append(peer)  # new: not tied yet (above)
         self._connection_of[peer] = number
         return True
 
@@ -62,7 +64,7 @@ class ConnectionTable:
         number = self._open.pop(fd, None)
         if number is None:
             return []
-        peers = self._peers.pop(number, set())
+        peers = self._peers.pop(number, [])
         for peer in peers:
             del self._connection_of[peer]
         return sorted(peers)

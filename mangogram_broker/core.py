@@ -106,7 +106,7 @@ from mangogram_proto.ratelimit import TokenBucket
 
 from .clock import Clock
 from .cluster import Alone, Cluster, Moved, Notice, RemotePresence, StreamGrew
-from .registry import Registry, SendGate, Session
+from .registry import NO_CONTACTS, Registry, SendGate, Session
 from .store import (
     DuplicateMessage,
     MemoryStore,
@@ -135,6 +135,10 @@ MAX_IDS_PER_ACK = 256
 MAX_HISTORY_BYTES = 32_768
 # Rows a HISTORY reads from the store first; each further read takes twice as many.
 HISTORY_FIRST_READ = 16
+# Recipient names of SENDs with their name keys, kept so that `name_key` (two NFKC
+# passes and a casefold, ~0.4 us) is not run per message: a broker's SENDs name the same
+# few recipients over and over. Emptied when full, so it stays a few megabytes at most.
+RECIPIENT_KEYS_KEPT = 16_384
 # A per-connection command bucket holds this many seconds' worth of its rate.
 COMMAND_BURST_SECONDS = 4
 # Errors a correct client never causes: going beyond the error budget with these
@@ -319,6 +323,7 @@ class BrokerCore:
         self._send_budgets: dict[str, TokenBucket] = {}
         self._next_prune = 0
         self._pruning = False
+        self._recipient_keys: dict[str, str] = {}  # see RECIPIENT_KEYS_KEPT
         # Joins, leaves and resumes since presence was last told, in order.
         self._presence_events: list[_PresenceEvent] = []
         self._hold_presence = False
@@ -388,7 +393,7 @@ class BrokerCore:
                 peer, now, ErrorCode.UNKNOWN_COMMAND, f"{message.COMMAND} is sent by brokers only"
             )
         try:
-            return self._handle(peer, message, now, user_key, address)
+            return self._handle(peer, message, now, user_key, address, session)
         except StoreUnavailable as exc:
             # Cluster mode with NATS out of reach: refuse, never acknowledge.
             log.warning("refused %s from %s: %s", message.COMMAND, peer.hex(), exc)
@@ -412,14 +417,21 @@ class BrokerCore:
     ) -> list[Outgoing]:
         """Handle one decoded client message from `peer` (see `handle_frames`)."""
         now = self._steady(now)
-        return self._told(self._handle(peer, message, now, user_key, address))
+        session = self.registry.by_peer(peer)
+        return self._told(self._handle(peer, message, now, user_key, address, session))
 
     def _handle(
-        self, peer: bytes, message: ClientMessage, now: Clock, user_key: str | None, address: str
+        self,
+        peer: bytes,
+        message: ClientMessage,
+        now: Clock,
+        user_key: str | None,
+        address: str,
+        session: Session | None,
     ) -> list[Outgoing]:
+        """`session` is the peer's as the caller just looked it up (one lookup a message)."""
         if isinstance(message, Send):
             # The hot path first; SEND is limited per user, in `_send`.
-            session = self.registry.by_peer(peer)
             if session is None:
                 if peer in self._cut_off:
                     return []
@@ -428,7 +440,6 @@ class BrokerCore:
                 )
             return self._send(session, message, now)
         if isinstance(message, Receipt):
-            session = self.registry.by_peer(peer)
             if session is not None:
                 return self._receipt(session, message, now)
         elif (refusal := self._over_rate(peer, message, now)) is not None:
@@ -616,7 +627,7 @@ class BrokerCore:
             resume_token=self._new_token(),
             last_seen_ms=now.mono,
             user_key=user_key,
-            contacts=self.store.contacts(key),
+            contacts=self.store.contacts(key) or NO_CONTACTS,
         )
         others = self._visible_online(session)
         self.registry.register(session)
@@ -717,7 +728,11 @@ class BrokerCore:
     def deliver_or_store(self, session: Session, send: Send, now: Clock) -> list[Outgoing]:
         """Store a valid SEND in the recipient's stream, acknowledge it, and deliver it at
         once if the recipient is online with room in its window."""
-        recipient_key = name_key(send.to)
+        recipient_key = self._recipient_keys.get(send.to)
+        if recipient_key is None:
+            if len(self._recipient_keys) >= RECIPIENT_KEYS_KEPT:
+                self._recipient_keys.clear()
+            recipient_key = self._recipient_keys[send.to] = name_key(send.to)
         recipient_name = self.store.lookup_user(recipient_key)
         mailbox_full = (
             recipient_name is not None
@@ -755,11 +770,13 @@ class BrokerCore:
             assert earlier is not None  # the store just said it holds it
             return [self._acknowledge_again(session, send, earlier)]
         accepted = Outgoing(session.peer, Accepted((send.id,), (stored.broker_id,), now.wall))
-        session.contacts.add(recipient_key)
+        if recipient_key not in session.contacts:
+            session.add_contact(recipient_key)
         recipient = self.registry.by_key(recipient_key)
         if recipient is None:
             return [accepted]
-        recipient.contacts.add(session.key)
+        if session.key not in recipient.contacts:
+            recipient.add_contact(session.key)
         if recipient.cursor == stored.seq - 1 and len(recipient.in_flight) < DELIVERY_WINDOW:
             # The usual case, a recipient that is keeping up: no need to read it back.
             # DELIVER goes first: the recipient is the one waiting.
@@ -938,9 +955,13 @@ class BrokerCore:
             return ErrorCode.TOO_LARGE, (
                 f"text is {len(send.text)} characters, limit is {limits.max_text_chars}"
             )
-        size = len(send.text.encode("utf-8"))
-        if size > limits.max_text_bytes:
-            return ErrorCode.TOO_LARGE, f"text is {size} bytes, limit is {limits.max_text_bytes}"
+        # UTF-8 takes at most four bytes a character: most texts need no encoding to tell.
+        if 4 * len(send.text) > limits.max_text_bytes:
+            size = len(send.text.encode("utf-8"))
+            if size > limits.max_text_bytes:
+                return ErrorCode.TOO_LARGE, (
+                    f"text is {size} bytes, limit is {limits.max_text_bytes}"
+                )
         # Generous bound: a decomposed spelling of a valid name is longer than the name.
         if not send.to or len(send.to) > 4 * limits.max_name_chars:
             return ErrorCode.UNKNOWN_RECIPIENT, "no such name"

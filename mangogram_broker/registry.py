@@ -13,6 +13,10 @@ from typing import NamedTuple
 
 from .store import StoredMessage
 
+# Shared by every session with no contacts yet (most idle ones): replaced by a set of its
+# own at the first contact (`add_contact`), so an empty set is not kept per session.
+NO_CONTACTS: frozenset[str] = frozenset()
+
 
 class SendGate(NamedTuple):
     """A SEND refused for now (`code`): the connection's later SENDs are held until `id`
@@ -24,9 +28,9 @@ class SendGate(NamedTuple):
     expires: int
 
 
-@dataclass
+@dataclass(slots=True)
 class Session:
-    """One logged-in connection."""
+    """One logged-in connection. (Slots: tens of thousands are kept, one per client.)"""
 
     peer: bytes
     key: str
@@ -38,12 +42,22 @@ class Session:
     # Messages handed to this connection and awaiting a RECEIPT, by seq: its size is
     # what is in flight (at most the window).
     in_flight: dict[int, StoredMessage] = field(default_factory=dict)
-    # Name keys of the people this user has exchanged messages with.
-    contacts: set[str] = field(default_factory=set)
+    # Name keys of the people this user has exchanged messages with: read it freely,
+    # add to it with `add_contact` only.
+    contacts: set[str] | frozenset[str] = NO_CONTACTS
     # The authenticated CurveZMQ public key it logged in with (None in plaintext mode).
     user_key: str | None = None
     # Set while a SEND of this connection refused for now must come again first.
     send_gate: SendGate | None = None
+
+    def add_contact(self, key: str) -> None:
+        contacts = self.contacts
+        if key in contacts:
+            return
+        if isinstance(contacts, frozenset):
+            self.contacts = {*contacts, key}
+        else:
+            contacts.add(key)
 
 
 class Registry:

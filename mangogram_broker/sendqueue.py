@@ -18,7 +18,7 @@ is retried at once again.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from .core import Outgoing
@@ -54,6 +54,11 @@ class SendQueues:
     def __init__(self, max_bytes: int = MAX_QUEUED_BYTES) -> None:
         self.max_bytes = max_bytes
         self._backlogs: dict[bytes, _Backlog] = {}
+
+    @property
+    def waiting(self) -> Mapping[bytes, object]:
+        """The peers with a backlog (read-only; a mapping, for a fast `in` per message)."""
+        return self._backlogs
 
     def __contains__(self, peer: bytes) -> bool:
         return peer in self._backlogs

@@ -82,7 +82,7 @@ TURN_REPLY_BYTES = 16 * 2**20
 # after them, wait for the next turn while everyone else's messages are handled now. A
 # login storm then costs a few tens of milliseconds per turn, not seconds.
 TURN_LOGIN_WORK = 4096
-_BIG_REPLIES = (HistoryPage, Online)
+_BIG_REPLIES = frozenset({HistoryPage, Online})  # by exact type: one lookup per reply
 
 
 def _size_bound(message: HistoryPage | Online) -> int:
@@ -219,7 +219,10 @@ class BrokerServer:
                 if self._queues:
                     outgoing += self._flush_backlogs(now)
                 if outgoing:
-                    if any(isinstance(o.message, Accepted) for o in outgoing):
+                    # (A look at every message of the turn: only when the point is armed.)
+                    if self._crash.armed("after_commit") and any(
+                        isinstance(o.message, Accepted) for o in outgoing
+                    ):
                         self._crash.reached("after_commit")
                     self._send_all(coalesce(outgoing), now)
                     self.core.store.commit()  # what send failures changed
@@ -341,8 +344,8 @@ class BrokerServer:
                 self._crash.reached("before_receipt")
             replies = self.core.handle_frames(peer, frames, now, user_key, address)
             for out in replies:
-                if isinstance(out.message, _BIG_REPLIES):
-                    reply_bytes += _size_bound(out.message)
+                if type(out.message) in _BIG_REPLIES:
+                    reply_bytes += _size_bound(out.message)  # type: ignore[arg-type]
             outgoing += replies
         if waiting:
             log.debug("%d LOGINs wait for the next turn (login work per turn)", len(waiting))
@@ -458,6 +461,7 @@ class BrokerServer:
         delivered_after_welcome: dict[bytes, int] = {}
         count_logins = self._crash.armed("mid_login")
         queues = self._queues
+        backlogs = queues.waiting  # peers with a backlog: a plain lookup per message
         # One PRESENCE goes to many peers: encode each message object once per framing
         # (keys: the message's id, negated for version 2).
         encoded: dict[int, list[bytes]] = {}
@@ -477,7 +481,7 @@ class BrokerServer:
             frames = encoded.get(key)
             if frames is None:
                 frames = encoded[key] = self._encode(out.message, key < 0, encoded)
-            if out.peer in queues:
+            if backlogs and out.peer in backlogs:
                 # Behind what already waits for this peer, so the order holds.
                 if queues.add(out, frames, now.mono):
                     continue

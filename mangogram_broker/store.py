@@ -5,7 +5,7 @@ dir) and `MemoryStore` (tests, throwaway brokers). The core writes freely during
 turn; the shell calls `commit()` once per turn, before any acknowledgement goes out, so
 an ACCEPTED always means "stored" (and, with durability `full`, "on disk"). The SQLite
 store hands out broker ids and seqs in memory and writes a turn's new messages at the
-commit, a few statements for the whole turn; reads in the turn see them.
+commit, through one cached one-row statement; reads in the turn see them.
 
 Each recipient has a stream: its messages numbered `seq` = 1, 2, 3... Confirmation is
 cumulative: a stream is confirmed through a mark (the recipient's RECEIPT, or LOGIN's
@@ -21,7 +21,6 @@ over the whole store spread across many loop turns; `_RetentionSweep`).
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 import sys
 from collections.abc import Callable, Iterable
@@ -519,21 +518,17 @@ MIN_SQLITE = (3, 24, 0)
 DROP_COLUMN_SQLITE = (3, 35, 0)
 
 
-# Rows per INSERT statement when a turn's messages are written: a power of two, so that a
-# turn takes a few statements (64, 32, ... 1 rows) from a few cached ones, and 10 columns
-# a row stay under the 999 parameters old SQLite builds allow. (One statement of many
-# rows also beat `executemany` of one-row statements in a micro-benchmark, by less than
-# the noise of a busy machine.)
-INSERT_ROWS = 64
-
-
-@functools.cache
-def _insert_statement(rows: int) -> str:
-    return (
-        "INSERT INTO messages (id, seq, sender_key, sender, recipient_key, recipient,"
-        " client_id, text, sent_at, accepted_at) VALUES "
-        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
-    )
+# A turn's messages are written one row per statement, through this one cached statement,
+# at the flush. Statements of 64 rows (then 32, ... 1) were used before. The store alone
+# (8,192 appends a turn over 100 recipients, durability full, 5 runs in turns): 64-row
+# statements cost 22-30 us of CPU a message, one-row ones 13.5-25, `executemany` 16-18.
+# The broker under `python -m bench` (N=100, 3 runs in turns with the old store): broker
+# thread 53-71 -> 53-57 us a message; at N=1000 no difference (59-77 and 63-73). Only
+# with one sender and one recipient (`bench.store_commits`) do 64 rows win, 10 -> 14 us.
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (id, seq, sender_key, sender, recipient_key, recipient,"
+    " client_id, text, sent_at, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 class SqliteTooOld(Exception):
@@ -612,8 +607,8 @@ class SqliteStore:
         # redone (messages come again and clients drop them by seq), and the next fsync of
         # the WAL makes them durable anyway.
         self._deferred: list[tuple[str, Any, bool]] = []
-        # This turn's new messages, written in a few statements at the flush (the commit,
-        # or a read that must see them) instead of one statement each. Broker ids and
+        # This turn's new messages, written together at the flush (the commit, or a read
+        # that must see them) instead of each as it comes. Broker ids and
         # seqs are handed out here, so ACCEPTED can carry them before the rows exist. An
         # id is never reused: AUTOINCREMENT's high-water mark outlives retention.
         self._pending: list[StoredMessage] = []
@@ -658,17 +653,9 @@ class SqliteStore:
     def _flush_messages(self) -> None:
         if not self._pending:
             return
-        db = self._write()
-        pending, done = self._pending, 0
-        while done < len(pending):
-            rows = INSERT_ROWS
-            while rows > len(pending) - done:
-                rows //= 2
-            values: list[object] = []
-            for m in pending[done : done + rows]:
-                values += (int(m.broker_id), *m[1:10])
-            db.execute(_insert_statement(rows), values)
-            done += rows
+        execute = self._write().execute
+        for m in self._pending:
+            execute(_INSERT_MESSAGE, (int(m.broker_id), *m[1:10]))
         self._pending.clear()
         self._pending_by_client.clear()
         self._pending_streams.clear()
@@ -807,7 +794,7 @@ class SqliteStore:
             # checked too, and stay the stream's newest but this one.
             self._flush_messages()
             try:
-                self._write().execute(_insert_statement(1), (self._next_id, *message[1:10]))
+                self._write().execute(_INSERT_MESSAGE, (self._next_id, *message[1:10]))
             except sqlite3.IntegrityError as exc:
                 raise DuplicateMessage(client_id) from exc
         self._next_id += 1

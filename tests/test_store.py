@@ -317,17 +317,20 @@ def test_a_turn_lost_in_a_crash_leaves_nothing_and_the_store_carries_on(tmp_path
         reopened.close()
 
 
-def test_a_turn_of_many_messages_is_written_in_a_few_statements(tmp_path):
-    store = SqliteStore(tmp_path / "few.sqlite3", "normal")
+def test_a_turns_messages_are_written_at_the_commit_a_row_per_cached_statement(tmp_path):
+    store = SqliteStore(tmp_path / "turn.sqlite3", "normal")
     try:
-        for i in range(100):
-            put(store, "a", "b", f"x{i:03d}")
         statements: list[str] = []
         store._db.set_trace_callback(statements.append)
+        for i in range(100):
+            put(store, "a", "b", f"x{i:03d}")
+        before_commit = [s for s in statements if s.startswith("INSERT INTO messages")]
         store.commit()
         store._db.set_trace_callback(None)
         inserts = [s for s in statements if s.startswith("INSERT INTO messages")]
-        assert len(inserts) == 3  # 64 + 32 + 4 rows
+        assert before_commit == []  # held until the turn's commit
+        assert len(inserts) == 100  # one row each (the texts hold no "), (")
+        assert not any("), (" in s for s in inserts)
         assert [m.seq for m in store.unconfirmed("b", 0, 200)] == list(range(1, 101))
     finally:
         store.close()

@@ -518,13 +518,13 @@ MIN_SQLITE = (3, 24, 0)
 DROP_COLUMN_SQLITE = (3, 35, 0)
 
 
-# A turn's messages are written one row per statement, through this one cached statement,
-# at the flush. Statements of 64 rows (then 32, ... 1) were used before. The store alone
+# A turn's messages are written at the flush by one `executemany` of this one-row
+# statement. Statements of 64 rows (then 32, ... 1) were used before. The store alone
 # (8,192 appends a turn over 100 recipients, durability full, 5 runs in turns): 64-row
-# statements cost 22-30 us of CPU a message, one-row ones 13.5-25, `executemany` 16-18.
-# The broker under `python -m bench` (N=100, 3 runs in turns with the old store): broker
-# thread 53-71 -> 53-57 us a message; at N=1000 no difference (59-77 and 63-73). Only
-# with one sender and one recipient (`bench.store_commits`) do 64 rows win, 10 -> 14 us.
+# statements cost 22-30 us of CPU a message, `executemany` 16-18, one `execute` per row
+# 13.5-25. The broker under `python -m bench` (N=100, 3 runs in turns with the old store):
+# broker thread 53-71 -> 53-57 us a message; at N=1000 no difference. Only with one
+# sender and one recipient (`bench.store_commits`) do 64 rows win, 10 -> 14 us.
 _INSERT_MESSAGE = (
     "INSERT INTO messages (id, seq, sender_key, sender, recipient_key, recipient,"
     " client_id, text, sent_at, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -653,9 +653,9 @@ class SqliteStore:
     def _flush_messages(self) -> None:
         if not self._pending:
             return
-        execute = self._write().execute
-        for m in self._pending:
-            execute(_INSERT_MESSAGE, (int(m.broker_id), *m[1:10]))
+        self._write().executemany(
+            _INSERT_MESSAGE, [(int(m.broker_id), *m[1:10]) for m in self._pending]
+        )
         self._pending.clear()
         self._pending_by_client.clear()
         self._pending_streams.clear()

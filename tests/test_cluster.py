@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Iterator
@@ -172,6 +173,64 @@ def test_brokers_on_one_nats_share_users_mailboxes_receipts_and_history(two_brok
     assert welcome.stream_mark == 3
     assert no_more_mail(bob)
     leave(bob)
+
+
+def test_logins_leave_no_consumers_behind_and_told_receipts_leave_no_keys(
+    two_brokers, nats_node, zctx
+):
+    """A login lists the user's contacts and owed ✓✓ in one request each, creating no
+    consumer (a KV watch per login left more consumers than the server allows after a
+    few hundred logins in seconds, and every later login failed); an owed ✓✓ once told
+    leaves no key behind, so later listings stay short."""
+    import nats
+
+    a, b = two_brokers
+    bob, _ = login(zctx, b, "Bob")
+    leave(bob)
+    alice, _ = login(zctx, a, "Alice")
+    for number in range(2):
+        send(alice, "bob", f"text {number}", f"id{number}")
+    accepted: list[str] = []
+    while len(accepted) < 2:
+        accepted += recv_until(alice, Accepted).ids
+    leave(alice)
+    bob, _ = login(zctx, a, "Bob")
+    for _ in range(2):
+        recv_until(bob, Deliver)
+    bob.send_multipart(codec.encode(Receipt(2)))
+    bob.send_multipart(codec.encode(Ping()))
+    recv_until(bob, Pong)
+    leave(bob)
+    alice, _ = login(zctx, b, "Alice")
+    told: list[str] = []
+    while len(told) < 2:
+        told += recv_until(alice, Delivered).ids
+    alice.send_multipart(codec.encode(Ping()))
+    recv_until(alice, Pong)
+
+    async def look() -> tuple[dict[str, int], dict[str, object]]:
+        client = await nats.connect(nats_node.url)
+        try:
+            js = client.jetstream()
+            consumers = {}
+            for bucket in ("mg_contacts", "mg_owed"):
+                info = await js.stream_info(f"KV_{bucket}")
+                consumers[bucket] = info.state.consumer_count
+            owed = await js.stream_info("KV_mg_owed", subjects_filter="$KV.mg_owed.>")
+            return consumers, dict(owed.state.subjects or {})
+        finally:
+            await client.close()
+
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            consumers, owed_keys = asyncio.run(look())
+            if (consumers, owed_keys) == ({"mg_contacts": 0, "mg_owed": 0}, {}):
+                break
+            assert time.monotonic() < deadline, (consumers, owed_keys)
+            time.sleep(0.2)  # the removals are written after the turn's reply
+    finally:
+        leave(alice)
 
 
 LONG_HEARTBEATS = ("--heartbeat-interval-ms", "10000", "--heartbeat-timeout-ms", "60000")

@@ -137,6 +137,7 @@ class BrokerServer:
         self._crash = crash_points or CrashPoints(None)
         self._keys = keys
         self.core = core
+        self._batch = core.store.turn_messages or BATCH
         core.hold_presence()  # told once per turn (`take_presence`), merged and net
         self._clock = clock
         self._context = context or zmq.Context.instance()
@@ -272,7 +273,7 @@ class BrokerServer:
         recv = self._router.recv
         # What the last turn received but left, first: it arrived first.
         received, self._carried = self._carried, []
-        for _ in range(BATCH - len(received)):
+        for _ in range(self._batch - len(received)):
             try:
                 first = recv(_NOBLOCK, copy=False)
             except zmq.Again:

@@ -85,6 +85,10 @@ class StoredMessage(NamedTuple):
 class Store(Protocol):
     """What the broker core needs from storage. Writes become durable at `commit()`."""
 
+    # The most messages one loop turn should handle with this store (None: the shell's
+    # own bound): a store that waits a network round trip per SEND needs smaller turns.
+    turn_messages: int | None
+
     def remember_user(self, key: str, name: str, now: int) -> None: ...
     def begin_session(self, key: str) -> None:
         """`key` is logging in: forget what was cached about it (in a cluster, another
@@ -242,6 +246,8 @@ class MemoryStore:
     """A `Store` in dictionaries; nothing survives the process. The hot path (append,
     confirm, read the next unconfirmed) costs time in proportion to the messages it
     touches, not to the store's size."""
+
+    turn_messages: int | None = None
 
     def __init__(self) -> None:
         self._users: dict[str, str] = {}
@@ -566,6 +572,8 @@ class SqliteStore:
         durability: "full" fsyncs every commit (an ack means on disk); "normal" survives
             a crash of the broker but not of the machine.
     """
+
+    turn_messages: int | None = None
 
     def __init__(self, path: Path, durability: Durability = "full") -> None:
         if sqlite3.sqlite_version_info < MIN_SQLITE:

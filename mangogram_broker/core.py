@@ -861,14 +861,18 @@ class BrokerCore:
         return [Outgoing(sender.peer, seen)]
 
     def _history(self, session: Session, request: History, now: Clock) -> list[Outgoing]:
+        # Refusals name the request (its optional id), so the SDK can tell which it was.
+        ref = _ref(request.id) if request.id else None
         if request.limit <= 0:
-            return self._error(session.peer, now, ErrorCode.MALFORMED, "limit must be positive")
+            return self._error(
+                session.peer, now, ErrorCode.MALFORMED, "limit must be positive", ref
+            )
         before: int | None = None
         if request.before is not None:
             before = parse_broker_id(request.before)
             if before is None:
                 return self._error(
-                    session.peer, now, ErrorCode.MALFORMED, "before must be a broker id"
+                    session.peer, now, ErrorCode.MALFORMED, "before must be a broker id", ref
                 )
         limit = min(request.limit, self.limits.max_history_page)
         peer_key = name_key(request.peer)

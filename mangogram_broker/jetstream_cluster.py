@@ -67,6 +67,21 @@ def _digest(resume_token: str) -> str:
     return hashlib.sha256(resume_token.encode("utf-8")).hexdigest()
 
 
+# A "stored" hint's fields, as StoredMessage holds them: broker id (digits), seq, sender
+# key, sender, recipient key, recipient, client id, text, sent_at, accepted_at.
+_STORED_TYPES = (str, int, str, str, str, str, str, str, int, int)
+
+
+def _stored_fields(fields: object) -> bool:
+    return (
+        isinstance(fields, list)
+        and len(fields) == len(_STORED_TYPES)
+        and all(type(value) is kind for value, kind in zip(fields, _STORED_TYPES, strict=True))
+        and fields[0].isdigit()
+        and fields[0].isascii()
+    )
+
+
 class NatsCluster:
     """The brokers of one NATS, as the core's `Cluster`. Shares `store`'s connection."""
 
@@ -271,7 +286,7 @@ class NatsCluster:
         known = key in self._remote or key in self._local
         # (Online here too: it is moving there, and the "moved" notice ends it here.)
         if key in self._remote:
-            self._tally(self._remote[key][1], key)  # out of its old broker's sum
+            self._tally(self._remote[key][1], key, leaving=True)  # out of its old sum
         self._remote[key] = (name, broker)
         self._tally(broker, key)
         return [] if known else [RemotePresence(key, name, True)]
@@ -389,10 +404,15 @@ class NatsCluster:
         if headers.get(_KIND) == "stored":
             try:
                 fields = orjson.loads(msg.data)
-                stored = StoredMessage(str(fields[0]), int(fields[1]), *fields[2:10])
-            except (orjson.JSONDecodeError, TypeError, ValueError, IndexError) as exc:
+            except orjson.JSONDecodeError as exc:
                 log.warning("dropped a hint from another broker: %s", exc)
                 return
+            if not _stored_fields(fields):
+                # The broker loop trusts what it is handed (it parses broker ids as
+                # numbers): a hint of any other shape is dropped, as a lost one would be.
+                log.warning("dropped a hint from another broker: not a stored message")
+                return
+            stored = StoredMessage(*fields)
             if stored.recipient_key == key:
                 self._events.append(stored)
                 self._wake()

@@ -391,6 +391,8 @@ class BrokerServer:
             return []
         outgoing = self._drain_monitor()
         if not self._connections.seen(peer, fd):
+            # No close event will name it now: forget its framing here.
+            self._v2_peers.discard(peer)
             log.debug("%s wrote from a connection that has closed since", peer.hex())
         return outgoing
 
@@ -508,5 +510,6 @@ class BrokerServer:
             if retry:
                 self._send_all(follow_up, now, retry=False)
         if gone:
+            self._v2_peers.difference_update(gone)
             # Once per turn: a storm of departures would otherwise log a line per message.
             log.warning("could not send %d messages to %d peers that are gone", unsent, len(gone))

@@ -181,7 +181,10 @@ def split(frames: list[bytes]) -> tuple[bytes, bytes]:
 
 
 def _refuse_signature(signature: bytes) -> typing.NoReturn:
-    if signature.startswith(SIGNATURE_PREFIX):
+    # A version spoken here with bytes glued on (`MGP02X` in a frame of its own) is not
+    # another version: calling it unsupported would name a version this peer speaks.
+    spoken = signature[:_SIGNATURE_BYTES] in (SIGNATURE, SIGNATURE_V2)
+    if signature.startswith(SIGNATURE_PREFIX) and not spoken:
         raise RemoteProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
             f"unsupported protocol {printable(signature[:_SIGNATURE_BYTES], 16)};"

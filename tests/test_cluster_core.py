@@ -190,3 +190,36 @@ def test_a_name_online_at_another_broker_is_taken_unless_the_login_carries_its_t
     moved = core.handle(peer(3), Login("Bob", resume_token="bobs-token"), Clock(3, 3))
     assert isinstance(moved[0].message, Welcome)  # the session moves here, as a resume
     assert ("joined", "bob") in cluster.calls
+
+
+def test_a_user_announced_twice_counts_once_in_its_brokers_presence_checksum():
+    """The checksum a broker's heartbeat is compared with: a repeated "joined" (a roster
+    answering another broker's hello, a resume) or a move must leave (xor, count) as the
+    broker itself counts it, or every heartbeat asks for the roster again, for ever."""
+    from mangogram_broker.jetstream_cluster import NatsCluster, _checksum
+
+    cluster = NatsCluster.__new__(NatsCluster)  # the table only: no NATS needed
+    cluster._remote, cluster._local, cluster._sums = {}, {}, {}
+    cluster._came("bob", "Bob", "broker-b")
+    cluster._came("bob", "Bob", "broker-b")
+    assert cluster._sums["broker-b"] == (_checksum("bob"), 1)
+    cluster._came("bob", "Bob", "broker-c")  # moved
+    assert cluster._sums["broker-b"] == (0, 0)
+    assert cluster._sums["broker-c"] == (_checksum("bob"), 1)
+
+
+def test_a_stored_hint_of_any_other_shape_is_refused():
+    from mangogram_broker.jetstream_cluster import _stored_fields
+
+    good = ["17", 3, "k1", "Аліса", "k2", "Bob", "id-1", "привіт", 1, 2]
+    assert _stored_fields(good)
+    for bad in (
+        {"q": 1},
+        good[:9],
+        ["x17", *good[1:]],
+        ["١٧", *good[1:]],  # Arabic-Indic digits: isdigit() but not a broker id
+        [17, *good[1:]],
+        [*good[:8], "1", 2],
+        [*good[:8], True, 2],
+    ):
+        assert not _stored_fields(bad), bad

@@ -591,3 +591,10 @@ def test_delayed_written_or_absent_never_hides_a_repeat(body, repeated):
         assert refusal(frames).message == "body repeats a key in one object"
     else:
         assert isinstance(codec.decode(frames), Deliver)
+
+
+@pytest.mark.parametrize("first", [b"MGP02X", b"MGP03X", b"MGP02 "])
+def test_a_spoken_signature_with_bytes_glued_on_is_malformed_not_another_version(first):
+    with pytest.raises(RemoteProtocolError) as refused:
+        codec.decode([first, b"PING", b"{}"])
+    assert refused.value.code == ErrorCode.MALFORMED

@@ -493,3 +493,19 @@ def test_a_texts_rate_limited_answer_during_a_re_login_is_no_login_refusal():
     session.data_to_send()
     session.receive(codec.encode(Welcome("alice", 7, "token-2", TEST_LIMITS)), 7)
     assert [m.id for m in sent(session)] == [message_id]
+
+
+@pytest.mark.parametrize(
+    ("request_", "reason"),
+    [
+        (History("bob", 0, None, "h1"), "limit must be positive"),
+        (History("bob", 5, "not-an-id", "h1"), "before must be a broker id"),
+    ],
+)
+def test_a_history_refused_as_malformed_names_its_id(request_, reason):
+    # Without the ref the SDK would take the next HISTORY_PAGE for this request's answer.
+    core = BrokerCore(TEST_LIMITS, store=MemoryStore())
+    logged_in(core, peer(1), "alice")
+    (out,) = say(core, peer(1), request_)
+    assert isinstance(out.message, Error)
+    assert (out.message.code, out.message.message, out.message.ref) == ("malformed", reason, "h1")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ import pytest
 import zmq
 
 from mangogram_broker.cluster import Notice
-from mangogram_proto import codec
+from mangogram_proto import codec, loops
 from mangogram_proto.errors import ErrorCode
 from mangogram_proto.keys import KeyPair, save_keypair
 from mangogram_proto.messages import (
@@ -224,7 +223,7 @@ def test_logins_leave_no_consumers_behind_and_told_receipts_leave_no_keys(
     try:
         deadline = time.monotonic() + 10
         while True:
-            consumers, owed_keys = asyncio.run(look())
+            consumers, owed_keys = loops.run(look())
             if (consumers, owed_keys) == ({"mg_contacts": 0, "mg_owed": 0}, {}):
                 break
             assert time.monotonic() < deadline, (consumers, owed_keys)

@@ -130,7 +130,9 @@ def test_a_first_endpoint_that_is_down_is_passed_over_at_the_first_login(broker)
         connection = AsyncConnection("fred", f"{dead},{broker.endpoint}")
         runner = asyncio.create_task(connection.run())
         try:
-            await next_of(connection, LoggedIn, timeout=30)
+            # (A bound, not a measurement: 6 s of silence, then a backoff, on a machine
+            # that may be busy with the rest of the suite.)
+            await next_of(connection, LoggedIn, timeout=60)
             return connection.endpoint
         finally:
             connection.stop()

@@ -768,7 +768,14 @@ class BrokerCore:
         except DuplicateMessage:
             earlier = self.store.find(session.key, send.id)
             assert earlier is not None  # the store just said it holds it
-            return [self._acknowledge_again(session, send, earlier)]
+            again = self._acknowledge_again(session, send, earlier)
+            recipient = self.registry.by_key(recipient_key)
+            if recipient is None:
+                return [again]
+            # A write whose answer was lost (a publish that timed out, then landed) is
+            # stored but was never delivered: the recipient's window is looked at again
+            # (nothing new in it for a plain resend).
+            return [*self._fill_window(recipient, now, delayed=False), again]
         accepted = Outgoing(session.peer, Accepted((send.id,), (stored.broker_id,), now.wall))
         if recipient_key not in session.contacts:
             session.add_contact(recipient_key)

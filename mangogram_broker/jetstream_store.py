@@ -542,6 +542,11 @@ class JetStreamStore:
             }
             try:
                 ack = self._call(self._js.publish(subject, body, headers=headers))
+            except StoreUnavailable:
+                # The publish may still land (the client sends what it buffered once it
+                # reconnects): read the mailbox's tail again next time, not this guess.
+                self._tail.pop(recipient_key, None)
+                raise
             except nats.js.errors.APIError as exc:
                 if exc.err_code != _WRONG_LAST_SEQUENCE:
                     raise
@@ -550,6 +555,7 @@ class JetStreamStore:
                 continue
             if ack.duplicate:
                 self._message_at(ack.seq)  # so that `find` has it (unless pruned since)
+                self._tail.pop(recipient_key, None)  # it may be the mailbox's newest
                 raise DuplicateMessage(client_id)
             stored = StoredMessage(
                 str(ack.seq), last_seq + 1, sender_key, sender, recipient_key, recipient,

@@ -509,3 +509,17 @@ def test_a_history_refused_as_malformed_names_its_id(request_, reason):
     (out,) = say(core, peer(1), request_)
     assert isinstance(out.message, Error)
     assert (out.message.code, out.message.message, out.message.ref) == ("malformed", reason, "h1")
+
+
+def test_a_login_refused_rate_limited_is_a_lost_connection_retried_after_the_backoff():
+    # (protocol.md section 12, "Resume token")
+    from mangogram_proto.events import ConnectionLost
+
+    session = ClientSession("alice")
+    session.connect(0)
+    session.data_to_send()
+    events = session.receive(codec.encode(Error("rate_limited", "too many new names")), 1)
+    assert [type(event) for event in events] == [ConnectionLost]
+    assert session.state is State.DISCONNECTED
+    session.connect(2)  # what the driver does after its backoff
+    assert [type(m) for m in sent(session)] == [Login]

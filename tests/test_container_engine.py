@@ -163,6 +163,15 @@ def engine() -> Engine:
 # One compose project: the README's stack under names of its own.
 
 
+def client_env(config_dir: Path) -> dict[str, str]:
+    """The host client's environment: none of this machine's MANGOGRAM_ settings, its own
+    config directory (pinned keys), this checkout on the path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MANGOGRAM_")}
+    env.update(MANGOGRAM_CONFIG_DIR=str(config_dir), PYTHONPATH=str(ROOT),
+               PYTHONIOENCODING="utf-8")  # fmt: skip
+    return env
+
+
 def free_port_pair() -> int:
     """A port p with p and p + 1 both free on loopback: clients find the key port at +1."""
     for _ in range(100):
@@ -266,10 +275,7 @@ class Stack:
                    READY_TIMEOUT_S)  # fmt: skip
 
     def client_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MANGOGRAM_")}
-        env.update(MANGOGRAM_CONFIG_DIR=str(self.config_dir), PYTHONPATH=str(ROOT),
-                   PYTHONIOENCODING="utf-8")  # fmt: skip
-        return env
+        return client_env(self.config_dir)
 
 
 @pytest.fixture(scope="module")
@@ -688,10 +694,7 @@ class ClusterStack:
         return ids[0]
 
     def client_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MANGOGRAM_")}
-        env.update(MANGOGRAM_CONFIG_DIR=str(self.config_dir), PYTHONPATH=str(ROOT),
-                   PYTHONIOENCODING="utf-8")  # fmt: skip
-        return env
+        return client_env(self.config_dir)
 
 
 @pytest.fixture(scope="module")
